@@ -1,0 +1,276 @@
+"""Typed, documented configuration: one dataclass per command, the CLI generated from it.
+
+A config class is a ``@dataclass`` whose fields are declared with :func:`arg` (the help text is
+the field's documentation and the ``--help`` text). Values are resolved in the order
+dataclass default < ``--config file.yaml`` < command-line flags, checked by the class's
+``validate()`` (which returns a list of problems) before any model is loaded, and saved next to
+the outputs as ``config.yaml`` by :func:`save_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlhfkit.errors import InputError
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", *, positional: bool = False,
+        default_factory: Any = dataclasses.MISSING) -> Any:
+    """Declare a config field: its default and its documentation (the ``--help`` text).
+
+    ``positional=True`` makes it a positional command-line argument (e.g. ``label import FILE``).
+    """
+    meta = {"help": help, "positional": positional}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces: the flags every training command has.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Flags common to every training command (sft, rm, dpo, ppo, ...)."""
+
+    model: str = arg("smollm2-135m", "Model: a local path, a hub id, or an embedded name "
+                     "(smollm2-135m, minilm-l6).")
+    data: str = arg("", "Training data: a .jsonl/.json/.parquet file or a saved `datasets` directory.")
+    eval_data: str = arg("", "Held-out data in the same format (optional).")
+    output: str = arg("", "Output directory (config.yaml, metrics.jsonl, checkpoints, final model).")
+    epochs: float = arg(1.0, "Number of passes over the training data (ignored when --max-steps > 0).")
+    max_steps: int = arg(0, "Number of optimizer steps; 0 means derive it from --epochs.")
+    batch_size: int = arg(8, "Examples per device per micro-batch.")
+    grad_accum: int = arg(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = arg(1e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    warmup_ratio: float = arg(0.0, "Fraction of the steps spent warming the learning rate up linearly.")
+    lr_schedule: Literal["linear", "cosine", "constant"] = arg(
+        "linear", "Learning-rate decay after warmup.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping threshold (global L2 norm); 0 disables.")
+    max_length: int = arg(512, "Maximum tokens of prompt plus completion.")
+    truncation: Literal["truncate", "drop"] = arg(
+        "truncate", "Examples longer than --max-length: `truncate` cuts the prompt from the left "
+        "(keeping the latest turns) and then the completion from the right; `drop` skips them. "
+        "The number affected is always reported.")
+    seed: int = arg(42, "Random seed for model init, data order, dropout and sampling.")
+    logging_steps: int = arg(1, "Write a metrics row every N optimizer steps.")
+    save_steps: int = arg(0, "Write a checkpoint every N optimizer steps (0: only at the end).")
+    save_total_limit: int = arg(2, "Keep at most this many checkpoints (0: keep all).")
+    resume: bool = arg(False, "Continue from the newest checkpoint in --output.")
+    lora_r: int = arg(0, "LoRA rank; 0 trains all parameters.")
+    lora_alpha: int = arg(16, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = arg(0.0, "LoRA dropout.")
+    lora_targets: str = arg("all-linear", "Comma-separated module names for LoRA, or `all-linear`.")
+    merge_lora: bool = arg(False, "Save the final model with the LoRA weights merged into the base "
+                           "(otherwise an adapter-only folder).")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype for training.")
+    report_to: Literal["none", "tensorboard", "wandb"] = arg("none", "Extra metrics sink besides metrics.jsonl.")
+    progress: bool = arg(True, "Show a progress bar.")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.data:
+            problems.append("--data is required")
+        if not self.output:
+            problems.append("--output is required")
+        for name in ("batch_size", "grad_accum", "logging_steps", "max_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{flag(name)} must be >= 1 (got {getattr(self, name)})")
+        for name in ("max_steps", "save_steps", "save_total_limit", "lora_r"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.lr <= 0:
+            problems.append(f"--lr must be > 0 (got {self.lr})")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.epochs <= 0 and self.max_steps == 0:
+            problems.append("--epochs must be > 0 when --max-steps is 0")
+        if self.max_grad_norm < 0:
+            problems.append("--max-grad-norm must be >= 0")
+        if self.merge_lora and self.lora_r == 0:
+            problems.append("--merge-lora needs --lora-r > 0")
+        for path_flag in ("data", "eval_data"):
+            value = getattr(self, path_flag)
+            if value and not _looks_remote(value) and not os.path.exists(value):
+                problems.append(f"--{flag(path_flag)}: no such file or directory: {value}")
+        return problems
+
+
+def _looks_remote(value: str) -> bool:
+    return value.startswith(("http://", "https://", "hf://"))
+
+
+# --------------------------------------------------------------------------------------------
+# The generator: dataclass -> argparse, YAML, validation, saving.
+# --------------------------------------------------------------------------------------------
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _converter(tp: Any):
+    tp, _ = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        return type(choices[0]), list(choices)
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1]
+        return inner, None
+    return tp, None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of ``cls`` (kebab-case), with the field's help and choices."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        base, _ = _unwrap_optional(tp)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.metadata.get("positional"):
+            conv, choices = _converter(tp)
+            parser.add_argument(f.name, type=conv, choices=choices, help=help_text,
+                                nargs="?" if default not in (None, dataclasses.MISSING) else None,
+                                default=argparse.SUPPRESS)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{help_text} (default: {default!r})"}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            conv, choices = _converter(tp)
+            kwargs["type"] = conv
+            if choices:
+                kwargs["choices"] = choices
+            if typing.get_origin(base) in (list, tuple):
+                kwargs["nargs"] = "*"
+            kwargs["metavar"] = f.name.upper() if not choices else None
+        parser.add_argument(f"--{flag(f.name)}", **kwargs)
+    parser.add_argument("--config", dest="__config_file", default=argparse.SUPPRESS,
+                        help="A YAML file of values; flags given on the command line override it.")
+
+
+def _check_type(name: str, value: Any, tp: Any) -> tuple[Any, str | None]:
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        return value, None if optional else f"{name}: must not be empty"
+    origin = typing.get_origin(base)
+    if origin is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            return value, f"{name}: {value!r} is not one of {', '.join(map(str, choices))}"
+        return value, None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return value, f"{name}: expected a list"
+        return list(value), None
+    if base is bool:
+        if not isinstance(value, bool):
+            return value, f"{name}: expected true or false, got {value!r}"
+        return value, None
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value), None
+    if base in (int, float, str) and (isinstance(value, bool) or not isinstance(value, base)):
+        if base is not str and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML reads `1e-5` as a string; numbers given as text are accepted
+                converted = base(value)
+                if base is int and isinstance(value, float) and converted != value:
+                    raise ValueError
+                return converted, None
+            except (TypeError, ValueError):
+                pass
+        return value, f"{name}: expected {base.__name__}, got {value!r}"
+    return value, None
+
+
+def build_config(cls: type, values: dict[str, Any], config_file: str | None = None):
+    """Resolve defaults < YAML file < explicit values, type-check and validate.
+
+    Raises :class:`InputError` listing every problem; nothing heavy has happened yet.
+    """
+    problems: list[str] = []
+    merged: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except FileNotFoundError:
+            raise InputError(f"--config: no such file: {config_file}")
+        except yaml.YAMLError as e:
+            raise InputError(f"{config_file}: invalid YAML: {str(e).splitlines()[0]}")
+        if not isinstance(loaded, dict):
+            raise InputError(f"{config_file}: expected a mapping of option names to values")
+        for key, value in loaded.items():
+            key_name = str(key).replace("-", "_")
+            if key_name not in names:
+                problems.append(f"{config_file}: unknown option '{key}'")
+            else:
+                merged[key_name] = value
+    merged.update(values)
+    for key in list(merged):
+        merged[key], problem = _check_type(f"--{flag(key)}", merged[key], hints[key])
+        if problem:
+            problems.append(problem)
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.init and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in merged]
+    problems += [f"{flag(m)} is required" for m in missing]
+    if problems:
+        raise InputError(problems)
+    cfg = cls(**merged)
+    if hasattr(cfg, "validate"):
+        problems = list(cfg.validate())
+        if problems:
+            raise InputError(problems)
+    return cfg
+
+
+def parse_config(cls: type, argv: list[str], prog: str = "rlhfkit") -> Any:
+    """Parse ``argv`` into a validated ``cls`` instance (used by tests and the CLI)."""
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    add_config_arguments(parser, cls)
+    ns = vars(parser.parse_args(argv))
+    config_file = ns.pop("__config_file", None)
+    return build_config(cls, ns, config_file)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, output_dir: str | os.PathLike) -> Path:
+    """Write the resolved config as ``config.yaml`` (it can be passed back with ``--config``)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path
