@@ -1,0 +1,130 @@
+"""Reward-model agreement accuracy (``rlhfkit eval-rm``), RewardBench style.
+
+Agreement: the chosen completion is scored strictly higher than the rejected one (a tie counts
+as wrong). Records may carry a ``subset`` field: accuracy is reported per subset, and the
+section score weights subsets by their size. The scorer is a reward (model folder,
+``file.py:function``, ``module:function``, URL) or a DPO policy's implicit reward
+β·(log π(y|x) − log π_ref(y|x)) with ``--ref``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhfkit.config import arg
+
+
+def agreement(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """accuracy (strictly higher; ties wrong), mean margin, and the mean/std of all rewards."""
+    n = len(chosen)
+    if n == 0:
+        return {"accuracy": float("nan"), "margin": float("nan"), "reward_mean": float("nan"), "reward_std": float("nan")}
+    correct = sum(c > r for c, r in zip(chosen, rejected))
+    both = list(chosen) + list(rejected)
+    mean = sum(both) / len(both)
+    std = math.sqrt(sum((x - mean) ** 2 for x in both) / len(both))
+    return {"accuracy": correct / n, "margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
+            "reward_mean": mean, "reward_std": std}
+
+
+@dataclass
+class Config:
+    """Agreement accuracy of a reward model (or a DPO policy's implicit reward) on preference pairs."""
+
+    reward: str = arg("", "The scorer: a reward-model folder, file.py:function, module:function, an http URL, "
+                      "or a DPO policy (with --ref).")
+    data: str = arg("", "Preference pairs (prompt/chosen/rejected, optional `subset`).")
+    ref: str = arg("", "Reference model: score with the implicit reward beta*(log pi - log pi_ref) of --reward.")
+    beta: float = arg(0.1, "beta of the implicit DPO reward (only scales the margins).")
+    output: str = arg("", "Folder for results.json and report.md (optional).")
+    batch_size: int = arg(8, "Pairs per forward.")
+    max_length: int = arg(512, "Maximum tokens per scored sequence.")
+
+    def validate(self) -> list[str]:
+        from rlhfkit.rl.rewards import check_reward_spec
+
+        problems = []
+        if not self.data:
+            problems.append("--data is required")
+        elif not Path(self.data).exists():
+            problems.append(f"--data: no such file: {self.data}")
+        if self.ref:
+            if not self.reward:
+                problems.append("--reward (the policy) is required")
+        else:
+            problems += check_reward_spec(self.reward)
+        return problems
+
+
+def subset_report(examples, chosen: list[float], rejected: list[float]) -> dict:
+    """Overall agreement, per-subset accuracy and the size-weighted section score."""
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        subset = (ex.source.data.get("subset") if ex.source else None) or "all"
+        groups.setdefault(str(subset), []).append(i)
+    per_subset = {}
+    for name, idx in sorted(groups.items()):
+        stats = agreement([chosen[i] for i in idx], [rejected[i] for i in idx])
+        per_subset[name] = {"accuracy": stats["accuracy"], "n": len(idx)}
+    total = sum(v["n"] for v in per_subset.values())
+    weighted = sum(v["accuracy"] * v["n"] for v in per_subset.values()) / total
+    return {**agreement(chosen, rejected), "n": len(chosen), "subsets": per_subset, "section_score": weighted}
+
+
+def implicit_reward_scores(policy: str, ref: str, examples, beta: float, batch_size: int, max_length: int):
+    import torch
+
+    from rlhfkit.data.chat import encode
+    from rlhfkit.losses import sequence_logps
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(policy)
+    models = [load_causal_lm(policy).eval(), load_causal_lm(ref).eval()]
+
+    @torch.no_grad()
+    def logps(model, prompt_completions):
+        from rlhfkit.recipes.sft import collate
+
+        rows = [[encode(tokenizer, p, c, max_length)] for p, c in prompt_completions]
+        batch = collate(rows, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, batch["labels"]).tolist()
+
+    scores = {"chosen": [], "rejected": []}
+    for side in scores:
+        for i in range(0, len(examples), batch_size):
+            chunk = [(ex.prompt, getattr(ex, side)) for ex in examples[i:i + batch_size]]
+            pol, reference = logps(models[0], chunk), logps(models[1], chunk)
+            scores[side] += [beta * (a - b) for a, b in zip(pol, reference)]
+    return scores["chosen"], scores["rejected"]
+
+
+def main(cfg: Config) -> int:
+    from rlhfkit.data.schema import load_preferences
+
+    examples = load_preferences(cfg.data)
+    if cfg.ref:
+        chosen, rejected = implicit_reward_scores(cfg.reward, cfg.ref, examples, cfg.beta, cfg.batch_size, cfg.max_length)
+    else:
+        from rlhfkit.rl.rewards import load_reward
+
+        reward = load_reward(cfg.reward)
+        chosen = reward([e.prompt for e in examples], [e.chosen for e in examples])
+        rejected = reward([e.prompt for e in examples], [e.rejected for e in examples])
+    result = subset_report(examples, chosen, rejected)
+    lines = ["| subset | n | accuracy |", "|---|---:|---:|"]
+    lines += [f"| {name} | {v['n']} | {v['accuracy']:.3f} |" for name, v in result["subsets"].items()]
+    lines += [f"| **all** | {result['n']} | {result['accuracy']:.3f} |",
+              "", f"section score (subsets weighted by size): {result['section_score']:.3f}",
+              f"mean margin: {result['margin']:.4f}"]
+    table = "\n".join(lines)
+    print(table)
+    if cfg.output:
+        out = Path(cfg.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        (out / "report.md").write_text(f"# Reward-model agreement\n\nscorer: `{cfg.reward}`\n\n{table}\n")
+    return 0

@@ -1,0 +1,138 @@
+"""Decoding strategies: the thin, tested layer around transformers' ``generate``.
+
+transformers does the search (greedy, beam, top-k, top-p, min-p, temperature, repetition
+penalty, KV cache); this module renders chat prompts, batches them with left padding, seeds the
+sampler, cuts responses at EOS or a stop string, and returns plain records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from rlhfkit.data.chat import encode_prompt
+
+Strategy = Literal["greedy", "beam", "sample"]
+
+
+@dataclass
+class SamplingParams:
+    strategy: Strategy = "sample"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0              # 0 disables
+    top_p: float = 1.0          # 1.0 disables
+    min_p: float = 0.0          # 0 disables
+    repetition_penalty: float = 1.0
+    num_beams: int = 4          # beam strategy only
+    n: int = 1                  # completions per prompt
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append("max_new_tokens must be >= 1")
+        if self.strategy == "sample" and self.temperature <= 0:
+            out.append("temperature must be > 0 for sampling (use the greedy strategy instead)")
+        if not 0 < self.top_p <= 1:
+            out.append("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            out.append("top_k must be >= 0")
+        if not 0 <= self.min_p < 1:
+            out.append("min_p must be in [0, 1)")
+        if self.repetition_penalty <= 0:
+            out.append("repetition_penalty must be > 0")
+        if self.n < 1:
+            out.append("n must be >= 1")
+        if self.strategy == "beam" and self.num_beams < max(1, self.n):
+            out.append("num_beams must be >= n for beam search")
+        return out
+
+
+def generation_kwargs(params: SamplingParams, tokenizer) -> dict:
+    """Keyword arguments for ``model.generate`` implementing ``params``."""
+    kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+              eos_token_id=tokenizer.eos_token_id, repetition_penalty=params.repetition_penalty,
+              use_cache=True)
+    if params.strategy == "greedy":
+        kw.update(do_sample=False, num_beams=1)
+    elif params.strategy == "beam":
+        kw.update(do_sample=False, num_beams=params.num_beams, num_return_sequences=params.n, early_stopping=True)
+    else:
+        kw.update(do_sample=True, temperature=params.temperature, top_k=params.top_k or None,
+                  top_p=params.top_p, min_p=params.min_p or None, num_return_sequences=params.n)
+    # Override the model's own generation_config defaults (e.g. a stored top_k=50) explicitly.
+    if params.strategy != "sample":
+        kw.update(temperature=None, top_k=None, top_p=None, min_p=None)
+    return kw
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def trim_response(tokens: list[int], eos_id: int | None, pad_id: int | None) -> tuple[list[int], bool]:
+    """Cut a generated row after its first EOS (kept); drop padding. Returns (tokens, ended)."""
+    out = []
+    for t in tokens:
+        if eos_id is not None and t == eos_id:
+            out.append(t)
+            return out, True
+        if pad_id is not None and t == pad_id and pad_id != eos_id:
+            break
+        out.append(t)
+    return out, False
+
+
+def apply_stop(text: str, stop: list[str]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: SamplingParams,
+                 batch_size: int = 8) -> list[list[list[int]]]:
+    """``params.n`` responses (token ids, each cut after EOS) for each prompt."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[list[int]]] = []
+    kw = generation_kwargs(params, tokenizer)
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        if params.seed is not None:
+            torch.manual_seed(params.seed + start)
+        ids, mask = left_pad(batch, tokenizer.pad_token_id)
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+        new = generated[:, ids.shape[1]:].tolist()
+        copies = params.n if params.strategy != "greedy" else 1
+        for i in range(len(batch)):
+            rows = new[i * copies:(i + 1) * copies]
+            responses = [trim_response(r, tokenizer.eos_token_id, tokenizer.pad_token_id)[0] for r in rows]
+            if params.strategy == "greedy":
+                responses = responses * params.n
+            out.append(responses)
+    model.train(was_training)
+    return out
+
+
+def decode_response(tokenizer, tokens: list[int], stop: list[str] | None = None) -> str:
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return apply_stop(text, stop or []).strip()
+
+
+def generate_chat(model, tokenizer, prompts: list, params: SamplingParams, batch_size: int = 8,
+                  max_prompt_length: int | None = None) -> list[list[str]]:
+    """``params.n`` completion strings for each prompt (a string or a list of messages)."""
+    prompt_ids = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+    responses = generate_ids(model, tokenizer, prompt_ids, params, batch_size)
+    return [[decode_response(tokenizer, r, params.stop) for r in rows] for rows in responses]

@@ -1,0 +1,284 @@
+"""The labelling web app: server-rendered pages and the JSON API they use.
+
+Pages (cookie session, started by opening ``/?token=TOKEN``):
+  ``/``        the judging page (the annotator's next item), or "queue empty"
+  ``/mine``    the annotator's own judgments
+  ``/admin``   progress and live statistics (admins)
+  ``/logout``  end the browser session
+
+JSON API (``Authorization: Bearer TOKEN``, or the page's session cookie):
+  ``GET  /api/me``                 who am I, how many judged, how many left
+  ``GET  /api/next``               200 the next item in display order; 204 when the queue is empty
+  ``POST /api/judgments``          201 stored; 200 the identical judgment was already stored;
+                                   409 a different judgment of that item was already stored,
+                                   or the item was not served to you; 422 invalid body
+  ``GET  /api/judgments``          the caller's own judgments
+  ``POST /api/skip``               ``{"item_id"}``: give the item back
+  ``GET  /api/admin/stats``        progress, agreement, alpha, position bias, throughput
+  ``GET  /api/admin/judgments``    every judgment
+  ``GET  /api/admin/export``       the preference-pair JSONL (``?keep_ties=true``)
+  ``POST /api/admin/escalate``     ``{"extra": N}``: disagreeing complete items get N more annotators
+
+Everything shown is autoescaped by Jinja2 and the Content-Security-Policy allows only the
+app's own script file, so model output containing ``<script>`` is shown as text and runs nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+
+from rlhfkit.label import service, stats
+from rlhfkit.label.db import FLAGS, SCALE, Database, User
+from rlhfkit.label.export import iter_rows
+from rlhfkit.label.service import DEFAULT_LEASE_SECONDS, LabelError
+
+HERE = Path(__file__).parent
+COOKIE = "rlhfkit_label_session"
+COOKIE_MAX_AGE = 30 * 24 * 3600
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware adding the security headers to every response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        static = scope.get("path", "").startswith("/static/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                h = MutableHeaders(scope=message)
+                h.setdefault("Content-Security-Policy", CSP)
+                h.setdefault("X-Content-Type-Options", "nosniff")
+                h.setdefault("X-Frame-Options", "DENY")
+                h.setdefault("Referrer-Policy", "no-referrer")  # tokens appear in sign-in URLs
+                if not static:
+                    h.setdefault("Cache-Control", "no-store")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _templates() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+    def fmt_time(t):
+        if t is None:
+            return "–"
+        return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    def pct(x, digits=0):
+        return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+    def num(x, digits=2):
+        return "–" if x is None else f"{x:.{digits}f}"
+
+    env.filters.update(fmt_time=fmt_time, pct=pct, num=num)
+    return env
+
+
+def create_app(db: Database | str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+               secure_cookies: bool = False) -> FastAPI:
+    """The app over ``db`` (a :class:`Database`, a SQLAlchemy URL or a SQLite path)."""
+    if not isinstance(db, Database):
+        db = Database(db)
+    env = _templates()
+    app = FastAPI(title="rlhfkit label", docs_url=None, redoc_url=None)
+    app.state.db = db
+    app.add_middleware(SecurityHeaders)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
+        ctx.setdefault("user", None)
+        return HTMLResponse(env.get_template(name).render(**ctx), status_code=status)
+
+    @app.exception_handler(LabelError)
+    async def _label_error(_request: Request, exc: LabelError):
+        return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status)
+
+    # ---------------------------------------------------------------- authentication
+
+    def _bearer(request: Request) -> str | None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            return value.strip()
+        return None
+
+    def _user(request: Request) -> User | None:
+        token = _bearer(request)
+        if token is not None:  # a bearer header is decisive, even next to a cookie
+            return service.user_for_token(db, token)
+        return service.user_for_session(db, request.cookies.get(COOKIE))
+
+    def api_user(request: Request) -> User:
+        user = _user(request)
+        if user is None:
+            raise HTTPException(401, "missing or invalid token: send 'Authorization: Bearer TOKEN' "
+                                     "(or sign in with /?token=TOKEN)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return user
+
+    def api_admin(user: User = Depends(api_user)) -> User:
+        if not user.is_admin:
+            raise HTTPException(403, "admins only")
+        return user
+
+    # ---------------------------------------------------------------- pages
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        return {"ok": True}
+
+    @app.get("/", response_class=HTMLResponse)
+    def index(request: Request, token: str | None = None):
+        if token is not None:
+            user = service.user_for_token(db, token)
+            if user is None:
+                return render("signin.html", 401, problem="This sign-in link is not valid: the "
+                              "token is unknown or has been replaced. Ask an admin for a new one.")
+            resp = RedirectResponse("/", status_code=303)  # drop the token from the address bar
+            resp.set_cookie(COOKIE, service.start_web_session(db, user.id), max_age=COOKIE_MAX_AGE,
+                            httponly=True, samesite="lax", secure=secure_cookies, path="/")
+            return resp
+        user = _user(request)
+        if user is None:
+            return render("signin.html", 401, problem=None)
+        served = service.next_item(db, user.id, lease_seconds)
+        remaining = service.queue_remaining(db, user.id, lease_seconds)
+        judged = service.count_judgments(db, user.id)
+        if served is None:
+            return render("judge.html", user=user, served=None, judged=judged, remaining=0)
+        a, item = served.assignment, served.item
+        right = "response_b" if a.left_side == "response_a" else "response_a"
+        return render("judge.html", user=user, served=served, item=item,
+                      conversation=item.conversation(), left_text=item.text(a.left_side),
+                      right_text=item.text(right), flags=FLAGS, scale=SCALE,
+                      judged=judged, remaining=remaining)
+
+    @app.get("/mine", response_class=HTMLResponse)
+    def mine(request: Request):
+        user = _user(request)
+        if user is None:
+            return render("signin.html", 401, problem=None)
+        return render("mine.html", user=user, judgments=service.judgments_of(db, user.id),
+                      scale=SCALE, flag_names=FLAGS)
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin(request: Request, escalated: int | None = None):
+        user = _user(request)
+        if user is None:
+            return render("signin.html", 401, problem=None)
+        if not user.is_admin:
+            return render("signin.html", 403, user=user,
+                          problem="The admin pages are for admins; you are signed in as an annotator.")
+        return render("admin.html", user=user, s=stats.summary(db), escalated=escalated)
+
+    @app.post("/admin/escalate")
+    def admin_escalate(request: Request, extra: int = Form(...)):
+        user = _user(request)
+        if user is None or not user.is_admin:
+            raise HTTPException(403, "admins only")
+        ids = service.escalate(db, extra)
+        return RedirectResponse(f"/admin?escalated={len(ids)}", status_code=303)
+
+    @app.get("/logout")
+    def logout(request: Request):
+        service.end_web_session(db, request.cookies.get(COOKIE))
+        resp = render("signin.html", 200, problem=None, signed_out=True)
+        resp.delete_cookie(COOKIE, path="/")
+        return resp
+
+    # ---------------------------------------------------------------- annotator API
+
+    @app.get("/api/me")
+    def api_me(user: User = Depends(api_user)):
+        return {"id": user.id, "name": user.name, "role": user.role,
+                "judgments": service.count_judgments(db, user.id),
+                "queue_remaining": service.queue_remaining(db, user.id, lease_seconds)}
+
+    @app.get("/api/next")
+    def api_next(user: User = Depends(api_user)):
+        served = service.next_item(db, user.id, lease_seconds)
+        if served is None:
+            return Response(status_code=204)
+        return served.to_json(service.queue_remaining(db, user.id, lease_seconds))
+
+    async def _json_body(request: Request):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise LabelError(415, "send the body as JSON with 'Content-Type: application/json'")
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise LabelError(422, f"the body is not valid JSON: {e}")
+
+    @app.post("/api/judgments", status_code=201)
+    async def api_post_judgment(request: Request, user: User = Depends(api_user)):
+        judgment = service.parse_judgment(await _json_body(request))
+        status, data = await run_in_threadpool(service.record_judgment, db, user.id, judgment)
+        return JSONResponse(data, status_code=status)
+
+    @app.get("/api/judgments")
+    def api_my_judgments(user: User = Depends(api_user)):
+        return {"judgments": service.judgments_of(db, user.id, limit=100_000)}
+
+    @app.post("/api/skip")
+    async def api_skip(request: Request, user: User = Depends(api_user)):
+        body = await _json_body(request)
+        item_id = body.get("item_id") if isinstance(body, dict) else None
+        if isinstance(item_id, bool) or not isinstance(item_id, int):
+            raise LabelError(422, f"item_id: must be an integer (got {item_id!r})")
+        await run_in_threadpool(service.skip, db, user.id, item_id)
+        return {"skipped": item_id}
+
+    # ---------------------------------------------------------------- admin API
+
+    @app.get("/api/admin/stats")
+    def api_stats(_admin: User = Depends(api_admin)):
+        return stats.summary(db)
+
+    @app.get("/api/admin/judgments")
+    def api_all_judgments(_admin: User = Depends(api_admin)):
+        from sqlalchemy import select
+
+        from rlhfkit.label.db import Judgment
+        with db.reading() as s:
+            rows = s.scalars(select(Judgment).order_by(Judgment.id)).all()
+            return {"judgments": [service.judgment_to_json(j) for j in rows]}
+
+    @app.get("/api/admin/export")
+    def api_export(keep_ties: bool = False, _admin: User = Depends(api_admin)):
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in iter_rows(db, keep_ties))
+        return Response(body, media_type="application/x-ndjson",
+                        headers={"Content-Disposition": 'attachment; filename="pairs.jsonl"'})
+
+    @app.post("/api/admin/escalate")
+    async def api_escalate(request: Request, _admin: User = Depends(api_admin)):
+        body = await _json_body(request)
+        extra = body.get("extra") if isinstance(body, dict) else None
+        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 1:
+            raise LabelError(422, f"extra: must be an integer >= 1 (got {extra!r})")
+        max_agreement = body.get("max_agreement", 0.999)
+        if isinstance(max_agreement, bool) or not isinstance(max_agreement, (int, float)):
+            raise LabelError(422, "max_agreement: must be a number")
+        ids = await run_in_threadpool(service.escalate, db, extra, float(max_agreement))
+        return {"escalated": ids}
+
+    return app

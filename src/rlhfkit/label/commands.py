@@ -1,0 +1,203 @@
+"""``rlhfkit label serve | add-user | import | export``: the command-line side of the label app.
+
+Each command is a function with a ``<Name>Config`` dataclass (see :mod:`rlhfkit.config`);
+``--db`` is a SQLAlchemy URL (``postgresql+psycopg://user@host/db``) or a plain file path, which
+means a SQLite file in WAL mode (created on first use).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhfkit.config import arg
+from rlhfkit.errors import InputError
+
+DB_HELP = ("The label database: a SQLAlchemy URL (e.g. postgresql+psycopg://user@host/labels) "
+           "or a file path for SQLite (WAL mode).")
+
+
+def _db_problems(db: str) -> list[str]:
+    if not db:
+        return ["--db is required"]
+    if "://" in db:
+        try:
+            from sqlalchemy.engine import make_url
+
+            make_url(db)
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad flag
+            return [f"--db: not a valid database URL: {e}"]
+        return []
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(db)))
+    if not os.path.isdir(parent):
+        return [f"--db: the folder {parent} does not exist"]
+    return []
+
+
+def _open(db: str):
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from rlhfkit.label.db import Database
+
+    try:
+        return Database(db)
+    except (SQLAlchemyError, ImportError) as e:
+        raise InputError(f"--db {db}: cannot open the database: {str(e).splitlines()[0]}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServeConfig:
+    """Run the pairwise-feedback web app."""
+
+    db: str = arg("labels.db", DB_HELP)
+    host: str = arg("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
+    port: int = arg(8000, "Port to listen on.")
+    lease_minutes: float = arg(30.0, "An item served to an annotator holds one of its slots this "
+                               "long; after that, if not judged, the slot is offered to others.")
+    secure_cookies: bool = arg(False, "Mark the session cookie Secure (when served over HTTPS).")
+    access_log: bool = arg(False, "Log every request (off by default: sign-in URLs carry tokens).")
+
+    def validate(self) -> list[str]:
+        problems = _db_problems(self.db)
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be in 0..65535 (got {self.port})")
+        if self.lease_minutes <= 0:
+            problems.append(f"--lease-minutes must be > 0 (got {self.lease_minutes})")
+        return problems
+
+
+def serve(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    from rlhfkit.label.app import create_app
+
+    db = _open(cfg.db)
+    app = create_app(db, lease_seconds=cfg.lease_minutes * 60, secure_cookies=cfg.secure_cookies)
+    print(f"rlhfkit label: serving {db.engine.url.render_as_string(hide_password=True)} "
+          f"on http://{cfg.host}:{cfg.port}/ (sign in with /?token=TOKEN)", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, access_log=cfg.access_log, log_level="info")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AddUserConfig:
+    """Add an annotator or an admin; the token is printed as the last line."""
+
+    name: str = arg(None, "The user's name (unique).", positional=True)
+    role: Literal["annotator", "admin"] = arg("annotator", "annotator: judges items; admin: also "
+                                              "sees progress, statistics and the export.")
+    db: str = arg("labels.db", DB_HELP)
+    new_token: bool = arg(False, "If the user exists, give them a new token (the old one and "
+                          "their browser sessions stop working) instead of failing.")
+
+    def validate(self) -> list[str]:
+        problems = _db_problems(self.db)
+        if not self.name or not self.name.strip():
+            problems.append("NAME is required")
+        elif len(self.name) > 200:
+            problems.append("NAME: at most 200 characters")
+        return problems
+
+
+def add_user(cfg: AddUserConfig) -> int:
+    from rlhfkit.label.service import LabelError
+    from rlhfkit.label.service import add_user as _add
+
+    db = _open(cfg.db)
+    try:
+        user, token, created = _add(db, cfg.name, cfg.role, new_token_if_exists=cfg.new_token)
+    except LabelError as e:
+        raise InputError(e.message)
+    finally:
+        db.dispose()
+    what = "added" if created else "new token for"
+    print(f"{what} {user.role} {user.name!r} (id {user.id}); sign in at http://HOST:PORT/?token=<the token below>")
+    print(token)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportItemsConfig:
+    """Import response pairs to be judged (JSONL)."""
+
+    file: str = arg(None, "JSONL with {prompt | messages, response_a, response_b, ...} records, "
+                    "or `rlhfkit generate --n 2` output ({prompt | messages, completions: [a, b]}).",
+                    positional=True)
+    db: str = arg("labels.db", DB_HELP)
+    overlap: int = arg(3, "K: how many different annotators judge each item.")
+    extra_on_disagreement: int = arg(0, "When an item's K judgments disagree on the preferred "
+                                     "response, send it to this many extra annotators (once).")
+
+    def validate(self) -> list[str]:
+        problems = _db_problems(self.db)
+        if not self.file:
+            problems.append("FILE is required")
+        elif not os.path.isfile(self.file):
+            problems.append(f"{self.file}: no such file")
+        if self.overlap < 1:
+            problems.append(f"--overlap must be >= 1 (got {self.overlap})")
+        if self.extra_on_disagreement < 0:
+            problems.append(f"--extra-on-disagreement must be >= 0 (got {self.extra_on_disagreement})")
+        return problems
+
+
+def import_items(cfg: ImportItemsConfig) -> int:
+    from rlhfkit.label.importer import import_pairs, read_pairs
+
+    pairs = read_pairs(cfg.file)  # every problem is reported before anything is written
+    db = _open(cfg.db)
+    try:
+        result = import_pairs(db, pairs, cfg.overlap, cfg.extra_on_disagreement)
+    finally:
+        db.dispose()
+    print(f"imported {result.added} items from {cfg.file} (overlap {cfg.overlap}"
+          + (f", +{cfg.extra_on_disagreement} on disagreement" if cfg.extra_on_disagreement else "")
+          + f"); {result.already_present} already present"
+          + (f"; {result.identical} skipped: identical responses" if result.identical else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportConfig:
+    """Export judgments as preference pairs (prompt/chosen/rejected/margin JSONL)."""
+
+    db: str = arg("labels.db", DB_HELP)
+    output: str = arg("", "Where to write the JSONL (written atomically).")
+    keep_ties: bool = arg(False, "Keep items whose judgments split evenly, as rows with "
+                          "\"tie\": true and margin 0 (by default they are dropped).")
+
+    def validate(self) -> list[str]:
+        problems = _db_problems(self.db)
+        if "://" not in self.db and self.db and not os.path.exists(self.db):
+            problems.append(f"--db: no such database file: {self.db}")
+        if not self.output:
+            problems.append("--output is required")
+        return problems
+
+
+def export(cfg: ExportConfig) -> int:
+    from rlhfkit.label.export import write_export
+
+    db = _open(cfg.db)
+    try:
+        result = write_export(db, cfg.output, keep_ties=cfg.keep_ties)
+    finally:
+        db.dispose()
+    ties = (f"{result.ties_kept} ties kept" if cfg.keep_ties
+            else f"{result.ties_dropped} evenly split items dropped")
+    print(f"wrote {result.written} preference pairs to {cfg.output} "
+          f"({result.items_judged} items judged; {ties})")
+    return 0

@@ -1,0 +1,124 @@
+"""``label export``: judgments -> preference pairs that ``rlhfkit rm`` and ``rlhfkit dpo`` read.
+
+The aggregation rule, per item with at least one judgment:
+
+1. Each judgment votes for a direction: the stored response it prefers (Likert 1-4 prefer the
+   response shown as A, 5-8 the one shown as B; the display order is undone first).
+2. The majority direction wins: ``chosen`` is that response, ``rejected`` the other.
+3. ``margin`` is the mean Likert strength of the judgments on the majority side, where the
+   strength of a point is ``|likert - 4.5| - 0.5``: 0 for 4 and 5 (a close call), 1 for 3 and 6,
+   2 for 2 and 7, 3 for 1 and 8 (much better). So 0 <= margin <= 3.
+4. ``agreement`` is the share of the item's judgments on the majority side.
+5. An item split evenly (as many votes each way) has no majority: it is dropped, or with
+   ``--keep-ties`` written with ``"tie": true``, ``margin`` 0 and the responses in their stored
+   order (``chosen`` = response_a) for trainers that handle ties.
+
+A row: ``{"prompt", "chosen", "rejected", "margin", "n_judgments", "agreement",
+"annotator_ids", "tie", "item_id", "chosen_is", "votes", "likerts", "left_wins", "flags",
+"ratings", "metadata"}``. ``prompt`` is the imported string, or the message list of a
+multi-turn conversation; ``chosen``/``rejected`` are strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import select
+
+from rlhfkit.label.db import Database, Item, Judgment
+from rlhfkit.label.stats import majority
+
+
+def strength(likert: int) -> float:
+    """0 (4 or 5) ... 3 (1 or 8)."""
+    return abs(likert - 4.5) - 0.5
+
+
+def aggregate(item: Item, judgments: list[Judgment], keep_ties: bool = False) -> dict | None:
+    """One export row for ``item`` from its judgments (None: no judgments, or a dropped tie)."""
+    if not judgments:
+        return None
+    prefs = [j.preferred for j in judgments]
+    side = majority(prefs)
+    tie = side is None
+    if tie and not keep_ties:
+        return None
+    chosen_side = side or "response_a"
+    rejected_side = "response_b" if chosen_side == "response_a" else "response_a"
+    winners = [j for j in judgments if j.preferred == chosen_side]
+    margin = 0.0 if tie else sum(strength(j.likert) for j in winners) / len(winners)
+    flags = {"chosen": Counter(), "rejected": Counter()}
+    for j in judgments:
+        for f in (j.flags or {}).get(chosen_side, []):
+            flags["chosen"][f] += 1
+        for f in (j.flags or {}).get(rejected_side, []):
+            flags["rejected"][f] += 1
+    ratings = Counter(j.rating for j in judgments if j.rating)
+    return {
+        "prompt": item.prompt,
+        "chosen": item.text(chosen_side),
+        "rejected": item.text(rejected_side),
+        "margin": round(margin, 4),
+        "n_judgments": len(judgments),
+        "agreement": round(len(winners) / len(judgments), 4),
+        "annotator_ids": sorted(j.user_id for j in judgments),
+        "tie": tie,
+        "item_id": item.id,
+        "chosen_is": chosen_side,
+        "votes": {"response_a": prefs.count("response_a"), "response_b": prefs.count("response_b")},
+        "likerts": [j.likert for j in sorted(judgments, key=lambda j: j.id)],
+        "left_wins": sum(1 for j in judgments if j.preferred == j.left_side),
+        "flags": {k: dict(sorted(v.items())) for k, v in flags.items()},
+        "ratings": {"good": ratings.get("good", 0), "bad": ratings.get("bad", 0)},
+        "metadata": item.meta or {},
+    }
+
+
+@dataclass
+class ExportResult:
+    written: int
+    ties_dropped: int
+    ties_kept: int
+    items_judged: int
+
+
+def iter_rows(db: Database, keep_ties: bool = False, counts: dict | None = None,
+              chunk: int = 500) -> Iterator[dict]:
+    """Export rows in item order; ``counts`` (if given) receives ties/written tallies."""
+    counts = counts if counts is not None else {}
+    counts.update(written=0, ties_dropped=0, ties_kept=0, items_judged=0)
+    with db.reading() as s:
+        item_ids = s.scalars(select(Judgment.item_id).distinct().order_by(Judgment.item_id)).all()
+        for start in range(0, len(item_ids), chunk):
+            ids = item_ids[start:start + chunk]
+            items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))}
+            by_item: dict[int, list[Judgment]] = defaultdict(list)
+            for j in s.scalars(select(Judgment).where(Judgment.item_id.in_(ids))):
+                by_item[j.item_id].append(j)
+            for item_id in ids:
+                counts["items_judged"] += 1
+                row = aggregate(items[item_id], by_item[item_id], keep_ties)
+                if row is None:
+                    counts["ties_dropped"] += 1
+                    continue
+                counts["ties_kept"] += row["tie"]
+                counts["written"] += 1
+                yield row
+
+
+def write_export(db: Database, output: str | Path, keep_ties: bool = False) -> ExportResult:
+    """Write the JSONL atomically (a temporary file renamed into place)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    counts: dict = {}
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in iter_rows(db, keep_ties, counts):
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, output)
+    return ExportResult(**counts)

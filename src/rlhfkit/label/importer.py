@@ -1,0 +1,227 @@
+"""``label import``: JSONL pairs to be judged.
+
+Each line is one JSON object with the conversation and two responses:
+
+* ``{"prompt": "...", "response_a": "...", "response_b": "..."}``, or
+* ``{"messages": [{"role": "user", "content": "..."}, ...], "response_a": ..., "response_b": ...}``
+  for a multi-turn conversation (the responses continue it; its last turn is not the
+  assistant's), or
+* the output of ``rlhfkit generate --n 2``: ``prompt`` or ``messages`` plus
+  ``"completions": [a, b]`` (strings, or objects with a ``text``/``content``/``completion``).
+
+Every other field is kept as the item's metadata and comes back in the export. The whole file is
+checked first; any problem (reported as ``file:line: field 'x': message``) imports nothing.
+Importing a record that is already in the database (same prompt and responses) adds nothing,
+and a record whose two responses are identical is skipped (it can carry no preference, and the
+trainers reject such pairs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from rlhfkit.errors import InputError, record_problem
+from rlhfkit.label.db import Database, Item, now
+
+PROMPT_KEYS = ("prompt", "messages")
+RESPONSE_KEYS = ("response_a", "response_b", "completions")
+MAX_PROBLEMS = 50
+
+
+@dataclass
+class Pair:
+    prompt: str | list[dict]
+    response_a: str
+    response_b: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def content_hash(self) -> str:
+        blob = json.dumps([self.prompt, self.response_a, self.response_b], ensure_ascii=False,
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _completion_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        for key in ("text", "content", "completion"):
+            if isinstance(value.get(key), str):
+                return value[key]
+    return None
+
+
+def _check_messages(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "expected a non-empty list of {\"role\", \"content\"} messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            return f"message {i}: expected an object with 'role' and 'content'"
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            return f"message {i}: 'role' must be a non-empty string"
+        if not isinstance(m.get("content"), str):
+            return f"message {i}: 'content' must be a string"
+    if messages[-1]["role"] == "assistant":
+        return ("the last message is the assistant's; the conversation should end where the "
+                "two responses continue it")
+    return None
+
+
+def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list[str]]:
+    """One JSON value -> a Pair, or the problems with it."""
+    def problem(field_name: str | None, message: str) -> str:
+        return record_problem(source, line, field_name, message)
+
+    if not isinstance(record, dict):
+        return None, [problem(None, "expected a JSON object")]
+    problems: list[str] = []
+    metadata = {k: v for k, v in record.items() if k not in PROMPT_KEYS + RESPONSE_KEYS}
+    prompt: Any = None
+    if "messages" in record:
+        msg_problem = _check_messages(record["messages"])
+        if msg_problem:
+            problems.append(problem("messages", msg_problem))
+        else:
+            prompt = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        if "prompt" in record:
+            metadata["prompt"] = record["prompt"]  # the messages are the conversation
+    elif "prompt" in record:
+        p = record["prompt"]
+        if isinstance(p, list):
+            msg_problem = _check_messages(p)
+            if msg_problem:
+                problems.append(problem("prompt", msg_problem))
+            else:
+                prompt = [{"role": m["role"], "content": m["content"]} for m in p]
+        elif not isinstance(p, str) or not p.strip():
+            problems.append(problem("prompt", "expected a non-empty string or a list of messages"))
+        else:
+            prompt = p
+    else:
+        problems.append(problem(None, "needs 'prompt' (a string) or 'messages' (a list)"))
+
+    a = b = None
+    if "completions" in record:
+        if "response_a" in record or "response_b" in record:
+            problems.append(problem("completions", "give 'completions' or "
+                                                   "'response_a'/'response_b', not both"))
+        comps = record["completions"]
+        if not isinstance(comps, list) or len(comps) != 2:
+            n = len(comps) if isinstance(comps, list) else type(comps).__name__
+            problems.append(problem("completions", f"expected a list of exactly 2 completions "
+                                                   f"(generate with --n 2), got {n}"))
+        else:
+            a, b = (_completion_text(c) for c in comps)
+            if a is None or b is None:
+                problems.append(problem("completions", "each completion must be a string or an "
+                                                       "object with a 'text' string"))
+            extra = [{k: v for k, v in c.items() if k not in ("text", "content", "completion")}
+                     for c in comps if isinstance(c, dict)]
+            if any(extra):
+                metadata["completions_meta"] = extra
+    else:
+        for key in ("response_a", "response_b"):
+            if key not in record:
+                problems.append(problem(key, "required (or give 'completions': [a, b])"))
+            elif not isinstance(record[key], str):
+                problems.append(problem(key, f"expected a string, got {type(record[key]).__name__}"))
+        a, b = record.get("response_a"), record.get("response_b")
+    if problems:
+        return None, problems
+    return Pair(prompt=prompt, response_a=a, response_b=b, metadata=metadata,
+                source=f"{Path(source).name}:{line}"), []
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Read and check every record; raise InputError listing the problems (up to 50)."""
+    path = Path(path)
+    source = str(path)
+    problems: list[str] = []
+    pairs: list[Pair] = []
+    try:
+        fh = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{source}: no such file")
+    except OSError as e:
+        raise InputError(f"{source}: cannot read: {e.strerror}")
+    with fh:
+        try:
+            for line_no, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    problems.append(record_problem(source, line_no, None, f"invalid JSON: {e.msg}"))
+                    continue
+                pair, rec_problems = parse_record(record, source, line_no)
+                problems += rec_problems
+                if pair is not None:
+                    pairs.append(pair)
+        except UnicodeDecodeError:
+            problems.append(f"{source}: not UTF-8 text")
+    if problems:
+        more = len(problems) - MAX_PROBLEMS
+        shown = problems[:MAX_PROBLEMS] + ([f"... and {more} more problems"] if more > 0 else [])
+        raise InputError(shown)
+    if not pairs:
+        raise InputError(f"{source}: no records")
+    return pairs
+
+
+@dataclass
+class ImportResult:
+    added: int
+    already_present: int
+    item_ids: list[int]
+    identical: int = 0
+
+
+def import_pairs(db: Database, pairs: list[Pair], overlap: int = 3,
+                 extra_on_disagreement: int = 0) -> ImportResult:
+    """Add the pairs as items wanting ``overlap`` judgments each, in one transaction."""
+    if overlap < 1:
+        raise InputError(f"--overlap must be >= 1 (got {overlap})")
+    if extra_on_disagreement < 0:
+        raise InputError(f"--extra-on-disagreement must be >= 0 (got {extra_on_disagreement})")
+    added: list[int] = []
+    skipped = identical = 0
+    with db.writing() as s:
+        hashes = [p.content_hash for p in pairs]
+        present: set[str] = set()
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i:i + 500]
+            present |= set(s.scalars(select(Item.content_hash).where(Item.content_hash.in_(chunk))))
+        rows = []
+        t = now()
+        for pair, h in zip(pairs, hashes):
+            if pair.response_a == pair.response_b:
+                identical += 1
+                continue
+            if h in present:
+                skipped += 1
+                continue
+            present.add(h)
+            rows.append(Item(prompt=pair.prompt, response_a=pair.response_a,
+                             response_b=pair.response_b, meta=pair.metadata, source=pair.source,
+                             content_hash=h, overlap=overlap, target=overlap,
+                             extra_on_disagreement=extra_on_disagreement, escalated=0,
+                             created_at=t))
+        s.add_all(rows)
+        s.flush()
+        added = [r.id for r in rows]
+    return ImportResult(added=len(added), already_present=skipped, item_ids=added,
+                        identical=identical)
+
+
+def import_file(db: Database, path: str | Path, overlap: int = 3,
+                extra_on_disagreement: int = 0) -> ImportResult:
+    return import_pairs(db, read_pairs(path), overlap, extra_on_disagreement)

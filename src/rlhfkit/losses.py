@@ -1,0 +1,623 @@
+"""The losses of the RLHF loop, as small pure torch functions.
+
+Every function takes tensors and returns tensors; none touches a model, an optimiser or a
+config. The equation each one implements is in its docstring, with the paper it comes from.
+Variants of one objective are separate functions registered by name in a dict
+(:data:`DPO_LOSSES`, :data:`KL_ESTIMATORS`), never branches inside one function: a new variant
+is a new function plus one dict entry.
+
+Conventions
+-----------
+* ``B`` batch, ``T`` sequence length, ``V`` vocabulary, ``K`` candidates per prompt.
+* Per-sequence losses are returned unreduced (shape ``[B]``); the caller takes the mean, so
+  that gradient accumulation and logging stay under its control.
+* ``mask`` arguments are boolean (or 0/1) tensors; positions where the mask is False are
+  *selected away* (``torch.where``), not multiplied by 0, so ``inf``/``nan`` values there
+  (e.g. log-probs of padding under a truncated sampler) cannot leak into a result.
+* Log-probabilities are natural logs.
+
+The masked statistics (:func:`masked_mean`, :func:`masked_var`, :func:`masked_whiten`) live
+here too, and only here: ``rlhfkit.rl`` imports them from this module.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "token_logps",
+    "sequence_logps",
+    "sft_loss",
+    "entropy_from_logits",
+    "bradley_terry_loss",
+    "listwise_loss",
+    "plackett_luce_loss",
+    "dpo_loss",
+    "dpo_sigmoid_loss",
+    "dpo_robust_loss",
+    "dpo_hinge_loss",
+    "dpo_ipo_loss",
+    "dpo_simpo_loss",
+    "dpo_apo_zero_loss",
+    "dpo_bco_pair_loss",
+    "DPO_LOSSES",
+    "ppo_policy_loss",
+    "value_loss",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "KL_ESTIMATORS",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _select(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` where ``mask`` is True, 0 elsewhere (robust to inf/nan outside the mask)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Σ_{mask} x, over all elements (``dim=None``) or along ``dim``."""
+    selected = _select(x, mask)
+    return selected.sum() if dim is None else selected.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is True.
+
+        masked_mean(x, m) = Σ_i m_i·x_i / Σ_i m_i
+
+    over all elements (``dim=None``, a scalar) or along ``dim``. An empty mask gives 0 (not
+    nan), with a zero gradient, so an all-padding micro-batch cannot poison a step.
+    """
+    mask = mask.bool()
+    if mask.shape != x.shape:
+        mask = mask.expand_as(x)
+    num = masked_sum(x, mask, dim)
+    den = mask.sum() if dim is None else mask.sum(dim=dim)
+    den = den.to(x.dtype)
+    safe_den = torch.where(den > 0, den, torch.ones_like(den))
+    return num / safe_den
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over the positions where ``mask`` is True (a scalar).
+
+        var = Σ_i m_i (x_i − μ)² / Σ_i m_i,   μ = masked_mean(x, m)
+
+    With ``unbiased=True`` (TRL's default) it is multiplied by Bessel's correction
+    n / (n − 1), n = Σ_i m_i; that needs n ≥ 2, else ``ValueError``.
+    """
+    mask = mask.bool()
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = int(mask.sum().item())
+        if n < 2:
+            raise ValueError(f"masked_var(unbiased=True) needs at least 2 unmasked values, got {n}")
+        var = var * (n / (n - 1))
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to zero mean and unit variance over the masked positions.
+
+        whiten(x) = (x − μ) / sqrt(σ² + eps)        (shift_mean=True)
+        whiten(x) = (x − μ) / sqrt(σ² + eps) + μ    (shift_mean=False: only rescale)
+
+    μ and σ² are :func:`masked_mean` and the unbiased :func:`masked_var` over all unmasked
+    elements (as TRL's PPO whitens advantages, and rewards with ``shift_mean=False``).
+    Positions outside the mask are set to 0.
+    """
+    mask = mask.bool()
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _select(whitened, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Token log-probabilities, SFT, entropy
+# --------------------------------------------------------------------------------------------
+
+
+def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Per-token log-probabilities of ``labels`` under causal-LM ``logits``.
+
+        logp[b, t] = log softmax(logits[b, t−1])[labels[b, t]]
+                   = logits[b, t−1, labels[b, t]] − logsumexp_v logits[b, t−1, v]
+
+    for t ≥ 1 (the causal shift: the logits at position t−1 predict token t). The result is
+    aligned with ``labels``: ``[B, T]``, with position 0 (which no logit predicts) and every
+    ``ignore_index`` label masked out and set to 0. Returns ``(logps [B, T], mask [B, T] bool)``.
+
+    Memory: the gathered logit minus the log-normaliser (``logsumexp``), computed one sequence
+    at a time, so no second ``[B, T, V]`` tensor (a full ``log_softmax``) is materialised for
+    float32 logits; the only temporary is one ``[T, V]`` row. Half-precision logits are upcast
+    to float32 one row at a time (under autograd those float32 rows are kept for the
+    backward pass) and the log-probs come back in float32.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"token_logps: logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    shifted_logits = logits[:, :-1, :]
+    target = labels[:, 1:]
+    valid = target != ignore_index
+    index = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)
+    low_precision = logits.dtype in (torch.float16, torch.bfloat16)
+    rows = []
+    for row_logits, row_index in zip(shifted_logits, index):
+        if low_precision:
+            row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_index).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    logps = torch.stack(rows) if rows else shifted_logits.new_zeros(target.shape)
+    logps = torch.where(valid, logps, torch.zeros_like(logps))
+    logps = F.pad(logps, (1, 0), value=0.0)
+    mask = F.pad(valid, (1, 0), value=False)
+    return logps, mask
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """log π(y | x) = Σ_t logp[b, t] over the labelled tokens: ``[B]`` (see :func:`token_logps`)."""
+    logps, _ = token_logps(logits, labels, ignore_index)
+    return logps.sum(dim=-1)
+
+
+def sft_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy on shifted logits (supervised fine-tuning).
+
+        L_sum  = −Σ_{b,t: labels[b,t] ≠ ignore} log π(labels[b,t] | labels[b,<t])
+        L_mean = L_sum / N,   N = number of labelled tokens (after the shift)
+
+    Returns ``(loss, num_tokens)``. ``reduction="mean"`` equals
+    ``F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index)``;
+    ``"sum"`` with the token count lets a caller divide by the token count of the whole
+    accumulated batch (gradient-accumulation invariant). No labelled token: the loss is 0.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"sft_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    logps, mask = token_logps(logits, labels, ignore_index)
+    total = -logps.sum()
+    num_tokens = mask.sum()
+    if reduction == "sum":
+        return total, num_tokens
+    return total / num_tokens.clamp(min=1).to(total.dtype), num_tokens
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    """Entropy of the softmax distribution at every position: ``[...]`` for logits ``[..., V]``.
+
+        H = −Σ_v p_v log p_v = logsumexp(z) − Σ_v softmax(z)_v · z_v
+
+    Computed ``chunk_size`` rows at a time to bound the temporary ``[rows, V]`` tensors.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = []
+    for chunk in flat.split(chunk_size):
+        chunk = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
+        out.append(torch.logsumexp(chunk, dim=-1) - (torch.softmax(chunk, dim=-1) * chunk).sum(-1))
+    entropy = torch.cat(out) if out else flat.new_zeros(0)
+    return entropy.reshape(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Reward-model losses
+# --------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None) -> Tensor:
+    """Pairwise Bradley–Terry loss of a reward model: ``[B]``.
+
+        L = −log σ(r_c − r_r − m)
+
+    (Stiennon et al. 2020; Ouyang et al. 2022). ``margin`` m is Llama 2's per-pair margin
+    (Touvron et al. 2023, eq. 2): a larger preference strength demands a larger reward gap.
+    """
+    logits = chosen_rewards - rejected_rewards
+    if margin is not None:
+        logits = logits - margin
+    return -F.logsigmoid(logits)
+
+
+def listwise_loss(rewards: Tensor, best: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Best-of-K softmax loss of a reward model (Ziegler et al. 2019): ``[B]``.
+
+        L = −log softmax(r)[best] = −r_best + log Σ_k exp(r_k)
+
+    ``rewards`` ``[B, K]``, ``best`` ``[B]`` (index of the preferred candidate). ``mask``
+    ``[B, K]`` marks the candidates that exist (rows with fewer than K candidates); missing
+    ones are left out of the normaliser. With K = 2 this is :func:`bradley_terry_loss`.
+    """
+    if mask is not None:
+        rewards = rewards.masked_fill(~mask.bool(), float("-inf"))
+    logprobs = torch.log_softmax(rewards, dim=-1)
+    return -logprobs.gather(-1, best.long().unsqueeze(-1)).squeeze(-1)
+
+
+def plackett_luce_loss(rewards: Tensor, ranking: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Plackett–Luce loss of a (partial) ranking of K candidates: ``[B]``.
+
+        L = −Σ_{j=1..M} log [ exp(r_{π_j}) / Σ_{k ∉ {π_1..π_{j−1}}} exp(r_k) ]
+
+    ``ranking`` ``[B, M]`` lists candidate indices best first (M ≤ K; entries −1 pad shorter
+    rankings). At each step the normaliser runs over every existing candidate not yet placed,
+    ranked or not, so M = 1 is :func:`listwise_loss` and a full ranking of K = 2 is
+    :func:`bradley_terry_loss`. ``mask`` ``[B, K]`` marks the candidates that exist.
+    """
+    available = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.bool().clone()
+    loss = rewards.new_zeros(rewards.shape[0])
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    for j in range(ranking.shape[1]):
+        idx = ranking[:, j].long()
+        valid = idx >= 0
+        idx = idx.clamp(min=0)
+        # Rows with nothing left keep finite logits so logsumexp's gradient stays finite.
+        any_left = available.any(dim=-1, keepdim=True)
+        logits = torch.where(available | ~any_left, rewards, torch.full_like(rewards, float("-inf")))
+        term = rewards[rows, idx] - torch.logsumexp(logits, dim=-1)
+        loss = loss - torch.where(valid, term, torch.zeros_like(term))
+        available = available.clone()
+        available[rows[valid], idx[valid]] = False
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Direct preference optimisation and its variants
+# --------------------------------------------------------------------------------------------
+#
+# Every variant has the same shape: four per-sequence log-prob tensors [B] (summed over the
+# completion tokens), keyword-only hyperparameters, and returns (losses, chosen_rewards,
+# rejected_rewards), rewards detached. `dpo_loss` looks the variant up in DPO_LOSSES.
+
+
+def _logratios(pc: Tensor, pr: Tensor, rc: Tensor | None, rr: Tensor | None) -> tuple[Tensor, Tensor]:
+    if rc is None or rr is None:
+        raise ValueError("this DPO variant needs reference log-probs (ref_chosen_logps, ref_rejected_logps)")
+    return pc - rc, pr - rr
+
+
+def _implicit_rewards(beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor) -> tuple[Tensor, Tensor]:
+    """DPO's implicit rewards r = β·(log π − log π_ref), detached (TRL's ``rewards/*``)."""
+    return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def _need_lengths(name: str, chosen_lengths: Tensor | None, rejected_lengths: Tensor | None) -> None:
+    if chosen_lengths is None or rejected_lengths is None:
+        raise ValueError(f"DPO loss {name!r} needs chosen_lengths and rejected_lengths (completion token counts)")
+
+
+def dpo_sigmoid_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al. 2023, eq. 7), with conservative label smoothing (cDPO).
+
+        Δ = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))
+        L = −(1 − ε)·log σ(βΔ) − ε·log σ(−βΔ)
+
+    ε = ``label_smoothing`` is the assumed probability that a label is flipped (Mitchell 2023,
+    "A note on DPO with noisy preferences"); ε = 0 is plain DPO. This is the form of Mitchell's
+    reference ``preference_loss`` and of TRL before 1.x. TRL 1.16 ignores ``label_smoothing``
+    for ``loss_type="sigmoid"``; at ε = 0 the two are identical.
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = beta * (chosen_lr - rejected_lr)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return (losses, *_implicit_rewards(beta, chosen_lr, rejected_lr))
+
+
+def dpo_robust_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Robust DPO, rDPO (Chowdhury et al. 2024, eq. 8): unbiased under label flips of rate ε.
+
+        L = [ (1 − ε)·(−log σ(βΔ)) − ε·(−log σ(−βΔ)) ] / (1 − 2ε),   0 ≤ ε < 1/2
+
+    Δ as in :func:`dpo_sigmoid_loss`; the same expression as TRL 1.16's ``"robust"``.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = beta * (chosen_lr - rejected_lr)
+    clean = -(1.0 - label_smoothing) * F.logsigmoid(logits)
+    flipped = -label_smoothing * F.logsigmoid(-logits)
+    losses = (clean - flipped) / (1.0 - 2.0 * label_smoothing)
+    return (losses, *_implicit_rewards(beta, chosen_lr, rejected_lr))
+
+
+def dpo_hinge_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Hinge loss on the log-ratio margin, SLiC-HF style (Zhao et al. 2023; Liu et al. 2024 RSO).
+
+        L = max(0, 1 − βΔ)
+
+    Δ as in :func:`dpo_sigmoid_loss`; 1/β is the margin δ of SLiC. As TRL's ``"hinge"``.
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    losses = torch.relu(1.0 - beta * (chosen_lr - rejected_lr))
+    return (losses, *_implicit_rewards(beta, chosen_lr, rejected_lr))
+
+
+def dpo_ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO (Azar et al. 2023, eq. 17) on length-averaged log-ratios, as TRL computes it.
+
+        Δ_avg = (log π(y_c) − log π_ref(y_c)) / |y_c| − (log π(y_r) − log π_ref(y_r)) / |y_r|
+        L = (Δ_avg − 1/(2β))²
+
+    β is the paper's τ. The lengths are the completion token counts (clamped to ≥ 1, as TRL);
+    they are required. Pass ones to get the un-normalised form of the paper (Mitchell's repo).
+    """
+    _need_lengths("ipo", chosen_lengths, rejected_lengths)
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    delta_avg = chosen_lr / chosen_lengths.clamp(min=1) - rejected_lr / rejected_lengths.clamp(min=1)
+    losses = (delta_avg - 1.0 / (2.0 * beta)) ** 2
+    return (losses, *_implicit_rewards(beta, chosen_lr, rejected_lr))
+
+
+def dpo_simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    beta: float,
+    gamma: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6): reference-free, length-normalised, with a target margin.
+
+        L = −log σ( β·log π(y_c)/|y_c| − β·log π(y_r)/|y_r| − γ )
+
+    The reference log-probs are ignored (may be None); the lengths are required. ``gamma`` is
+    the paper's γ (the margin itself, not γ/β). The returned rewards are SimPO's implicit
+    rewards β·log π(y)/|y|, detached.
+    """
+    _need_lengths("simpo", chosen_lengths, rejected_lengths)
+    chosen = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)
+    rejected = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)
+    losses = -F.logsigmoid(chosen - rejected - gamma)
+    return losses, chosen.detach(), rejected.detach()
+
+
+def dpo_apo_zero_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): push chosen up and rejected down, each alone.
+
+        L = (1 − σ(β·(log π(y_c) − log π_ref(y_c)))) + σ(β·(log π(y_r) − log π_ref(y_r)))
+
+    For data whose chosen answers beat the model's own outputs. As TRL's ``"apo_zero"``.
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    losses = (1.0 - torch.sigmoid(beta * chosen_lr)) + torch.sigmoid(beta * rejected_lr)
+    return (losses, *_implicit_rewards(beta, chosen_lr, rejected_lr))
+
+
+def dpo_bco_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Paired binary-classifier loss (BCO, Jung et al. 2024, without the running reward shift).
+
+        L = −log σ(β·(log π(y_c) − log π_ref(y_c))) − log σ(−β·(log π(y_r) − log π_ref(y_r)))
+
+    Each answer is classified alone: chosen as good, rejected as bad. As TRL 1.16's
+    ``"bco_pair"`` (which, unlike the BCO paper, has no running mean δ).
+    """
+    chosen_lr, rejected_lr = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    losses = -F.logsigmoid(beta * chosen_lr) - F.logsigmoid(-beta * rejected_lr)
+    return (losses, *_implicit_rewards(beta, chosen_lr, rejected_lr))
+
+
+DPO_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {
+    "sigmoid": dpo_sigmoid_loss,
+    "robust": dpo_robust_loss,
+    "hinge": dpo_hinge_loss,
+    "ipo": dpo_ipo_loss,
+    "simpo": dpo_simpo_loss,
+    "apo_zero": dpo_apo_zero_loss,
+    "bco_pair": dpo_bco_pair_loss,
+}
+"""DPO-family losses by name. Each takes ``(policy_chosen_logps, policy_rejected_logps,
+ref_chosen_logps, ref_rejected_logps, *, beta, ...)`` and returns
+``(losses [B], chosen_rewards [B], rejected_rewards [B])``."""
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    gamma: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Dispatch to the DPO variant ``DPO_LOSSES[loss_type]``.
+
+    Returns ``(losses [B], chosen_rewards [B], rejected_rewards [B])``, the rewards being the
+    detached implicit rewards β·(log π − log π_ref) (SimPO: β·log π / |y|).
+
+    Hyperparameters a variant does not use are errors, not silently ignored: a non-zero
+    ``label_smoothing`` is accepted only by ``sigmoid`` and ``robust``, a non-zero ``gamma``
+    only by ``simpo`` (0 and None mean "not set" and are accepted by all). Lengths are data:
+    passed to the variants that use them (``ipo``, ``simpo``) and ignored by the others, so a
+    caller may always pass them.
+    """
+    try:
+        fn = DPO_LOSSES[loss_type]
+    except KeyError:
+        known = ", ".join(sorted(DPO_LOSSES))
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; known: {known}") from None
+    params = inspect.signature(fn).parameters
+    kwargs: dict = {"beta": beta}
+    for name, value in (("label_smoothing", label_smoothing), ("gamma", gamma)):
+        if not value:  # None or 0: not set
+            continue
+        if name not in params:
+            raise ValueError(f"DPO loss {loss_type!r} does not take {name} (got {value})")
+        kwargs[name] = value
+    for name, value in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if name in params:
+            kwargs[name] = value
+    return fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# PPO
+# --------------------------------------------------------------------------------------------
+
+
+def ppo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+        ρ_t = exp(log π(a_t) − log π_old(a_t))
+        L   = masked_mean_t max( −A_t·ρ_t , −A_t·clip(ρ_t, 1 − ε, 1 + ε) )
+
+    ``logprobs``, ``old_logprobs``, ``mask`` ``[B, T]``; ``advantages`` ``[B, T]``, or ``[B]`` /
+    ``[B, 1]`` for sequence-level advantages (GRPO/RLOO), broadcast over the tokens. Returns
+    ``(loss, stats)``, stats detached scalars:
+
+    * ``clipfrac``: masked fraction of tokens where the clipped term is the larger one
+      (the gradient is cut there), as TRL's ``policy/clipfrac_avg``;
+    * ``approxkl``: 0.5·masked_mean((log π − log π_old)²), the k2 estimate of KL(π_old‖π)
+      (TRL's PPO ``approxkl``; TRL averaged over all positions, this over the mask);
+    * ``ratio``: masked mean of ρ.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    if advantages.dim() == ratio.dim() - 1:  # [B] sequence-level advantages
+        advantages = advantages.unsqueeze(-1)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+) -> tuple[Tensor, Tensor]:
+    """PPO's clipped value loss (as OpenAI baselines and TRL's PPO).
+
+        V_clip = clip(V, V_old − ε, V_old + ε)
+        L = 0.5 · masked_mean( max( (V − R)², (V_clip − R)² ) )
+
+    Returns ``(loss, clipfrac)``; ``clipfrac`` is the masked fraction of tokens where the
+    clipped error is the larger one (TRL's ``val/clipfrac_avg``), detached.
+    """
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
+    losses_unclipped = (values - returns) ** 2
+    losses_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(losses_unclipped, losses_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((losses_clipped > losses_unclipped).to(values.dtype), mask)
+    return loss, clipfrac
+
+
+# --------------------------------------------------------------------------------------------
+# KL estimators (Schulman 2020, "Approximating KL divergence")
+# --------------------------------------------------------------------------------------------
+#
+# Tokens are sampled from the policy π; with log r = log π_ref(x) − log π(x), each estimator's
+# expectation under π is compared with KL(π ‖ π_ref) = E_π[−log r].
+
+
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k1 = log π(x) − log π_ref(x) = −log r. Unbiased, high variance, can be negative."""
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k2 = ½ (log π(x) − log π_ref(x))² = ½ (log r)². Biased (low when π ≈ π_ref), never negative."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k3 = (r − 1) − log r, r = π_ref(x)/π(x). Unbiased (E_π[r] = 1), low variance, never negative.
+
+    Computed as expm1(log r) − log r for accuracy near r = 1.
+    """
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+"""Per-token KL(π ‖ π_ref) estimators by name: ``fn(logprobs, ref_logprobs) -> kl`` elementwise."""

@@ -1,0 +1,98 @@
+"""Reward models: a scalar head on any backbone, saved so that transformers loads it directly.
+
+The model is ``AutoModelForSequenceClassification`` with ``num_labels=1``: a causal LM reads
+the last non-padding token (the tokenizer's pad token is kept distinct from EOS for that), an
+encoder its pooled output. What the reward model reads is built by :func:`reward_texts`: the
+conversation rendered with the reward model's *own* chat template, or a (prompt, completion)
+sentence pair for an encoder without one. An optional offset stored in the config
+(``rlhfkit_reward_offset``) normalises scores so that the mean training reward is 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhfkit.data.chat import as_messages, completion_messages, has_template, prompt_text
+from rlhfkit.models.loading import load_tokenizer, resolve_model, torch_dtype
+
+OFFSET_KEY = "rlhfkit_reward_offset"
+
+
+def load_reward_backbone(name: str, tokenizer, dtype: str = "float32"):
+    """A fresh scalar head on ``name`` (or a trained reward model, head included)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.models.loading import quiet_transformers
+
+    quiet_transformers()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name), num_labels=1, dtype=torch_dtype(dtype))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def reward_inputs(tokenizer, prompts: list, completions: list, max_length: int = 512) -> dict:
+    """Tokenised reward-model inputs (right-padded, truncated from the left of long prompts)."""
+    if has_template(tokenizer):
+        texts = [tokenizer.apply_chat_template(as_messages(p) + completion_messages(c), tokenize=False)
+                 for p, c in zip(prompts, completions)]
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left"  # keep the response when the conversation is long
+        try:
+            enc = tokenizer(texts, add_special_tokens=False, padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+        finally:
+            tokenizer.truncation_side = side
+        return enc
+    firsts = [prompt_text(p) for p in prompts]
+    seconds = [c if isinstance(c, str) else "\n".join(m["content"] for m in c) for c in completions]
+    return tokenizer(firsts, seconds, padding=True, truncation="longest_first", max_length=max_length,
+                     return_tensors="pt")
+
+
+def forward_rewards(model, batch: dict) -> torch.Tensor:
+    """Scalar rewards [B] (no offset applied)."""
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in batch.items()})
+    return out.logits.squeeze(-1).float()
+
+
+class RewardModel:
+    """A trained reward model: ``score(prompts, completions) -> list[float]``."""
+
+    def __init__(self, model, tokenizer, max_length: int = 512):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.offset = float(getattr(model.config, OFFSET_KEY, 0.0) or 0.0)
+
+    @torch.no_grad()
+    def score(self, prompts: list, completions: list, batch_size: int = 16) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError("prompts and completions must have the same length")
+        scores: list[float] = []
+        for i in range(0, len(prompts), batch_size):
+            batch = reward_inputs(self.tokenizer, prompts[i:i + batch_size], completions[i:i + batch_size],
+                                  self.max_length)
+            scores += (forward_rewards(self.model, batch) - self.offset).tolist()
+        return scores
+
+    __call__ = score
+
+
+def load_reward_model(path: str, dtype: str = "float32", max_length: int = 512) -> RewardModel:
+    tokenizer = load_tokenizer(path)
+    model = load_reward_backbone(path, tokenizer, dtype)
+    return RewardModel(model, tokenizer, max_length)
+
+
+def is_reward_model_dir(path: str) -> bool:
+    import json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    archs = json.loads(cfg.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)

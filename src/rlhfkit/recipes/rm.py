@@ -1,0 +1,194 @@
+"""Reward-model training with the Bradley–Terry loss (and listwise losses for rankings).
+
+    1. load comparisons: pairs (prompt, chosen, rejected, margin?) and rankings (K completions)
+    2. a scalar head on the backbone (causal LM: last non-padding token; encoder: pooled output)
+    3. for each optimizer step: score every completion of the step's comparisons in one forward,
+       loss per comparison (BT with the optional Llama 2 margin; best-of-K softmax or
+       Plackett–Luce for rankings), mean over the global batch; log; checkpoint
+    4. evaluate agreement on --eval-data; optionally shift scores so the mean training reward is
+       0 (stored in the model's config); save a folder that transformers loads directly
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.config import TrainConfig, arg
+from rlhfkit.data.io import read_records
+from rlhfkit.data.schema import parse_preference, parse_ranking
+from rlhfkit.errors import InputError
+from rlhfkit.evaluation.rm_accuracy import agreement
+from rlhfkit.losses import bradley_terry_loss, listwise_loss, plackett_luce_loss
+from rlhfkit.models.reward import OFFSET_KEY, forward_rewards, reward_inputs
+from rlhfkit.training import (Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
+                              resume_if_requested, save_checkpoint, save_final_model, start_run)
+
+
+@dataclass
+class Config(TrainConfig):
+    """Train a reward model on preference pairs or rankings (Bradley–Terry)."""
+
+    model: str = arg("minilm-l6", "Backbone: a causal LM or an encoder (path, hub id, or an embedded name "
+                     "such as minilm-l6 or smollm2-135m).")
+    lr: float = arg(2e-5, "Peak learning rate (AdamW).")
+    use_margin: bool = arg(True, "Use the records' `margin` field as the Llama 2 margin term: "
+                           "-log sigmoid(r_chosen - r_rejected - margin).")
+    ranking_loss: str = arg("pairs", "Rankings: `pairs` expands each into all pairs (BT); `listwise` is the "
+                            "best-of-K softmax of Ziegler et al.; `plackett-luce` uses the whole ranking.")
+    normalize: bool = arg(True, "Store an offset so that the mean reward over the training completions is 0.")
+    eval_batch_size: int = arg(32, "Completions per evaluation forward.")
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.ranking_loss not in ("pairs", "listwise", "plackett-luce"):
+            problems.append(f"--ranking-loss: {self.ranking_loss!r} is not one of pairs, listwise, plackett-luce")
+        return problems
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """K >= 2 completions of one prompt, best first; ``ranking`` is their order (0..K-1)."""
+
+    prompt: object
+    completions: tuple
+    margin: float | None = None
+
+
+def load_comparisons(path: str, ranking_loss: str) -> list[Comparison]:
+    problems: list[str] = []
+    out: list[Comparison] = []
+    for rec in read_records(path):
+        if ranking_loss != "pairs" and ("completions" in rec.data or "ranking" in rec.data):
+            r = parse_ranking(rec, problems)
+            if r:
+                out.append(Comparison(r.prompt, tuple(r.completions[i] for i in r.ranking)))
+            continue
+        for p in parse_preference(rec, problems):
+            out.append(Comparison(p.prompt, (p.chosen, p.rejected), p.margin))
+    if problems:
+        raise InputError(problems)
+    return out
+
+
+def comparison_losses(rewards: list[torch.Tensor], comparisons: list[Comparison], cfg: Config) -> torch.Tensor:
+    """One loss per comparison; ``rewards[i]`` are the scores of comparison i's completions, best first."""
+    losses = []
+    for r, comp in zip(rewards, comparisons):
+        if len(r) == 2:
+            margin = torch.tensor(comp.margin) if (cfg.use_margin and comp.margin is not None) else None
+            losses.append(bradley_terry_loss(r[0:1], r[1:2], margin))
+        elif cfg.ranking_loss == "listwise":
+            losses.append(listwise_loss(r.unsqueeze(0), torch.zeros(1, dtype=torch.long)))
+        else:
+            losses.append(plackett_luce_loss(r.unsqueeze(0), torch.arange(len(r)).unsqueeze(0)))
+    return torch.cat(losses)
+
+
+def comparison_inputs(tokenizer, comparisons: list[Comparison], max_length: int) -> dict:
+    """Every completion of the comparisons as one padded reward-model batch."""
+    prompts = [c.prompt for c in comparisons for _ in c.completions]
+    completions = [x for c in comparisons for x in c.completions]
+    return reward_inputs(tokenizer, prompts, completions, max_length)
+
+
+def split_rewards(flat: torch.Tensor, comparisons: list[Comparison]) -> list[torch.Tensor]:
+    return list(torch.split(flat, [len(c.completions) for c in comparisons]))
+
+
+def score_comparisons(model, tokenizer, comparisons: list[Comparison], max_length: int) -> list[torch.Tensor]:
+    """Score every completion of the comparisons in one forward; split back per comparison."""
+    return split_rewards(forward_rewards(model, comparison_inputs(tokenizer, comparisons, max_length)), comparisons)
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, comparisons: list[Comparison], max_length: int, batch_size: int):
+    """(chosen, rejected) score lists for the pairs (best vs worst completion of each comparison)."""
+    model.eval()
+    chosen, rejected = [], []
+    step = max(1, batch_size // 2)
+    for i in range(0, len(comparisons), step):
+        for r in score_comparisons(model, tokenizer, comparisons[i:i + step], max_length):
+            chosen.append(float(r[0]))
+            rejected.append(float(r[-1]))
+    model.train()
+    return chosen, rejected
+
+
+def train(cfg: Config, run: Run) -> dict[str, float]:
+    from rlhfkit.models.loading import apply_lora, load_tokenizer
+    from rlhfkit.models.reward import load_reward_backbone
+
+    acc = run.accelerator
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_comparisons(cfg.data, cfg.ranking_loss)
+    eval_data = load_comparisons(cfg.eval_data, "pairs") if cfg.eval_data else []
+
+    model = load_reward_backbone(cfg.model, tokenizer, cfg.dtype)
+    if cfg.lora_r:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, "SEQ_CLS")
+    model.train()
+    plan = StepPlan.from_config(cfg, len(data), acc.num_processes)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.lr_schedule, plan.total_steps, cfg.warmup_ratio)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    start = resume_if_requested(run, cfg)["step"]
+
+    def loss_fn(comparisons: list[Comparison]):
+        batch = comparison_inputs(tokenizer, comparisons, cfg.max_length)
+        rewards = split_rewards(forward_rewards(model, batch), comparisons)
+        losses = comparison_losses(rewards, comparisons, cfg)
+        correct = sum(float(r[0] > r[1:].max()) for r in (r.detach() for r in rewards))
+        margins = sum(float(r[0] - r[-1]) for r in (r.detach() for r in rewards))
+        return losses.sum(), {"correct": correct, "margin": margins, "tokens": batch["attention_mask"].sum()}
+
+    bar = progress(run, plan.total_steps, start, "rm", cfg.progress)
+    last: dict[str, float] = {}
+    for step in range(start, plan.total_steps):
+        t0 = time.time()
+        micro = [[data[i] for i in mb] for mb in plan.local_microbatches(step, acc.process_index)]
+        stats = optimizer_step(run, model, optimizer, scheduler, micro, loss_fn,
+                               normalizer=plan.global_batch, max_grad_norm=cfg.max_grad_norm)
+        elapsed = time.time() - t0
+        row = {"step": step + 1, "epoch": plan.epoch_at(step + 1), "loss": stats["loss"],
+               "learning_rate": scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
+               "tokens_per_second": stats["tokens"] / elapsed, "elapsed_s": time.time() - run.started,
+               "train/accuracy": stats["correct"] / plan.global_batch,
+               "train/margin": stats["margin"] / plan.global_batch}
+        if eval_data and step + 1 == plan.total_steps:
+            row.update({f"eval/{k}": v for k, v in
+                        agreement(*score_pairs(model, tokenizer, eval_data, cfg.max_length, cfg.eval_batch_size)).items()})
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
+            run.metrics.log(row)
+            last = row
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < plan.total_steps:
+            save_checkpoint(run, step + 1, {}, cfg.save_total_limit)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
+        bar.update(1)
+    bar.close()
+    save_checkpoint(run, plan.total_steps, {}, cfg.save_total_limit)
+
+    final = acc.unwrap_model(model)
+    if cfg.lora_r:  # a reward model is always saved merged, so transformers loads it directly
+        final = final.merge_and_unload()
+    if cfg.normalize:
+        chosen, rejected = score_pairs(final, tokenizer, data[:512], cfg.max_length, cfg.eval_batch_size)
+        offset = (sum(chosen) + sum(rejected)) / (len(chosen) + len(rejected))
+        setattr(final.config, OFFSET_KEY, offset)
+        last["reward_offset"] = offset
+    save_final_model(run, final, tokenizer)
+    return last
+
+
+def main(cfg: Config) -> int:
+    run = start_run(cfg)
+    metrics = train(cfg, run)
+    run.metrics.close()
+    if "eval/accuracy" in metrics:
+        run.print(f"rm done: eval accuracy {metrics['eval/accuracy']:.3f} "
+                  f"(margin {metrics['eval/margin']:.3f}); model saved to {run.output}")
+    else:
+        run.print(f"rm done: loss {metrics.get('loss', float('nan')):.4f}; model saved to {run.output}")
+    return 0

@@ -1,0 +1,201 @@
+"""Supervised fine-tuning (instruction tuning): next-token loss on completion tokens only.
+
+    1. load and validate the data; tokenise with the chat template and the completion mask
+    2. load the model (optionally LoRA); optimizer and schedule
+    3. for each optimizer step: the step's examples -> padded micro-batches -> summed token
+       losses / tokens in the global batch -> one AdamW step; log; checkpoint
+    4. evaluate on --eval-data; save the final model
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.config import TrainConfig, arg
+from rlhfkit.data.chat import Encoded, encode
+from rlhfkit.data.schema import load_sft
+from rlhfkit.errors import InputError
+from rlhfkit.losses import sft_loss
+from rlhfkit.training import (Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
+                              resume_if_requested, save_checkpoint, save_final_model, start_run)
+
+
+@dataclass
+class Config(TrainConfig):
+    """Supervised fine-tuning on completion / assistant tokens."""
+
+    lr: float = arg(2e-5, "Peak learning rate (AdamW).")
+    packing: bool = arg(False, "Pack several examples into each row of --max-length tokens (fewer pad "
+                        "tokens; attention may cross example boundaries, position ids restart per example).")
+    eval_batch_size: int = arg(16, "Examples per evaluation batch.")
+
+
+# ---------------------------------------------------------------- data
+
+
+def encode_examples(tokenizer, examples, cfg, run: Run | None = None) -> list[Encoded]:
+    """Tokenise every example; refuse empty completion masks; report truncation."""
+    encoded, problems, truncated, dropped = [], [], 0, 0
+    for ex in examples:
+        try:
+            enc = encode(tokenizer, ex.prompt, ex.completion, cfg.max_length, cfg.truncation)
+        except ValueError as e:
+            problems.append(ex.source.problem(None, str(e)))
+            continue
+        if enc is None:
+            dropped += 1
+            continue
+        if not any(enc.trained):
+            problems.append(ex.source.problem("completion", "the completion mask is empty after tokenisation "
+                                              "(nothing to train on)"))
+            continue
+        truncated += enc.truncated
+        encoded.append(enc)
+    if problems:
+        raise InputError(problems)
+    if not encoded:
+        raise InputError(f"{cfg.data}: every example is longer than --max-length {cfg.max_length} and was dropped")
+    if (truncated or dropped) and run is not None:
+        run.print(f"{truncated} example(s) truncated and {dropped} dropped at --max-length {cfg.max_length} "
+                  f"(policy: {cfg.truncation})")
+    return encoded
+
+
+def pack(encoded: list[Encoded], max_length: int) -> list[list[Encoded]]:
+    """Greedy first-fit packing of whole examples into rows of at most ``max_length`` tokens."""
+    rows: list[list[Encoded]] = []
+    room: list[int] = []
+    for enc in sorted(encoded, key=lambda e: -len(e.input_ids)):
+        for i, r in enumerate(room):
+            if len(enc.input_ids) <= r:
+                rows[i].append(enc)
+                room[i] -= len(enc.input_ids)
+                break
+        else:
+            rows.append([enc])
+            room.append(max_length - len(enc.input_ids))
+    return rows
+
+
+def collate(rows: list[list[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are -100 outside trained tokens. Each row may hold several examples."""
+    flat = [[t for e in row for t in e.input_ids] for row in rows]
+    width = max(len(f) for f in flat)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        pos = 0
+        for e in row:
+            n = len(e.input_ids)
+            t = torch.tensor(e.input_ids)
+            ids[i, pos:pos + n] = t
+            labels[i, pos:pos + n] = torch.where(torch.tensor(e.trained), t, torch.tensor(-100))
+            mask[i, pos:pos + n] = 1
+            positions[i, pos:pos + n] = torch.arange(n)
+            pos += n
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
+
+
+def trained_tokens(rows: list[list[Encoded]]) -> int:
+    """Tokens that carry loss (the label of token t is predicted at t-1: the first never is)."""
+    return sum(sum(e.trained[1:]) for row in rows for e in row)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def batch_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    loss_sum, _ = sft_loss(logits, batch["labels"], reduction="sum")
+    return loss_sum, {"tokens": batch["attention_mask"].sum()}
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[list[Encoded]], pad_id: int, batch_size: int) -> dict[str, float]:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        loss_sum, _ = batch_loss(model, collate(chunk, pad_id))
+        total += float(loss_sum)
+        count += trained_tokens(chunk)
+    model.train()
+    loss = total / max(count, 1)
+    return {"eval/loss": loss, "eval/perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
+
+
+# ---------------------------------------------------------------- recipe
+
+
+def build_model(cfg, task_type: str = "CAUSAL_LM"):
+    from rlhfkit.models.loading import apply_lora, load_causal_lm
+
+    model = load_causal_lm(cfg.model, cfg.dtype)
+    if cfg.lora_r:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
+    model.train()
+    return model
+
+
+def train(cfg: Config, run: Run) -> dict[str, float]:
+    from rlhfkit.models.loading import load_tokenizer
+
+    acc = run.accelerator
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows = encode_examples(tokenizer, load_sft(cfg.data), cfg, run)
+    eval_rows = encode_examples(tokenizer, load_sft(cfg.eval_data), cfg) if cfg.eval_data else []
+    rows = pack(train_rows, cfg.max_length) if cfg.packing else [[e] for e in train_rows]
+    eval_rows = [[e] for e in eval_rows]
+
+    model = build_model(cfg)
+    plan = StepPlan.from_config(cfg, len(rows), acc.num_processes)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.lr_schedule, plan.total_steps, cfg.warmup_ratio)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    start = resume_if_requested(run, cfg)["step"]
+
+    bar = progress(run, plan.total_steps, start, "sft", cfg.progress)
+    final_metrics: dict[str, float] = {}
+    for step in range(start, plan.total_steps):
+        t0 = time.time()
+        global_rows = [rows[i] for i in plan.global_indices(step)]
+        micro = [collate([rows[i] for i in mb], tokenizer.pad_token_id)
+                 for mb in plan.local_microbatches(step, acc.process_index)]
+        stats = optimizer_step(run, model, optimizer, scheduler, micro, lambda b: batch_loss(model, b),
+                               normalizer=trained_tokens(global_rows), max_grad_norm=cfg.max_grad_norm)
+        elapsed = time.time() - t0
+        row = {"step": step + 1, "epoch": plan.epoch_at(step + 1), "loss": stats["loss"],
+               "learning_rate": scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
+               "tokens_per_second": stats["tokens"] / elapsed, "elapsed_s": time.time() - run.started}
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
+            if eval_rows and step + 1 == plan.total_steps:
+                row.update(evaluate(model, eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size))
+            run.metrics.log(row)
+            final_metrics = row
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < plan.total_steps:
+            save_checkpoint(run, step + 1, {}, cfg.save_total_limit)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+        bar.update(1)
+    bar.close()
+    save_checkpoint(run, plan.total_steps, {}, cfg.save_total_limit)
+    save_final_model(run, model, tokenizer, cfg.merge_lora)
+    return final_metrics
+
+
+def main(cfg: Config) -> int:
+    run = start_run(cfg)
+    metrics = train(cfg, run)
+    run.metrics.close()
+    if metrics:
+        run.print(f"sft done: loss {metrics['loss']:.4f}" +
+                  (f", eval loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else "") +
+                  f"; model saved to {run.output}")
+    return 0

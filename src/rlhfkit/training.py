@@ -1,0 +1,339 @@
+"""The shared core of every training recipe: run setup, data order, the optimizer step,
+metrics, checkpoints and exact resume. Recipes call these; none copies them.
+
+Scale-out is ``accelerate``'s: the same code runs in one process or under ``accelerate launch``
+/ ``torchrun`` (DDP, FSDP, DeepSpeed). The data order is a pure function of (seed, step), so a
+resumed run and a multi-process run see exactly the examples a single uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from rlhfkit.config import save_config
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, process_index: int = 0) -> None:
+    """Seed python, numpy and torch; each rank gets its own stream (lm-human-preferences style)."""
+    s = seed + process_index * 100003
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+@dataclass
+class Run:
+    """What a recipe carries through training: accelerator, output folder and metrics sink."""
+
+    accelerator: Any
+    output: Path
+    metrics: "MetricsLogger"
+    started: float = field(default_factory=time.time)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+
+def start_run(cfg) -> Run:
+    """Accelerator, seeds, output folder, resolved config saved as config.yaml."""
+    accelerator = make_accelerator()
+    seed_everything(cfg.seed, accelerator.process_index)
+    output = Path(cfg.output)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output)
+    accelerator.wait_for_everyone()
+    metrics = MetricsLogger(output, getattr(cfg, "report_to", "none"), enabled=accelerator.is_main_process,
+                            append=getattr(cfg, "resume", False))
+    return Run(accelerator, output, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Data order
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepPlan:
+    """Which examples every optimizer step uses.
+
+    The training stream is the concatenation of per-epoch permutations seeded by (seed, epoch);
+    step ``s`` takes the ``global_batch`` examples at positions ``s*G .. (s+1)*G``. Resuming at
+    step ``s`` therefore needs nothing but ``s``.
+    """
+
+    num_examples: int
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, cfg, num_examples: int, world_size: int) -> "StepPlan":
+        g = cfg.batch_size * cfg.grad_accum * world_size
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_examples / g))
+        return cls(num_examples, cfg.batch_size, cfg.grad_accum, world_size, cfg.seed, total)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(self.num_examples, generator=g).tolist()
+
+    def global_indices(self, step: int) -> list[int]:
+        start, out = step * self.global_batch, []
+        while len(out) < self.global_batch:
+            pos = start + len(out)
+            epoch, offset = divmod(pos, self.num_examples)
+            order = self._epoch_order(epoch)
+            out.extend(order[offset:offset + self.global_batch - len(out)])
+        return out
+
+    def local_microbatches(self, step: int, rank: int) -> list[list[int]]:
+        """This rank's micro-batches of step ``step``: contiguous slices of the global batch."""
+        idx = self.global_indices(step)
+        per_rank = self.batch_size * self.grad_accum
+        mine = idx[rank * per_rank:(rank + 1) * per_rank]
+        return [mine[i:i + self.batch_size] for i in range(0, per_rank, self.batch_size)]
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.global_batch / self.num_examples
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.0):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: float):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(round(warmup_ratio * total_steps)),
+                         num_training_steps=total_steps)
+
+
+def optimizer_step(run: Run, model, optimizer, scheduler, microbatches: list, loss_fn: Callable,
+                   normalizer: float, max_grad_norm: float) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches.
+
+    ``loss_fn(mb) -> (loss_sum, stats)`` returns the *sum* of per-example (or per-token) losses
+    of the micro-batch. Dividing by ``normalizer`` -- the count over the whole global batch, all
+    ranks and micro-batches -- makes the gradient identical whatever the split into processes and
+    micro-batches (DDP averages over ranks, hence the factor ``num_processes``).
+    Returns the summed ``stats`` (reduced over ranks), ``loss`` and ``grad_norm``.
+    """
+    acc = run.accelerator
+    totals: dict[str, torch.Tensor] = {}
+    for i, mb in enumerate(microbatches):
+        sync = acc.no_sync(model) if i < len(microbatches) - 1 and acc.num_processes > 1 else nullcontext()
+        with sync:
+            loss_sum, stats = loss_fn(mb)
+            acc.backward(loss_sum * acc.num_processes / normalizer)
+        stats = {"loss": loss_sum.detach(), **stats}
+        for k, v in stats.items():
+            v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+            totals[k] = totals.get(k, 0) + v
+    params = [p for p in model.parameters() if p.requires_grad]
+    if max_grad_norm > 0:
+        grad_norm = acc.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+        grad_norm = torch.norm(torch.stack(grads)) if grads else torch.tensor(0.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    names = sorted(totals)
+    stacked = torch.stack([totals[k] for k in names]).to(acc.device)
+    if acc.num_processes > 1:
+        stacked = acc.reduce(stacked, reduction="sum")
+    out = {k: float(v) for k, v in zip(names, stacked.cpu())}
+    out["loss"] = out["loss"] / normalizer
+    out["grad_norm"] = float(grad_norm)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """``metrics.jsonl`` (one JSON object per logged step) plus optional TensorBoard / W&B."""
+
+    def __init__(self, output: Path, report_to: str = "none", enabled: bool = True, append: bool = False):
+        self.enabled = enabled
+        self.path = Path(output) / "metrics.jsonl"
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        if not append and self.path.exists():
+            self.path.unlink()
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(output) / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+
+            self._wandb = wandb.init(dir=str(output))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+        step = clean.get("step", 0)
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(output: str | Path) -> list[dict]:
+    path = Path(output) / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def progress(run: Run, total: int, initial: int = 0, desc: str = "train", enabled: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not (enabled and run.is_main), dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, exact resume
+# --------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output: str | Path) -> list[Path]:
+    out = Path(output)
+    if not out.exists():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    found = list_checkpoints(output)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run: Run, step: int, state: dict[str, Any], keep: int = 0) -> Path:
+    """Save model, optimizer, scheduler, RNG states (accelerate) and ``state`` (JSON) atomically.
+
+    Everything is written under a temporary name and renamed at the end, so a kill during the
+    save never leaves a corrupt newest checkpoint (``trainer_state.json`` is written last).
+    Objects registered with ``accelerator.register_for_checkpointing`` (e.g. a KL controller)
+    are saved too.
+    """
+    acc = run.accelerator
+    final = run.output / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = run.output / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    if run.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    if run.is_main:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in list_checkpoints(run.output)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(run: Run, path: Path) -> dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote; returns the JSON state (with ``step``)."""
+    run.accelerator.load_state(str(path))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def resume_if_requested(run: Run, cfg) -> dict[str, Any]:
+    """With ``--resume``: restore the newest checkpoint (if any); returns its state or {"step": 0}."""
+    if not getattr(cfg, "resume", False):
+        return {"step": 0}
+    ckpt = latest_checkpoint(run.output)
+    if ckpt is None:
+        run.print(f"--resume: no checkpoint in {run.output}; starting from scratch")
+        return {"step": 0}
+    state = load_checkpoint(run, ckpt)
+    run.metrics.truncate_after(state["step"])
+    run.print(f"resumed from {ckpt} (step {state['step']})")
+    return state
+
+
+def save_final_model(run: Run, model, tokenizer, merge_lora: bool = False, subdir: str = "") -> Path:
+    """Save the trained model so that ``transformers`` loads it directly (or a peft adapter)."""
+    target = run.output / subdir if subdir else run.output
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        unwrapped = run.accelerator.unwrap_model(model)
+        if merge_lora and hasattr(unwrapped, "merge_and_unload"):
+            unwrapped = unwrapped.merge_and_unload()
+        unwrapped.save_pretrained(target, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+    run.accelerator.wait_for_everyone()
+    return target
