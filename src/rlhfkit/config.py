@@ -101,11 +101,18 @@ class TrainConfig:
             problems.append("--max-grad-norm must be >= 0")
         if self.merge_lora and self.lora_r == 0:
             problems.append("--merge-lora needs --lora-r > 0")
+        if _looks_local(self.model) and not os.path.exists(os.path.expanduser(self.model)):
+            problems.append(f"--model: no such file or directory: {self.model}")
         for path_flag in ("data", "eval_data"):
             value = getattr(self, path_flag)
             if value and not _looks_remote(value) and not os.path.exists(value):
                 problems.append(f"--{flag(path_flag)}: no such file or directory: {value}")
         return problems
+
+
+def _looks_local(value: str) -> bool:
+    """An explicit filesystem path (a hub id like ``org/name`` is not one)."""
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
 
 
 def _looks_remote(value: str) -> bool:

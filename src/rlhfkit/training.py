@@ -43,7 +43,10 @@ def seed_everything(seed: int, process_index: int = 0) -> None:
 def make_accelerator():
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    # step_scheduler_with_optimizer=False: by default accelerate steps a prepared scheduler
+    # num_processes times per optimizer step (it assumes the step count was computed per
+    # process); our StepPlan already counts optimizer steps of the global batch.
+    return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
 
 
 @dataclass

@@ -361,9 +361,9 @@ def render_report(result: ArenaResult, source: str, n_battles: int, bootstrap: i
                   anchor: str | None, anchor_rating: float) -> str:
     rows = result.rows()
     lines = ["# Arena ratings", "",
-             f"{n_battles} battles among {len(result.models)} models from `{md_escape(source)}`. "
+             f"{n_battles} battles among {len(result.models)} models from {md_escape(source)}. "
              f"Bradley–Terry ratings (400-point scale, "
-             + (f"`{md_escape(anchor)}` fixed at {anchor_rating:g}" if anchor else "mean 1000")
+             + (f"{md_escape(anchor)} fixed at {anchor_rating:g}" if anchor else "mean 1000")
              + f") with {bootstrap} bootstrap resamples for the 95% intervals; online Elo with "
              f"K={k:g} in file order.", ""]
     table = []
@@ -458,7 +458,7 @@ class Config:
                        "format; `rlhfkit judge --emit-battles` writes it).")
     output: str = arg("", "Output directory: ratings.json, win_rates.json, report.md, ratings.png, "
                       "win_rates.png.")
-    bootstrap: int = arg(200, "Bootstrap resamples of the battles for the 95% intervals (0: none).")
+    bootstrap: int = arg(200, "Bootstrap resamples of the battles for the 95 percent intervals (0: none).")
     seed: int = arg(0, "Random seed for the bootstrap.")
     elo_k: float = arg(4.0, "Elo K-factor (rating points moved per unit of surprise).")
     anchor: str = arg("", "Model whose Bradley–Terry and Elo ratings are fixed at --anchor-rating "

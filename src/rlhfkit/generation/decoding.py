@@ -100,8 +100,13 @@ def apply_stop(text: str, stop: list[str]) -> str:
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: SamplingParams,
-                 batch_size: int = 8) -> list[list[list[int]]]:
-    """``params.n`` responses (token ids, each cut after EOS) for each prompt."""
+                 batch_size: int = 8, stopping_criteria: list | None = None) -> list[list[list[int]]]:
+    """``params.n`` responses (token ids, each cut after EOS) for each prompt.
+
+    ``stopping_criteria``: extra ``transformers.StoppingCriteria`` passed to every ``generate``
+    call (one per chunk of ``batch_size`` prompts); a stateful one that tracks rows (the
+    server's per-request stop strings and streaming) needs a single chunk.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -112,7 +117,12 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: Sampling
         if params.seed is not None:
             torch.manual_seed(params.seed + start)
         ids, mask = left_pad(batch, tokenizer.pad_token_id)
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
+        extra = {}
+        if stopping_criteria:
+            from transformers import StoppingCriteriaList
+
+            extra["stopping_criteria"] = StoppingCriteriaList(list(stopping_criteria))
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw, **extra)
         new = generated[:, ids.shape[1]:].tolist()
         copies = params.n if params.strategy != "greedy" else 1
         for i in range(len(batch)):
@@ -136,3 +146,57 @@ def generate_chat(model, tokenizer, prompts: list, params: SamplingParams, batch
     prompt_ids = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
     responses = generate_ids(model, tokenizer, prompt_ids, params, batch_size)
     return [[decode_response(tokenizer, r, params.stop) for r in rows] for rows in responses]
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Completion:
+    """One response with the bookkeeping an API reports.
+
+    ``token_ids`` are the tokens the model generated for it (the EOS token included when it
+    ended there; cut after the token that completed a stop string); ``finish_reason`` is
+    ``"stop"`` (EOS, a stop string, or the row ended early) or ``"length"`` (the token limit).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def _find_stop(text: str, stop: list[str]) -> bool:
+    return any(s and s in text for s in stop)
+
+
+def describe_response(tokenizer, tokens: list[int], max_new_tokens: int, stop: list[str] | None = None,
+                      strip: bool = True) -> Completion:
+    """Text, generated tokens and finish reason of one response (as cut by :func:`generate_ids`).
+
+    ``strip=True`` gives exactly :func:`decode_response`'s text (what :func:`generate_chat`
+    returns); ``strip=False`` keeps the whitespace (raw text continuation).
+    """
+    stop = [s for s in (stop or []) if s]
+    raw = tokenizer.decode(tokens, skip_special_tokens=True)
+    text = apply_stop(raw, stop)
+    if text != raw:  # a stop string: count the tokens up to the one that completed it
+        k = len(tokens)
+        while k > 1 and _find_stop(tokenizer.decode(tokens[:k - 1], skip_special_tokens=True), stop):
+            k -= 1
+        return Completion(text.strip() if strip else text, list(tokens[:k]), "stop")
+    ended = bool(tokens) and tokens[-1] == tokenizer.eos_token_id
+    reason: FinishReason = "stop" if ended or len(tokens) < max_new_tokens else "length"
+    return Completion(text.strip() if strip else text, list(tokens), reason)
+
+
+def generate_completions(model, tokenizer, prompts: list, params: SamplingParams, batch_size: int = 8,
+                         max_prompt_length: int | None = None, strip: bool = True) -> list[list[Completion]]:
+    """Like :func:`generate_chat`, with token counts and finish reasons (:class:`Completion`)."""
+    prompt_ids = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+    responses = generate_ids(model, tokenizer, prompt_ids, params, batch_size)
+    return [[describe_response(tokenizer, r, params.max_new_tokens, params.stop, strip) for r in rows]
+            for rows in responses]

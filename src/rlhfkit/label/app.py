@@ -15,6 +15,7 @@ JSON API (``Authorization: Bearer TOKEN``, or the page's session cookie):
   ``GET  /api/judgments``          the caller's own judgments
   ``POST /api/skip``               ``{"item_id"}``: give the item back
   ``GET  /api/admin/stats``        progress, agreement, alpha, position bias, throughput
+  ``GET  /api/admin/items``        every item: target, votes, majority side, agreement
   ``GET  /api/admin/judgments``    every judgment
   ``GET  /api/admin/export``       the preference-pair JSONL (``?keep_ties=true``)
   ``POST /api/admin/escalate``     ``{"extra": N}``: disagreeing complete items get N more annotators
@@ -227,7 +228,7 @@ def create_app(db: Database | str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
         try:
             return json.loads(raw)
         except ValueError as e:
-            raise LabelError(422, f"the body is not valid JSON: {e}")
+            raise LabelError(422, f"the body is not valid JSON: {e}") from None
 
     @app.post("/api/judgments", status_code=201)
     async def api_post_judgment(request: Request, user: User = Depends(api_user)):
@@ -253,6 +254,10 @@ def create_app(db: Database | str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
     @app.get("/api/admin/stats")
     def api_stats(_admin: User = Depends(api_admin)):
         return stats.summary(db)
+
+    @app.get("/api/admin/items")
+    def api_items(_admin: User = Depends(api_admin)):
+        return {"items": stats.items_agreement(db)}
 
     @app.get("/api/admin/judgments")
     def api_all_judgments(_admin: User = Depends(api_admin)):

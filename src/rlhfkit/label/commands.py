@@ -43,7 +43,7 @@ def _open(db: str):
     try:
         return Database(db)
     except (SQLAlchemyError, ImportError) as e:
-        raise InputError(f"--db {db}: cannot open the database: {str(e).splitlines()[0]}")
+        raise InputError(f"--db {db}: cannot open the database: {str(e).splitlines()[0]}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def add_user(cfg: AddUserConfig) -> int:
     try:
         user, token, created = _add(db, cfg.name, cfg.role, new_token_if_exists=cfg.new_token)
     except LabelError as e:
-        raise InputError(e.message)
+        raise InputError(e.message) from None
     finally:
         db.dispose()
     what = "added" if created else "new token for"

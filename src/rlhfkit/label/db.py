@@ -37,6 +37,7 @@ from sqlalchemy import (JSON, Float, ForeignKey, Index, Integer, String, Text, U
                         create_engine, event)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 SCHEMA_VERSION = 1
 
@@ -106,6 +107,7 @@ class WebSession(Base):
 
 class Item(Base):
     __tablename__ = "items"
+    __table_args__ = (Index("ix_items_complete_id", "complete", "id"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # The prompt as imported: a string, or a list of {"role", "content"} messages.
     prompt: Mapped[object] = mapped_column(JSON)
@@ -119,6 +121,10 @@ class Item(Base):
     target: Mapped[int] = mapped_column(Integer)           # K, plus extra ones after disagreement
     extra_on_disagreement: Mapped[int] = mapped_column(Integer, default=0)
     escalated: Mapped[int] = mapped_column(Integer, default=0)  # extra annotators added so far
+    # Kept up to date under the item's lock: judgments so far, and 1 once judged >= target
+    # (the queue only looks at incomplete items, so it stays fast as the job progresses).
+    judged: Mapped[int] = mapped_column(Integer, default=0)
+    complete: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
     def conversation(self) -> list[dict]:
@@ -191,15 +197,17 @@ def make_engine(db: str, create: bool = True) -> Engine:
     """Open (and by default create the tables of) the label database named by ``db``."""
     url = make_url(database_url(db))
     if url.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=8, max_overflow=24, pool_timeout=60)
+        memory = url.database in (None, "", ":memory:")
+        pool = ({"poolclass": StaticPool} if memory  # one shared connection, or every one is empty
+                else {"pool_size": 20, "max_overflow": 20, "pool_timeout": 60})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):
             # Let SQLAlchemy's "begin" event emit BEGIN itself (pysqlite's own handling defers it).
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            if url.database and url.database != ":memory:":
+            if not memory:
                 cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -211,7 +219,7 @@ def make_engine(db: str, create: bool = True) -> Engine:
             immediate = conn.get_execution_options().get("label_write", False)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=24,
+        engine = create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20,
                                pool_timeout=60)
     if create:
         create_schema(engine)

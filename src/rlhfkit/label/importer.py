@@ -4,8 +4,9 @@ Each line is one JSON object with the conversation and two responses:
 
 * ``{"prompt": "...", "response_a": "...", "response_b": "..."}``, or
 * ``{"messages": [{"role": "user", "content": "..."}, ...], "response_a": ..., "response_b": ...}``
-  for a multi-turn conversation (the responses continue it; its last turn is not the
-  assistant's), or
+  for a multi-turn conversation, which the two responses continue (a conversation that ends
+  with an assistant turn is cut before it, as ``rlhfkit generate`` does, and that reply is kept
+  in the metadata as ``reference_reply``), or
 * the output of ``rlhfkit generate --n 2``: ``prompt`` or ``messages`` plus
   ``"completions": [a, b]`` (strings, or objects with a ``text``/``content``/``completion``).
 
@@ -69,10 +70,20 @@ def _check_messages(messages: Any) -> str | None:
             return f"message {i}: 'role' must be a non-empty string"
         if not isinstance(m.get("content"), str):
             return f"message {i}: 'content' must be a string"
-    if messages[-1]["role"] == "assistant":
-        return ("the last message is the assistant's; the conversation should end where the "
-                "two responses continue it")
+    if all(m["role"] == "assistant" for m in messages):
+        return "holds only assistant turns: there is nothing to respond to"
     return None
+
+
+def _conversation(messages: list[dict], metadata: dict) -> list[dict]:
+    """The turns the two responses continue. A finished conversation (its last turn the
+    assistant's, as ``rlhfkit generate`` also accepts) is cut before that reply, which is kept in
+    the metadata as ``reference_reply``."""
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    while turns and turns[-1]["role"] == "assistant":
+        metadata.setdefault("reference_reply", turns[-1]["content"])
+        turns.pop()
+    return turns
 
 
 def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list[str]]:
@@ -90,7 +101,7 @@ def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list
         if msg_problem:
             problems.append(problem("messages", msg_problem))
         else:
-            prompt = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+            prompt = _conversation(record["messages"], metadata)
         if "prompt" in record:
             metadata["prompt"] = record["prompt"]  # the messages are the conversation
     elif "prompt" in record:
@@ -100,7 +111,7 @@ def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list
             if msg_problem:
                 problems.append(problem("prompt", msg_problem))
             else:
-                prompt = [{"role": m["role"], "content": m["content"]} for m in p]
+                prompt = _conversation(p, metadata)
         elif not isinstance(p, str) or not p.strip():
             problems.append(problem("prompt", "expected a non-empty string or a list of messages"))
         else:
@@ -134,6 +145,18 @@ def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list
             elif not isinstance(record[key], str):
                 problems.append(problem(key, f"expected a string, got {type(record[key]).__name__}"))
         a, b = record.get("response_a"), record.get("response_b")
+    if not problems:
+        texts = [("response_a", a), ("response_b", b)]
+        if isinstance(prompt, str):
+            texts.append(("prompt", prompt))
+        else:
+            key = "messages" if "messages" in record else "prompt"
+            texts += [(key, m["content"]) for m in prompt]
+        for key, text in texts:
+            if "\x00" in text:
+                problems.append(problem(key, "contains a NUL (\\u0000) character, which "
+                                             "databases such as PostgreSQL cannot store"))
+                break
     if problems:
         return None, problems
     return Pair(prompt=prompt, response_a=a, response_b=b, metadata=metadata,
@@ -149,9 +172,9 @@ def read_pairs(path: str | Path) -> list[Pair]:
     try:
         fh = path.open(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"{source}: no such file")
+        raise InputError(f"{source}: no such file") from None
     except OSError as e:
-        raise InputError(f"{source}: cannot read: {e.strerror}")
+        raise InputError(f"{source}: cannot read: {e.strerror}") from None
     with fh:
         try:
             for line_no, text in enumerate(fh, start=1):
@@ -214,6 +237,7 @@ def import_pairs(db: Database, pairs: list[Pair], overlap: int = 3,
                              response_b=pair.response_b, meta=pair.metadata, source=pair.source,
                              content_hash=h, overlap=overlap, target=overlap,
                              extra_on_disagreement=extra_on_disagreement, escalated=0,
+                             judged=0, complete=0,
                              created_at=t))
         s.add_all(rows)
         s.flush()

@@ -33,6 +33,7 @@ from rlhfkit.label.db import (FLAGS, SIDES, Assignment, Database, Item, Judgment
                               WebSession, hash_token, new_token, now)
 
 DEFAULT_LEASE_SECONDS = 30 * 60
+CANDIDATES = 20  # items considered per claim attempt
 MAX_RATIONALE = 20_000
 
 
@@ -81,7 +82,7 @@ def add_user(db: Database, name: str, role: str = "annotator", new_token_if_exis
                 created = True
             s.flush()
     except IntegrityError:
-        raise LabelError(409, f"user {name!r} already exists")
+        raise LabelError(409, f"user {name!r} already exists") from None
     return user, token, created
 
 
@@ -131,7 +132,8 @@ def _slots_taken(item_id_col, cutoff: float):
 def _available_items(user_id: int, cutoff: float):
     seen = select(Assignment.id).where(Assignment.item_id == Item.id,
                                        Assignment.user_id == user_id).exists()
-    return select(Item.id).where(Item.target > _slots_taken(Item.id, cutoff), ~seen)
+    return select(Item.id).where(Item.complete == 0, Item.target > _slots_taken(Item.id, cutoff),
+                                 ~seen)
 
 
 @dataclass
@@ -184,22 +186,28 @@ def _claim(db: Database, user_id: int, lease_seconds: float, rng) -> Served | No
             return Served(current, s.get(Item, current.item_id))
         t = now()
         cutoff = t - lease_seconds
-        candidates = s.scalars(_available_items(user_id, cutoff).order_by(Item.id).limit(20)).all()
-        for item_id in candidates:
-            # PostgreSQL: lock the item, then count again (another claim may have committed).
-            item = s.execute(select(Item).where(Item.id == item_id).with_for_update()).scalar_one()
-            taken = s.scalar(select(func.count(Assignment.id)).where(
-                Assignment.item_id == item_id,
-                or_(Assignment.status == "done",
-                    and_(Assignment.status == "open", Assignment.shown_at > cutoff))))
-            if taken >= item.target:
-                continue
-            a = Assignment(item_id=item_id, user_id=user_id, left_side=rng.choice(SIDES),
-                           status="open", shown_at=t)
-            s.add(a)
-            s.flush()
-            return Served(a, item)
-        return None
+        for _ in range(100):
+            candidates = s.scalars(_available_items(user_id, cutoff).order_by(Item.id)
+                                   .limit(CANDIDATES)).all()
+            for item_id in candidates:
+                # PostgreSQL: lock the item, then count again (another claim may have committed
+                # since the candidates were read). SQLite: the transaction is already exclusive.
+                item = s.execute(select(Item).where(Item.id == item_id).with_for_update()).scalar_one()
+                taken = s.scalar(select(func.count(Assignment.id)).where(
+                    Assignment.item_id == item_id,
+                    or_(Assignment.status == "done",
+                        and_(Assignment.status == "open", Assignment.shown_at > cutoff))))
+                if taken >= item.target:
+                    continue
+                a = Assignment(item_id=item_id, user_id=user_id, left_side=rng.choice(SIDES),
+                               status="open", shown_at=t)
+                s.add(a)
+                s.flush()
+                return Served(a, item)
+            if len(candidates) < CANDIDATES:
+                return None  # every item is full or already seen
+            # All of them filled up under us: read the candidates again (they are now excluded).
+        raise LabelError(503, "the queue is too busy; try again")
 
 
 def queue_remaining(db: Database, user_id: int, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> int:
@@ -293,6 +301,8 @@ def parse_judgment(body: Any) -> JudgmentIn:
     elif not isinstance(rationale, str):
         problems.append("rationale: must be a string")
         rationale = ""
+    elif "\x00" in rationale:  # PostgreSQL text cannot hold NUL: refuse it on every backend
+        problems.append("rationale: must not contain NUL (\\u0000) characters")
     elif len(rationale) > MAX_RATIONALE:
         problems.append(f"rationale: at most {MAX_RATIONALE} characters (got {len(rationale)})")
     if problems:
@@ -379,7 +389,9 @@ def _record(db: Database, user_id: int, j: JudgmentIn) -> tuple[int, dict]:
         s.flush()  # raises IntegrityError here if a racing request got in first
         a.status = "done"
         a.closed_at = t
+        item.judged += 1
         _maybe_escalate(s, item)
+        item.complete = int(item.judged >= item.target)
         s.flush()
         return 201, judgment_to_json(row)
 
@@ -419,6 +431,7 @@ def escalate(db: Database, extra: int, max_agreement: float = 0.999) -> list[int
                 continue  # still collecting its judgments
             item.target += extra
             item.escalated += extra
+            item.complete = int(item.judged >= item.target)
             done.append(item_id)
     return sorted(done)
 

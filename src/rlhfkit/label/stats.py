@@ -17,8 +17,10 @@ has no middle point, 4 and 5 being the close calls). Agreement is measured on th
   pairable values, or every value the same).
 * Position bias: how often the response shown on the left won, with a 95% Wilson interval.
   Because the left side is randomised, an unbiased crowd sits at 0.5.
-* Throughput: judgments in the last hour and day, judgments per hour of each annotator's
-  active span, and the median seconds spent per judgment.
+* Throughput: judgments in the last hour and day; overall judgments per hour between the first
+  and the last judgment (once they are at least 5 minutes apart); per annotator, judgments per
+  hour of judging time (the seconds spent on each item, capped at 10 minutes so that breaks do
+  not count); the median seconds spent per judgment.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from typing import Hashable, Iterable, Sequence
 from sqlalchemy import func, select
 
 from rlhfkit.label.db import Assignment, Database, Item, Judgment, User, now
+
+
+WORK_CAP_SECONDS = 600.0  # longer than this on one item: a break, counted as 10 minutes
+MIN_SPAN_SECONDS = 300.0  # an overall rate over less than 5 minutes says little
 
 
 @dataclass(frozen=True)
@@ -152,14 +158,14 @@ def annotator_stats(votes: Sequence[Vote]) -> dict[int, dict]:
             compared += 1
             matched += v.preferred == maj
         times = sorted(v.created_at for v in vs)
-        span_h = (times[-1] - times[0]) / 3600 if len(times) > 1 else 0.0
+        work_s = sum(min(v.seconds, WORK_CAP_SECONDS) for v in vs)
         out[user_id] = {
             "user_id": user_id, "n": len(vs),
             "compared": compared,
             "agreement": matched / compared if compared else None,
             "left_win_rate": sum(v.left_won for v in vs) / len(vs),
             "median_seconds": statistics.median(v.seconds for v in vs),
-            "per_hour": (len(vs) - 1) / span_h if span_h > 0 else None,
+            "per_hour": 3600 * len(vs) / work_s if work_s > 0 else None,
             "last_at": times[-1],
         }
     return out
@@ -175,12 +181,12 @@ def position_bias(votes: Sequence[Vote]) -> dict:
 def throughput(votes: Sequence[Vote], at: float | None = None) -> dict:
     at = now() if at is None else at
     times = sorted(v.created_at for v in votes)
-    span_h = (times[-1] - times[0]) / 3600 if len(times) > 1 else 0.0
+    span_s = times[-1] - times[0] if len(times) > 1 else 0.0
     return {
         "judgments": len(votes),
         "last_hour": sum(1 for t in times if t > at - 3600),
         "last_day": sum(1 for t in times if t > at - 86400),
-        "per_hour": (len(times) - 1) / span_h if span_h > 0 else None,
+        "per_hour": 3600 * (len(times) - 1) / span_s if span_s >= MIN_SPAN_SECONDS else None,
         "median_seconds": statistics.median(v.seconds for v in votes) if votes else None,
     }
 
@@ -257,3 +263,13 @@ def summary(db: Database, item_limit: int = 50) -> dict:
                           for w in worst if w["agreement"] < 1.0],
     }
 
+
+def items_agreement(db: Database) -> list[dict]:
+    """Every item with its target and, once judged, its votes, majority and agreement."""
+    per_item = item_stats(load_votes(db))
+    with db.reading() as s:
+        rows = s.execute(select(Item.id, Item.target).order_by(Item.id)).all()
+    empty = {"n": 0, "votes_a": 0, "votes_b": 0, "majority": None, "agreement": None,
+             "mean_likert": None}
+    return [{"item_id": i, "target": t, **{k: v for k, v in per_item.get(i, empty).items()
+                                           if k != "item_id"}} for i, t in rows]

@@ -127,7 +127,10 @@ def load_tokenizer(name: str):
     path = resolve_model(name)
     if is_adapter_dir(path) and not os.path.exists(os.path.join(path, "tokenizer_config.json")):
         path = resolve_model(_adapter_base(path))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no such folder / hub id, or a folder without a tokenizer
+        raise InputError(f"--model {name}: cannot load a tokenizer from it ({_first_line(e)})")
     set_distinct_pad_token(tokenizer)
     return tokenizer
 
@@ -158,8 +161,12 @@ def load_causal_lm(name: str, dtype: str = "float32"):
         return PeftModel.from_pretrained(base, path, is_trainable=False)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
-    except OSError as e:
-        raise InputError(f"--model {name}: cannot load a model from it ({str(e).splitlines()[0]})")
+    except (OSError, ValueError) as e:  # ValueError: a folder whose config.json names no model type
+        raise InputError(f"--model {name}: cannot load a model from it ({_first_line(e)})")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load_policy(name: str, dtype: str = "float32"):

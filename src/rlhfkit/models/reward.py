@@ -24,11 +24,16 @@ def load_reward_backbone(name: str, tokenizer, dtype: str = "float32"):
     """A fresh scalar head on ``name`` (or a trained reward model, head included)."""
     from transformers import AutoModelForSequenceClassification
 
+    from rlhfkit.errors import InputError
     from rlhfkit.models.loading import quiet_transformers
 
     quiet_transformers()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name), num_labels=1, dtype=torch_dtype(dtype))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(name), num_labels=1, dtype=torch_dtype(dtype))
+    except (OSError, ValueError) as e:  # no such model, or one with no sequence-classification head
+        raise InputError(f"--model {name}: cannot load a reward-model backbone from it "
+                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

@@ -94,6 +94,28 @@ def comparison_inputs(tokenizer, comparisons: list[Comparison], max_length: int)
     return reward_inputs(tokenizer, prompts, completions, max_length)
 
 
+def apply_length_policy(tokenizer, comparisons: list[Comparison], cfg: Config, run: Run | None = None):
+    """--max-length and --truncation for reward inputs: count the comparisons holding a longer
+    sequence; ``drop`` skips them, ``truncate`` keeps them (cut from the left by reward_inputs)."""
+    keep = []
+    for i in range(0, len(comparisons), 64):
+        chunk = comparisons[i:i + 64]
+        lengths = comparison_inputs(tokenizer, chunk, 10**9)["attention_mask"].sum(-1)
+        keep += [int(n.max()) <= cfg.max_length for n in split_rewards(lengths, chunk)]
+    affected = keep.count(False)
+    if not affected:
+        return comparisons
+    dropping = cfg.truncation == "drop"
+    kept = [c for c, ok in zip(comparisons, keep) if ok] if dropping else comparisons
+    if not kept:
+        raise InputError(f"{cfg.data}: every comparison is longer than --max-length {cfg.max_length} "
+                         "and was dropped")
+    if run is not None:
+        run.print(f"{0 if dropping else affected} example(s) truncated and {affected if dropping else 0} "
+                  f"dropped at --max-length {cfg.max_length} (policy: {cfg.truncation})")
+    return kept
+
+
 def split_rewards(flat: torch.Tensor, comparisons: list[Comparison]) -> list[torch.Tensor]:
     return list(torch.split(flat, [len(c.completions) for c in comparisons]))
 
@@ -123,7 +145,7 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
 
     acc = run.accelerator
     tokenizer = load_tokenizer(cfg.model)
-    data = load_comparisons(cfg.data, cfg.ranking_loss)
+    data = apply_length_policy(tokenizer, load_comparisons(cfg.data, cfg.ranking_loss), cfg, run)
     eval_data = load_comparisons(cfg.eval_data, "pairs") if cfg.eval_data else []
 
     model = load_reward_backbone(cfg.model, tokenizer, cfg.dtype)

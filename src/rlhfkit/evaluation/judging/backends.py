@@ -57,6 +57,11 @@ def chat_completions_url(url: str) -> str:
     return u + "/v1/chat/completions"
 
 
+def redact_url(url: str) -> str:
+    """The URL without any ``user:password@`` part (for messages and reports)."""
+    return re.sub(r"(?<=://)[^/@]*@", "", url)
+
+
 def _error_message(response: Any) -> str:
     try:
         data = response.json()
@@ -99,7 +104,7 @@ class OpenAIChatBackend:
         self._timeout = timeout
 
     def _where(self) -> str:
-        return f"{self.role} endpoint {self.url} (model {self.model!r})"
+        return f"{self.role} endpoint {redact_url(self.url)} (model {self.model!r})"
 
     def _one(self, messages: Sequence[Message], temperature: float, max_tokens: int) -> str:
         import httpx

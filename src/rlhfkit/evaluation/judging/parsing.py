@@ -31,7 +31,7 @@ RATING_PATTERNS: list[tuple[str, re.Pattern]] = [
     ("single-bracket", re.compile(r"(?<![\[\w])\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\](?!\])")),
     # Rating: 7, Score = 7.5, rating of 8, "Rating: **7**"
     ("rating-label", re.compile(
-        r"\b(?:rating|score)\b\s*(?:of|is|:|=)?\s*[*_]*\s*" + _NUM + r"(?!\s*[-–]\s*\d)", re.I)),
+        r"\b(?:rating|score)\b\s*(?:of\b|is\b)?\s*[:=]?\s*[*_]*\s*" + _NUM + r"(?!\s*[-–]\s*\d)", re.I)),
     # 7/10, 7 out of 10
     ("out-of-ten", re.compile(_NUM + r"\s*(?:/|out of)\s*10\b", re.I)),
 ]
@@ -40,7 +40,7 @@ PAIRWISE_PATTERNS: list[tuple[str, re.Pattern]] = [
     ("double-bracket", re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.I)),
     ("single-bracket", re.compile(r"(?<![\[\w])\[\s*(A|B|C|tie)\s*\](?![\]\w])", re.I)),
     ("verdict-label", re.compile(
-        r"\b(?:final\s+)?(?:verdict|winner|decision)\b\s*(?:is|:)?\s*[*_\"']*\s*"
+        r"\b(?:final\s+)?(?:verdict|winner|decision)\b\s*(?:is\b)?\s*:?\s*[*_\"']*\s*"
         r"(?:answer\s+|assistant\s+)?(A|B|C|tie)\b", re.I)),
 ]
 
@@ -48,7 +48,7 @@ PASS_FAIL_PATTERNS: list[tuple[str, re.Pattern]] = [
     ("double-bracket", re.compile(r"\[\[\s*(PASS|FAIL)\s*\]\]", re.I)),
     ("single-bracket", re.compile(r"(?<!\[)\[\s*(PASS|FAIL)\s*\](?!\])", re.I)),
     ("verdict-label", re.compile(
-        r"\b(?:verdict|result|grade|decision)\b\s*(?:is|:)?\s*[*_\"']*\s*(PASS|FAIL)\b", re.I)),
+        r"\b(?:verdict|result|grade|decision)\b\s*(?:is\b)?\s*:?\s*[*_\"']*\s*(PASS|FAIL)\b", re.I)),
 ]
 
 

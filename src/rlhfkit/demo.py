@@ -1,0 +1,395 @@
+"""``rlhfkit demo``: the whole RLHF loop, offline, on a laptop CPU, from SmolLM2-135M-Instruct.
+
+    1. prompts: the English chatterbot-corpus conversations, split into train and held-out
+    2. preference collection: two sampled replies per train prompt, judged by a simulated
+       annotator (VADER prefers the warmer reply, with Bradley–Terry label noise), 8-point Likert
+    3. a reward model (all-MiniLM-L6-v2 backbone, Bradley–Terry with the Likert margin)
+    4. PPO against the reward model with a KL penalty to the initial policy
+    5. DPO on the same preference pairs; best-of-N with the same reward model
+    6. evaluation on held-out prompts: oracle (noise-free VADER) win rate over the initial
+       policy and KL to it, for PPO, DPO and best-of-N; reward vs KL over PPO checkpoints
+    7. report.md / report.html with plots and before/after samples
+
+Every phase is an ordinary rlhfkit command (rm, ppo, dpo) run on files the previous phase
+wrote, so the demo's output folder doubles as a worked example of the CLI.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlhfkit.config import arg
+from rlhfkit.errors import InputError
+
+
+@dataclass
+class Config:
+    """The embedded end-to-end RLHF pipeline (offline, CPU): preferences -> RM -> PPO, DPO, best-of-N -> report."""
+
+    output: str = arg("demo-out", "Output folder: data, models, metrics, report.md, report.html and plots.")
+    quick: bool = arg(False, "A small run (a few minutes) with the same report and plots, for smoke tests and CI.")
+    model: str = arg("smollm2-135m", "The initial policy.")
+    reward_backbone: str = arg("minilm-l6", "Backbone of the reward model.")
+    seed: int = arg(0, "Seed for the prompt split, sampling, the annotator and training.")
+    annotator_temperature: float = arg(0.25, "Label noise of the simulated annotator: it prefers A with "
+                                       "probability sigmoid((s_A - s_B) / T) on VADER scores.")
+    ppo_steps: int = arg(0, "PPO iterations (0: the preset, 3 with --quick).")
+    skip_dpo: bool = arg(False, "Skip the DPO and best-of-N comparison.")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.annotator_temperature <= 0:
+            problems.append("--annotator-temperature must be > 0")
+        if self.ppo_steps < 0:
+            problems.append("--ppo-steps must be >= 0")
+        return problems
+
+
+@dataclass
+class Preset:
+    held_out: int
+    preference_prompts: int
+    ppo_steps: int
+    ppo_batch: int
+    max_new_tokens: int
+    dpo_steps: int
+    best_of: int
+    temperature: float = 0.7
+    checkpoint_every: int = 10
+
+
+DEFAULT = Preset(held_out=64, preference_prompts=192, ppo_steps=40, ppo_batch=8, max_new_tokens=40,
+                 dpo_steps=0, best_of=4, checkpoint_every=10)
+QUICK = Preset(held_out=12, preference_prompts=24, ppo_steps=3, ppo_batch=4, max_new_tokens=16,
+               dpo_steps=2, best_of=2, checkpoint_every=1)
+
+
+@dataclass
+class Results:
+    """Everything the report states; saved as results.json."""
+
+    prompts: dict = field(default_factory=dict)
+    preferences: dict = field(default_factory=dict)
+    reward_model: dict = field(default_factory=dict)
+    methods: dict = field(default_factory=dict)       # name -> {win_rate, kl, oracle_mean, rm_mean}
+    frontier: list = field(default_factory=list)      # [{step, kl, reward, oracle}]
+    timings: dict = field(default_factory=dict)
+    samples: list = field(default_factory=list)
+
+
+def _phase(name: str, results: Results, started: float) -> None:
+    results.timings[name] = round(time.time() - started, 1)
+    print(f"[demo] {name}: {results.timings[name]:.1f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------------ phases
+
+
+def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset: Preset, seed: int) -> list[dict]:
+    """Two sampled replies per prompt, judged by the annotator; near-identical pairs dropped."""
+    from tqdm.auto import tqdm
+
+    from rlhfkit.data.annotators import likert_to_preference
+    from rlhfkit.generation.decoding import SamplingParams, generate_chat
+
+    params = SamplingParams(strategy="sample", temperature=preset.temperature, max_new_tokens=preset.max_new_tokens,
+                            n=2, seed=seed)
+    pairs = []
+    for start in tqdm(range(0, len(prompts), 16), desc="preferences", dynamic_ncols=True):
+        chunk = prompts[start:start + 16]
+        for prompt, (a, b) in zip(chunk, generate_chat(model, tokenizer, chunk, params, batch_size=16)):
+            if not a or not b or a == b:
+                continue
+            likert = annotator.judge(prompt, a, b)
+            a_preferred, strength = likert_to_preference(likert)
+            chosen, rejected = (a, b) if a_preferred else (b, a)
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": strength,
+                          "likert": likert, "response_a": a, "response_b": b})
+    return pairs
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    from rlhfkit.data.io import write_jsonl as _write
+
+    _write(str(path), rows)
+    return str(path)
+
+
+def sample_policy(model, tokenizer, prompts: list[str], preset: Preset, seed: int):
+    from rlhfkit.evaluation.frontier import sample_policy as _sample
+
+    return _sample(model, tokenizer, prompts, preset.temperature, preset.max_new_tokens, seed)
+
+
+def oracle_win_rate(oracle, candidate: list[str], baseline: list[str]) -> float:
+    """Fraction of prompts where the noise-free oracle prefers ``candidate``; ties count half."""
+    a, b = oracle(candidate), oracle(baseline)
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+def evaluate_method(name, model, reference, tokenizer, held_out, baseline_texts, oracle, reward, preset, seed,
+                    results: Results) -> list[str]:
+    prompt_ids, response_ids, texts = sample_policy(model, tokenizer, held_out, preset, seed)
+    from rlhfkit.evaluation.frontier import policy_kl
+
+    kl = policy_kl(model, reference, tokenizer.pad_token_id, prompt_ids, response_ids)
+    results.methods[name] = _method_row(texts, baseline_texts, held_out, oracle, reward, kl)
+    return texts
+
+
+def _method_row(texts, baseline_texts, prompts, oracle, reward, kl) -> dict:
+    oracle_scores = oracle(texts)
+    return {"win_rate": oracle_win_rate(oracle, texts, baseline_texts), "kl": kl,
+            "oracle_mean": sum(oracle_scores) / len(oracle_scores),
+            "rm_mean": sum(reward(prompts, texts)) / len(texts),
+            "mean_words": sum(len(t.split()) for t in texts) / len(texts)}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def plot_curves(run_dir: Path, out: Path) -> list[str]:
+    """Reward and KL per PPO iteration (from metrics.jsonl)."""
+    from rlhfkit.evaluation.report import new_figure, save_figure
+    from rlhfkit.training import read_metrics
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return []
+    steps = [r["step"] for r in rows]
+    made = []
+    for key, label, filename in (("objective/scores", "reward-model score", "reward_curve.png"),
+                                 ("objective/kl", "KL to the reference (nats)", "kl_curve.png")):
+        fig, ax = new_figure()
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker="o", ms=3)
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} during PPO")
+        ax.grid(alpha=0.3)
+        save_figure(fig, out / filename)
+        made.append(filename)
+    return made
+
+
+def plot_frontier(frontier: list[dict], methods: dict, out: Path) -> str:
+    from rlhfkit.evaluation.report import new_figure, save_figure
+
+    fig, ax = new_figure()
+    kls = [f["kl"] for f in frontier]
+    ax.plot(kls, [f["reward"] for f in frontier], marker="o", label="reward model (PPO checkpoints)")
+    ax.plot(kls, [f["oracle"] for f in frontier], marker="s", label="oracle VADER (PPO checkpoints)")
+    for f in frontier:
+        ax.annotate(str(f["step"]), (f["kl"], f["reward"]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    for name, row in methods.items():
+        if name != "initial":
+            ax.scatter([row["kl"]], [row["oracle_mean"]], marker="*", s=90, label=f"{name} (oracle)")
+    ax.set_xlabel("KL to the initial policy (nats)")
+    ax.set_ylabel("mean score on held-out prompts")
+    ax.set_title("Reward vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "reward_vs_kl.png")
+    return "reward_vs_kl.png"
+
+
+def write_report(out: Path, results: Results, plots: list[str]) -> None:
+    from rlhfkit.evaluation.report import md_table
+
+    ppo = results.methods.get("ppo", {})
+    lines = ["# rlhfkit demo report", "",
+             f"win rate: {100 * ppo.get('win_rate', float('nan')):.0f}% "
+             f"(PPO policy over the initial policy on {results.prompts.get('held_out', 0)} held-out prompts, "
+             "judged by the noise-free VADER oracle; ties count half)", "",
+             f"mean KL to the initial policy: {ppo.get('kl', float('nan')):.2f} nats per response", "",
+             f"reward model held-out accuracy: {100 * results.reward_model.get('eval/accuracy', float('nan')):.1f}% "
+             f"(on {results.reward_model.get('eval_pairs', 0)} held-out pairs, against the noisy labels); "
+             f"annotator agreement with the noise-free oracle: "
+             f"{100 * results.preferences.get('oracle_agreement', float('nan')):.1f}%", "",
+             "## Methods side by side", ""]
+    header = ["method", "oracle win rate vs initial", "KL to initial (nats)", "oracle mean", "RM mean", "words"]
+    rows = [[name, f"{100 * m['win_rate']:.0f}%", f"{m['kl']:.2f}", f"{m['oracle_mean']:.3f}", f"{m['rm_mean']:.3f}",
+             f"{m['mean_words']:.1f}"] for name, m in results.methods.items()]
+    lines += [md_table(header, rows), "",
+              "Best-of-N's KL is the analytic log N - (N-1)/N.", "",
+              "## Reward vs KL over PPO checkpoints", "",
+              md_table(["iteration", "KL (nats)", "reward model", "oracle"],
+                       [[f["step"], f"{f['kl']:.2f}", f"{f['reward']:.3f}", f"{f['oracle']:.3f}"]
+                        for f in results.frontier]), ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Before and after (held-out prompts)", ""]
+    lines += [md_table(["prompt", "initial policy", "after PPO"],
+                       [[s["prompt"], s["initial"], s["ppo"]] for s in results.samples]), ""]
+    lines += ["## Timings (seconds)", "", md_table(["phase", "s"], [[k, v] for k, v in results.timings.items()]), ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "report.html").write_text(render_html(results, plots, "\n".join(lines[:9])))
+
+
+def render_html(results: Results, plots: list[str], summary: str) -> str:
+    """A self-contained page; every model output is escaped (untrusted text)."""
+    esc = html.escape
+    parts = ["<!doctype html><meta charset='utf-8'><title>rlhfkit demo report</title>",
+             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}td,th{border:1px solid #ccc;"
+             "padding:4px;vertical-align:top}table{border-collapse:collapse}</style>",
+             "<h1>rlhfkit demo report</h1>", "<pre>" + esc(summary) + "</pre>", "<h2>Methods</h2><table>",
+             "<tr><th>method</th><th>win rate</th><th>KL</th><th>oracle mean</th><th>RM mean</th></tr>"]
+    for name, m in results.methods.items():
+        parts.append(f"<tr><td>{esc(name)}</td><td>{100 * m['win_rate']:.0f}%</td><td>{m['kl']:.2f}</td>"
+                     f"<td>{m['oracle_mean']:.3f}</td><td>{m['rm_mean']:.3f}</td></tr>")
+    parts.append("</table>")
+    parts += [f"<p><img src='{esc(p)}' alt='{esc(p)}' width='600'></p>" for p in plots]
+    parts.append("<h2>Before and after</h2><table><tr><th>prompt</th><th>initial</th><th>after PPO</th></tr>")
+    for s in results.samples:
+        parts.append("<tr>" + "".join(f"<td>{esc(s[k])}</td>" for k in ("prompt", "initial", "ppo")) + "</tr>")
+    parts.append("</table>")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(cfg: Config) -> int:
+    from rlhfkit.data.annotators import VaderSentiment, vader_annotator
+    from rlhfkit.data.corpora import chatterbot_prompts, split_prompts
+    from rlhfkit.models.loading import load_policy
+    from rlhfkit.recipes import rm as rm_recipe
+    from rlhfkit.rl.rewards import load_reward
+    from rlhfkit.training import read_metrics, seed_everything
+
+    preset = QUICK if cfg.quick else DEFAULT
+    ppo_steps = cfg.ppo_steps or preset.ppo_steps
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data").mkdir(exist_ok=True)
+    results = Results()
+    seed_everything(cfg.seed)
+    t_all = time.time()
+
+    # 1. prompts ---------------------------------------------------------------------------
+    t = time.time()
+    train_prompts, held_out = split_prompts(chatterbot_prompts(), preset.held_out, cfg.seed)
+    pref_prompts = train_prompts[:preset.preference_prompts]
+    results.prompts = {"train": len(train_prompts), "held_out": len(held_out), "preference": len(pref_prompts)}
+    write_jsonl(out / "data" / "prompts_train.jsonl", [{"prompt": p} for p in train_prompts])
+    write_jsonl(out / "data" / "prompts_heldout.jsonl", [{"prompt": p} for p in held_out])
+    initial, tokenizer = load_policy(cfg.model)
+    _phase("prompts and model", results, t)
+
+    # 2. preference collection -------------------------------------------------------------
+    t = time.time()
+    oracle = VaderSentiment()
+    annotator = vader_annotator(cfg.annotator_temperature, cfg.seed)
+    pairs = collect_preferences(initial, tokenizer, pref_prompts, annotator, preset, cfg.seed)
+    if len(pairs) < 4:
+        raise InputError("the demo collected fewer than 4 usable preference pairs")
+    agree = [oracle([p["chosen"]])[0] > oracle([p["rejected"]])[0] for p in pairs
+             if oracle([p["chosen"]])[0] != oracle([p["rejected"]])[0]]
+    results.preferences = {"pairs": len(pairs), "oracle_agreement": sum(agree) / max(len(agree), 1),
+                           "ties_by_oracle": len(pairs) - len(agree)}
+    n_eval = max(2, len(pairs) // 8)
+    pairs_train = write_jsonl(out / "data" / "pairs_train.jsonl", pairs[n_eval:])
+    pairs_eval = write_jsonl(out / "data" / "pairs_heldout.jsonl", pairs[:n_eval])
+    _phase("preference collection", results, t)
+
+    # 3. reward model ----------------------------------------------------------------------
+    t = time.time()
+    rm_dir = out / "reward_model"
+    rm_cfg = rm_recipe.Config(model=cfg.reward_backbone, data=pairs_train, eval_data=pairs_eval, output=str(rm_dir),
+                              epochs=1 if not cfg.quick else 1, batch_size=8, lr=5e-5, max_length=192,
+                              seed=cfg.seed, warmup_ratio=0.1)
+    rm_recipe.main(rm_cfg)
+    results.reward_model = {**read_metrics(rm_dir)[-1], "eval_pairs": n_eval}
+    reward = load_reward(str(rm_dir))
+    _phase("reward model", results, t)
+
+    # 4. PPO ---------------------------------------------------------------------------------
+    t = time.time()
+    ppo_dir = out / "ppo"
+    run_ppo(cfg, preset, ppo_steps, out / "data" / "prompts_train.jsonl", rm_dir, ppo_dir)
+    _phase("ppo", results, t)
+
+    # 5-6. evaluation ------------------------------------------------------------------------
+    t = time.time()
+    _, _, baseline_texts = sample_policy(initial, tokenizer, held_out, preset, cfg.seed + 1)
+    results.methods["initial"] = _method_row(baseline_texts, baseline_texts, held_out, oracle, reward, 0.0)
+    policy = load_ppo_policy(ppo_dir)
+    ppo_texts = evaluate_method("ppo", policy, initial, tokenizer, held_out, baseline_texts, oracle, reward,
+                                preset, cfg.seed + 2, results)
+    results.samples = [{"prompt": p, "initial": a, "ppo": b} for p, a, b in
+                       list(zip(held_out, baseline_texts, ppo_texts))[:8]]
+    from rlhfkit.data.annotators import vader_reward
+    from rlhfkit.evaluation.frontier import frontier_point, load_run_policy, run_policies
+
+    for step, path in [(0, None)] + run_policies(ppo_dir):
+        model = initial if path is None else load_run_policy(path, cfg.model)
+        results.frontier.append(frontier_point(step, model, initial, tokenizer, held_out, reward, vader_reward,
+                                               preset.temperature, preset.max_new_tokens, cfg.seed + 3))
+    _phase("ppo evaluation", results, t)
+
+    if not cfg.skip_dpo:
+        t = time.time()
+        dpo_dir = out / "dpo"
+        run_dpo(cfg, preset, pairs_train, dpo_dir)
+        dpo_policy, _ = load_policy(str(dpo_dir))
+        evaluate_method("dpo", dpo_policy, initial, tokenizer, held_out, baseline_texts, oracle, reward,
+                        preset, cfg.seed + 4, results)
+        _phase("dpo", results, t)
+        t = time.time()
+        bon_texts = best_of_n_texts(initial, tokenizer, held_out, reward, preset, cfg.seed + 5)
+        from rlhfkit.evaluation.divergence import best_of_n_kl
+
+        results.methods[f"best-of-{preset.best_of}"] = _method_row(bon_texts, baseline_texts, held_out, oracle,
+                                                                   reward, best_of_n_kl(preset.best_of))
+        _phase("best-of-n", results, t)
+
+    # 7. report -----------------------------------------------------------------------------
+    plots = plot_curves(ppo_dir, out)
+    if results.frontier:
+        plots.append(plot_frontier(results.frontier, results.methods, out))
+    results.timings["total"] = round(time.time() - t_all, 1)
+    (out / "results.json").write_text(json.dumps(asdict(results), indent=1))
+    write_report(out, results, plots)
+    ppo_row = results.methods["ppo"]
+    print(f"[demo] win rate: {100 * ppo_row['win_rate']:.0f}% (PPO vs initial, oracle), KL {ppo_row['kl']:.2f} nats, "
+          f"RM accuracy {100 * results.reward_model.get('eval/accuracy', float('nan')):.0f}%; "
+          f"report: {out / 'report.md'} ({results.timings['total']:.0f} s)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ glue
+
+
+def run_ppo(cfg: Config, preset: Preset, steps: int, prompts: Path, rm_dir: Path, ppo_dir: Path) -> None:
+    from rlhfkit.recipes import ppo
+
+    ppo_cfg = ppo.Config(policy=cfg.model, reward=str(rm_dir), prompts=str(prompts), output=str(ppo_dir),
+                         max_steps=steps, batch_size=preset.ppo_batch, max_new_tokens=preset.max_new_tokens,
+                         temperature=preset.temperature, seed=cfg.seed, save_steps=preset.checkpoint_every,
+                         save_total_limit=0)
+    ppo.main(ppo_cfg)
+
+
+def load_ppo_policy(ppo_dir: Path):
+    from rlhfkit.models.loading import load_causal_lm
+
+    return load_causal_lm(str(ppo_dir)).eval()
+
+
+def run_dpo(cfg: Config, preset: Preset, pairs: str, dpo_dir: Path) -> None:
+    from rlhfkit.recipes import dpo
+
+    dpo_cfg = dpo.Config(model=cfg.model, data=pairs, output=str(dpo_dir), batch_size=8, epochs=1,
+                         max_steps=preset.dpo_steps, lr=5e-6, beta=0.1, seed=cfg.seed, max_length=256)
+    dpo.main(dpo_cfg)
+
+
+def best_of_n_texts(model, tokenizer, prompts, reward, preset: Preset, seed: int) -> list[str]:
+    from rlhfkit.generation.best_of_n import best_of_n
+    from rlhfkit.generation.decoding import SamplingParams
+
+    params = SamplingParams(strategy="sample", temperature=preset.temperature, max_new_tokens=preset.max_new_tokens,
+                            n=preset.best_of, seed=seed)
+    return [r.best for r in best_of_n(model, tokenizer, prompts, reward, params)]

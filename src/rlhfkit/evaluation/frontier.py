@@ -1,0 +1,184 @@
+"""``rlhfkit eval-frontier``: reward against KL over a run's checkpoints (over-optimisation).
+
+For every saved policy of a PPO run (``policy-N/``), a rejection-sampling run (``round-K/``) or
+an SFT/DPO run (``checkpoint-N/`` of a full fine-tune), plus the reference itself (step 0) and
+the final model: sample responses to held-out prompts, score them with the run's reward (and an
+optional second reward or oracle), and estimate KL(π ‖ π_ref) from the same samples. The
+picture of Gao et al.: the proxy reward keeps rising with KL while the oracle's turns down.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rlhfkit.config import arg
+from rlhfkit.errors import InputError
+
+
+@dataclass
+class Config:
+    """Reward (and an optional oracle) against KL to the reference, for every checkpoint of a run."""
+
+    run: str = arg("", "A run folder of rlhfkit ppo, dpo, sft or rejection-sampling.")
+    prompts: str = arg("", "Held-out prompts (default: the run's own prompts file).")
+    reward: str = arg("", "Reward for the y axis (default: the run's --reward; required for dpo/sft runs).")
+    oracle: str = arg("", "An optional second reward or oracle function (e.g. file.py:function).")
+    reference: str = arg("", "The reference policy (default: the run's initial policy).")
+    output: str = arg("", "Output folder (default: RUN/frontier).")
+    limit: int = arg(64, "Use at most this many prompts.")
+    n: int = arg(1, "Samples per prompt.")
+    max_new_tokens: int = arg(48, "Tokens per sampled response.")
+    temperature: float = arg(1.0, "Sampling temperature.")
+    seed: int = arg(0, "Sampling seed (the same for every checkpoint).")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.run:
+            problems.append("--run is required")
+        elif not (Path(self.run) / "config.yaml").exists():
+            problems.append(f"--run {self.run}: not an rlhfkit run folder (no config.yaml)")
+        if self.limit < 1 or self.n < 1 or self.max_new_tokens < 1:
+            problems.append("--limit, --n and --max-new-tokens must be >= 1")
+        if self.temperature <= 0:
+            problems.append("--temperature must be > 0")
+        return problems
+
+
+# ------------------------------------------------------------------------ shared with the demo
+
+
+def sample_policy(model, tokenizer, prompts: list, temperature: float, max_new_tokens: int, seed: int, n: int = 1):
+    """(prompt ids, response ids, texts), ``n`` samples per prompt, flattened."""
+    from rlhfkit.data.chat import encode_prompt
+    from rlhfkit.generation.decoding import SamplingParams, decode_response, generate_ids
+
+    params = SamplingParams(strategy="sample", temperature=temperature, max_new_tokens=max_new_tokens, n=n, seed=seed)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    responses = generate_ids(model, tokenizer, prompt_ids, params, batch_size=16)
+    flat_prompts = [p for p, rows in zip(prompt_ids, responses) for _ in rows]
+    flat_responses = [r for rows in responses for r in rows]
+    return flat_prompts, flat_responses, [decode_response(tokenizer, r) for r in flat_responses]
+
+
+def policy_kl(model, reference, pad_id: int, prompt_ids, response_ids) -> float:
+    """KL(π ‖ π_ref) from samples of π: the mean sequence log-ratio (k1, unbiased)."""
+    from rlhfkit.evaluation.divergence import kl_from_logratios, sequence_logprobs
+
+    lp = sequence_logprobs(model, prompt_ids, response_ids, pad_id)
+    lp_ref = sequence_logprobs(reference, prompt_ids, response_ids, pad_id)
+    return kl_from_logratios([a - b for a, b in zip(lp, lp_ref)])["kl_k1"]
+
+
+def frontier_point(step, model, reference, tokenizer, prompts, reward, oracle, temperature, max_new_tokens,
+                   seed, n=1) -> dict:
+    prompt_ids, response_ids, texts = sample_policy(model, tokenizer, prompts, temperature, max_new_tokens, seed, n)
+    shown = [p for p in prompts for _ in range(n)]
+    kl = 0.0 if model is reference else policy_kl(model, reference, tokenizer.pad_token_id, prompt_ids, response_ids)
+    point = {"step": step, "kl": kl, "reward": sum(reward(shown, texts)) / len(texts)}
+    if oracle is not None:
+        point["oracle"] = sum(oracle(shown, texts)) / len(texts)
+    return point
+
+
+def plot_frontier(points: list[dict], path: Path, reward_label: str = "reward", oracle_label: str = "oracle") -> None:
+    from rlhfkit.evaluation.report import new_figure, save_figure
+
+    fig, ax = new_figure()
+    kls = [p["kl"] for p in points]
+    ax.plot(kls, [p["reward"] for p in points], marker="o", label=reward_label)
+    if all("oracle" in p for p in points):
+        ax2 = ax.twinx()
+        ax2.plot(kls, [p["oracle"] for p in points], marker="s", color="tab:red", label=oracle_label)
+        ax2.set_ylabel(oracle_label, color="tab:red")
+    for p in points:
+        ax.annotate(str(p["step"]), (p["kl"], p["reward"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("KL(policy || reference), nats per response")
+    ax.set_ylabel(reward_label)
+    ax.set_title("Reward vs KL over checkpoints")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------ the command
+
+
+def run_policies(run: Path) -> list[tuple[int, str]]:
+    """(step, loadable folder) for every saved policy of a run, in step order, final last."""
+    found: dict[int, str] = {}
+    for p in run.iterdir():
+        for prefix in ("policy-", "round-"):
+            suffix = p.name[len(prefix):]
+            loadable = (p / "config.json").exists() or (p / "adapter_config.json").exists()
+            if p.is_dir() and p.name.startswith(prefix) and suffix.isdigit() and loadable:
+                found[int(suffix)] = str(p)
+    if not found:
+        from rlhfkit.training import list_checkpoints
+
+        for ckpt in list_checkpoints(run):
+            found[int(ckpt.name.split("-")[-1])] = str(ckpt)
+    return sorted(found.items())
+
+
+def load_run_policy(path: str, reference_name: str):
+    """A policy from a loadable folder, or a full-fine-tune ``checkpoint-N/`` over the reference's config."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    if (Path(path) / "config.json").exists() or (Path(path) / "adapter_config.json").exists():
+        return load_causal_lm(path).eval()
+    from safetensors.torch import load_file
+
+    model = load_causal_lm(reference_name).eval()
+    state = load_file(str(Path(path) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise InputError(f"{path}: not a full-model checkpoint of {reference_name} (a LoRA run? use its policy folders)")
+    return model
+
+
+def main(cfg: Config) -> int:
+    from rlhfkit.data.schema import load_prompts
+    from rlhfkit.evaluation.report import md_table
+    from rlhfkit.models.loading import load_policy
+    from rlhfkit.rl.rewards import load_reward
+
+    run = Path(cfg.run)
+    run_cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    reference_name = cfg.reference or run_cfg.get("policy") or run_cfg.get("model")
+    prompts_file = cfg.prompts or run_cfg.get("prompts") or ""
+    reward_spec = cfg.reward or run_cfg.get("reward") or ""
+    if not prompts_file:
+        raise InputError("--prompts is required (the run has no prompts file)")
+    if not reward_spec:
+        raise InputError("--reward is required (the run has no reward)")
+    prompts = [p.prompt for p in load_prompts(prompts_file)][:cfg.limit]
+    reward = load_reward(reward_spec)
+    oracle = load_reward(cfg.oracle) if cfg.oracle else None
+    reference, tokenizer = load_policy(reference_name)
+    points = [frontier_point(0, reference, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
+                             cfg.max_new_tokens, cfg.seed, cfg.n)]
+    for step, path in run_policies(run):
+        model = load_run_policy(path, reference_name)
+        points.append(frontier_point(step, model, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
+                                     cfg.max_new_tokens, cfg.seed, cfg.n))
+        print(f"step {step}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}"
+              + (f", oracle {points[-1]['oracle']:.3f}" if oracle else ""), flush=True)
+    out = Path(cfg.output or run / "frontier")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frontier.json").write_text(json.dumps({"run": str(run), "reward": reward_spec, "oracle": cfg.oracle,
+                                                   "prompts": len(prompts), "points": points}, indent=1))
+    header = ["step", "KL (nats)", "reward"] + (["oracle"] if oracle else [])
+    rows = [[p["step"], f"{p['kl']:.3f}", f"{p['reward']:.3f}"] + ([f"{p['oracle']:.3f}"] if oracle else [])
+            for p in points]
+    table = md_table(header, rows)
+    plot_frontier(points, out / "frontier.png", f"reward ({Path(reward_spec).name})",
+                  f"oracle ({cfg.oracle})" if cfg.oracle else "oracle")
+    (out / "frontier.md").write_text(f"# Reward vs KL: {run}\n\n{len(prompts)} prompts, {cfg.n} sample(s) each\n\n"
+                                     f"{table}\n\n![frontier](frontier.png)\n")
+    print(table)
+    print(f"wrote {out / 'frontier.md'}")
+    return 0

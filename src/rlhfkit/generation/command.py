@@ -1,0 +1,131 @@
+"""``rlhfkit generate``: completions for a prompts file, optionally scored (best-of-N).
+
+    rlhfkit generate --model M --prompts prompts.jsonl --output out.jsonl [--strategy sample --n 4]
+    rlhfkit generate --model M --prompts prompts.jsonl --output out.jsonl --best-of 8 --reward R
+
+Each output line is the input record plus ``completions`` (a list of strings); with
+``--reward``, also ``scores`` (one float per completion) and ``best`` (the highest-scoring one).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhfkit.config import arg
+from rlhfkit.generation.decoding import SamplingParams, generate_chat
+
+Strategy = Literal["greedy", "beam", "sample"]
+
+
+@dataclass
+class Config:
+    """Decode completions (greedy, beam search, sampling) and best-of-N."""
+
+    prompts: str = arg("", "Prompts: JSONL/JSON/Parquet records with `prompt` (a string or messages) or "
+                       "`messages`; other fields are copied to the output.")
+    output: str = arg("", "Output JSONL file: each input record plus `completions` (and `scores`, `best`).")
+    model: str = arg("smollm2-135m", "Policy: a local path, LoRA adapter folder, hub id, or embedded name.")
+    strategy: Strategy = arg("sample", "greedy (argmax), beam (beam search), or sample.")
+    n: int = arg(1, "Completions per prompt (beam: the n best beams).")
+    num_beams: int = arg(4, "Beams for --strategy beam.")
+    temperature: float = arg(1.0, "Sampling temperature.")
+    top_k: int = arg(0, "Sample among the k most likely tokens only (0: off).")
+    top_p: float = arg(1.0, "Nucleus sampling: the smallest set of tokens with this total probability (1: off).")
+    min_p: float = arg(0.0, "Drop tokens less likely than min_p times the most likely one (0: off).")
+    repetition_penalty: float = arg(1.0, "Penalty on tokens already present (1: off; CTRL-style).")
+    max_new_tokens: int = arg(128, "Maximum tokens generated per completion.")
+    max_prompt_length: int = arg(0, "Keep at most this many prompt tokens, from the end (0: no limit).")
+    stop: list[str] = arg(default_factory=list, help="Strings that end a completion (cut before them).")
+    seed: int = arg(42, "Random seed of the sampler (each batch is seeded from it).")
+    batch_size: int = arg(8, "Prompts per generate call.")
+    best_of: int = arg(0, "Best-of-N: sample N completions per prompt and add `scores` and `best` "
+                       "(needs --reward; sets --n).")
+    reward: str = arg("", "Reward scoring the completions: a reward-model folder, file.py:function, "
+                      "module:function, or an http(s) endpoint. Adds `scores` and `best`.")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "Model dtype.")
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(strategy=self.strategy, max_new_tokens=self.max_new_tokens,
+                              temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              num_beams=self.num_beams, n=self.best_of or self.n, stop=list(self.stop),
+                              seed=self.seed)
+
+    def validate(self) -> list[str]:
+        import os
+
+        from rlhfkit.rl.rewards import check_reward_spec
+
+        problems = []
+        if not self.prompts:
+            problems.append("--prompts is required")
+        elif not os.path.exists(self.prompts):
+            problems.append(f"--prompts: no such file or directory: {self.prompts}")
+        if not self.output:
+            problems.append("--output is required")
+        if self.batch_size < 1:
+            problems.append("--batch-size must be >= 1")
+        if self.max_prompt_length < 0:
+            problems.append("--max-prompt-length must be >= 0")
+        if self.best_of < 0:
+            problems.append("--best-of must be >= 0")
+        if self.best_of:
+            if not self.reward:
+                problems.append("--best-of needs --reward")
+            if self.n not in (1, self.best_of):
+                problems.append(f"--best-of {self.best_of} sets the completions per prompt; --n {self.n} contradicts it")
+            if self.strategy == "greedy" and self.best_of > 1:
+                problems.append("--best-of with --strategy greedy would score N identical completions; "
+                                "use --strategy sample (or beam)")
+        if self.reward:
+            problems += check_reward_spec(self.reward)
+        problems += [f"--{p.replace('_', '-')}" for p in self.sampling_params().problems()]
+        return problems
+
+
+def generate_records(model, tokenizer, records: list[dict], prompts: list, cfg: Config, reward=None) -> list[dict]:
+    """The input records plus ``completions`` (and ``scores``/``best`` when ``reward`` is given)."""
+    from rlhfkit.generation.best_of_n import score_completions, select_best
+
+    completions = generate_chat(model, tokenizer, prompts, cfg.sampling_params(), cfg.batch_size,
+                                cfg.max_prompt_length or None)
+    rows = [{**rec, "completions": comps} for rec, comps in zip(records, completions)]
+    if reward is not None:
+        for row, chosen in zip(rows, select_best(completions, score_completions(reward, prompts, completions))):
+            row["scores"], row["best"] = chosen.scores, chosen.best
+    return rows
+
+
+def main(cfg: Config) -> int:
+    import torch
+
+    from rlhfkit.data.io import write_jsonl
+    from rlhfkit.data.schema import load_prompts
+    from rlhfkit.errors import InputError
+    from rlhfkit.models.loading import load_policy
+    from rlhfkit.rl.rewards import load_reward
+    from rlhfkit.training import quiet_transformers
+
+    problems = cfg.validate()
+    if problems:
+        raise InputError(problems)
+    quiet_transformers()
+    examples = load_prompts(cfg.prompts)
+    reward = load_reward(cfg.reward) if cfg.reward else None
+    model, tokenizer = load_policy(cfg.model, cfg.dtype)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    t0 = time.time()
+    rows = generate_records(model, tokenizer, [dict(ex.source.data) for ex in examples],
+                            [ex.prompt for ex in examples], cfg, reward)
+    write_jsonl(cfg.output, rows)
+    total = sum(len(r["completions"]) for r in rows)
+    line = f"generate: {total} completions for {len(rows)} prompts in {time.time() - t0:.1f} s -> {cfg.output}"
+    if reward is not None:
+        mean_all = sum(sum(r["scores"]) for r in rows) / max(total, 1)
+        mean_best = sum(max(r["scores"]) for r in rows) / max(len(rows), 1)
+        line += f"; mean score {mean_all:.3f}, mean best {mean_best:.3f}"
+    print(line, flush=True)
+    return 0

@@ -1,0 +1,431 @@
+"""Direct preference optimisation and its relatives (IPO, SLiC hinge, robust DPO, SimPO, ...).
+
+    1. read the pairs (rankings expanded into all their pairs); tokenise each pair as one prompt
+       and two completions (chosen, rejected) sharing it
+    2. reference log-probs log π_ref(y|x): computed once before training and cached in --output
+       under a hash of the tokenised data and the reference model (default), or on the fly each
+       step (--no-precompute-ref). The reference is --ref-model, else the initial policy (with
+       LoRA: the base model, adapters disabled). SimPO needs none.
+    3. for each optimizer step: the step's pairs -> one padding-free forward for all chosen and
+       rejected completions (prompt encoded once per pair, logits only on completion tokens;
+       see rlhfkit.models.packed) -> losses.dpo_loss -> AdamW step; log rewards/* and logps/*;
+       checkpoint
+    4. evaluate on --eval-data; save the final model
+
+The `margin` field of a pair (how much better chosen is) enters the losses that act on the
+log-ratio margin Δ (sigmoid, robust, hinge) as an offset, as the Llama 2 reward-model margin
+and ODPO do: −log σ(βΔ − margin), max(0, 1 + margin − βΔ). Other losses ignore it (a note says
+so). --no-use-margin ignores it everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rlhfkit.config import TrainConfig, arg
+from rlhfkit.data.chat import encode
+from rlhfkit.data.schema import PreferenceExample, load_preferences
+from rlhfkit.errors import InputError
+from rlhfkit.losses import DPO_LOSSES, dpo_loss
+from rlhfkit.models.packed import Group, completion_logps, supports_packing
+from rlhfkit.recipes.sft import build_model
+from rlhfkit.training import (Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
+                              resume_if_requested, save_checkpoint, save_final_model, start_run)
+
+LossName = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "apo_zero", "bco_pair"]
+MARGIN_LOSSES = {"sigmoid", "robust", "hinge"}        # act on βΔ: the margin is an offset there
+SMOOTHING_LOSSES = {"sigmoid", "robust"}
+REFERENCE_FREE = {"simpo"}
+METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class Config(TrainConfig):
+    """Direct preference optimisation on prompt/chosen/rejected pairs (and rankings)."""
+
+    lr: float = arg(1e-6, "Peak learning rate (AdamW); DPO wants small ones for full fine-tuning.")
+    loss: LossName = arg("sigmoid", "Loss (rlhfkit.losses.DPO_LOSSES): sigmoid (DPO), robust (rDPO, with "
+                         "--label-smoothing), hinge (SLiC), ipo (IPO on length-averaged log-ratios), simpo "
+                         "(reference-free, length-normalised), apo_zero, bco_pair.")
+    beta: float = arg(0.1, "β: the strength of the KL regularisation toward the reference (IPO: its τ).")
+    label_smoothing: float = arg(0.0, "Assumed rate of flipped labels ε (sigmoid: conservative DPO; robust: "
+                                 "rDPO), in [0, 0.5).")
+    simpo_gamma: float = arg(0.5, "SimPO's target reward margin γ (--loss simpo only).")
+    ref_model: str = arg("", "Reference model (path, hub id, embedded name); default: the initial policy "
+                         "(with LoRA: the base model with the adapters disabled).")
+    precompute_ref: bool = arg(True, "Compute the reference log-probs once before training and cache them in "
+                               "--output (reused by --resume); --no-precompute-ref runs the reference every step.")
+    ref_batch_size: int = arg(16, "Pairs per forward when precomputing reference log-probs.")
+    use_margin: bool = arg(True, "Use the records' `margin` field as an offset inside the sigmoid/robust/hinge "
+                           "losses: -log sigmoid(beta*delta - margin).")
+    packed: bool = arg(True, "Padding-free forward with each prompt encoded once per pair (Llama-family "
+                       "models; others fall back to padded rows automatically).")
+    eval_batch_size: int = arg(16, "Pairs per evaluation forward.")
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.beta <= 0:
+            problems.append(f"--beta must be > 0 (got {self.beta})")
+        if not 0 <= self.label_smoothing < 0.5:
+            problems.append(f"--label-smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        elif self.label_smoothing and self.loss not in SMOOTHING_LOSSES:
+            problems.append(f"--label-smoothing is used only by --loss {' or '.join(sorted(SMOOTHING_LOSSES))}, "
+                            f"not {self.loss}")
+        if self.ref_model and self.loss in REFERENCE_FREE:
+            problems.append(f"--ref-model: --loss {self.loss} is reference-free")
+        if self.ref_batch_size < 1 or self.eval_batch_size < 1:
+            problems.append("--ref-batch-size and --eval-batch-size must be >= 1")
+        return problems
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class EncodedPair:
+    """One pair as token ids: ``group`` holds the shared prompt and [chosen, rejected]."""
+
+    group: Group
+    margin: float
+    truncated: bool = False
+
+
+def encode_pair(tokenizer, ex: PreferenceExample, max_length: int, truncation: str = "truncate"
+                ) -> EncodedPair | None:
+    """Tokenise a pair with a shared prompt; truncate both sequences together.
+
+    Over ``max_length``: ``truncate`` cuts the prompt from the left (keeping at least one token)
+    and then each completion from the right, as :func:`rlhfkit.data.chat.encode` does for one
+    sequence; ``drop`` returns None. Raises ValueError when a completion has no trained token.
+    """
+    chosen = encode(tokenizer, ex.prompt, ex.chosen)
+    rejected = encode(tokenizer, ex.prompt, ex.rejected)
+    shared = min(chosen.prompt_length, rejected.prompt_length)
+    p = 0
+    while p < shared and chosen.input_ids[p] == rejected.input_ids[p]:
+        p += 1
+    if p == 0:
+        raise ValueError("chosen and rejected share no prompt token")
+    prompt = chosen.input_ids[:p]
+    parts = [(chosen.input_ids[p:], chosen.trained[p:]), (rejected.input_ids[p:], rejected.trained[p:])]
+    longest = p + max(len(ids) for ids, _ in parts)
+    truncated = longest > max_length
+    if truncated:
+        if truncation == "drop":
+            return None
+        prompt = prompt[min(longest - max_length, p - 1):]
+        room = max_length - len(prompt)
+        parts = [(ids[:room], trained[:room]) for ids, trained in parts]
+    for name, (_, trained) in zip(("chosen", "rejected"), parts):
+        if not any(trained):
+            raise ValueError(f"the {name} completion has no trained token" +
+                             (f" after truncation to --max-length {max_length}" if truncated else ""))
+    group = Group(prompt, [ids for ids, _ in parts], [trained for _, trained in parts])
+    return EncodedPair(group, float(ex.margin or 0.0), truncated)
+
+
+def encode_pairs(tokenizer, examples: list[PreferenceExample], cfg, path: str, run: Run | None = None
+                 ) -> list[EncodedPair]:
+    """Every pair of ``path`` tokenised; problems name the file and record; truncation reported."""
+    pairs, problems, truncated, dropped = [], [], 0, 0
+    for ex in examples:
+        try:
+            pair = encode_pair(tokenizer, ex, cfg.max_length, cfg.truncation)
+        except ValueError as e:
+            problems.append(ex.source.problem(None, str(e)) if ex.source else str(e))
+            continue
+        if pair is None:
+            dropped += 1
+            continue
+        truncated += pair.truncated
+        pairs.append(pair)
+    if problems:
+        raise InputError(problems)
+    if not pairs:
+        raise InputError(f"{path}: every pair is longer than --max-length {cfg.max_length} and was dropped")
+    if (truncated or dropped) and run is not None:
+        run.print(f"{path}: {truncated} pair(s) truncated and {dropped} dropped at --max-length "
+                  f"{cfg.max_length} (policy: {cfg.truncation})")
+    return pairs
+
+
+# ---------------------------------------------------------------- loss
+
+
+def preference_losses(cfg, policy: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor,
+                      margins: torch.Tensor | None = None):
+    """Per-pair losses and implicit rewards from log-probs laid out [chosen, rejected] per pair.
+
+    ``policy``, ``ref``, ``lengths``: ``[B, 2]``. A margin m shifts the reference log-ratio:
+    passing ``ref_chosen + m/β`` turns βΔ into βΔ − m in the sigmoid/robust/hinge losses; the
+    returned rewards are the unshifted β·(log π − log π_ref).
+    """
+    ref_chosen, ref_rejected = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
+    shift = None
+    if margins is not None and cfg.loss in MARGIN_LOSSES and bool((margins != 0).any()):
+        shift = margins.to(policy.dtype)
+        ref_chosen = ref_chosen + shift / cfg.beta
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy[:, 0], policy[:, 1], ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss,
+        label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
+        gamma=cfg.simpo_gamma if cfg.loss == "simpo" else None)
+    if shift is not None:
+        chosen_rewards = chosen_rewards + shift
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_stats(policy: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
+    """Sums over the pairs (optimizer_step sums micro-batches; the recipe divides by the pair count)."""
+    policy = policy.detach()
+    return {"rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
+            "logps/chosen": policy[:, 0].sum(), "logps/rejected": policy[:, 1].sum()}
+
+
+class Reference:
+    """Where π_ref comes from: a cached table, a frozen model, the policy with adapters off, or none."""
+
+    def __init__(self, table: dict[str, torch.Tensor] | None = None, model=None, adapters_off: bool = False):
+        self.table, self.model, self.adapters_off = table, model, adapters_off
+
+    def logps(self, split: str, indices: list[int], pairs: list[EncodedPair], policy_model, packed: bool,
+              pad_id: int) -> torch.Tensor | None:
+        if self.table is not None:
+            return self.table[split][indices]
+        if self.model is None and not self.adapters_off:
+            return None  # reference-free
+        model = self.model if self.model is not None else policy_model
+        context = _adapters_disabled(policy_model) if self.adapters_off else nullcontext()
+        with torch.no_grad(), context:
+            scored = completion_logps(model, [pairs[i].group for i in indices], packed, pad_id)
+        return scored.logps.view(-1, 2)
+
+
+def _adapters_disabled(model):
+    inner = getattr(model, "module", model)
+    return inner.disable_adapter()
+
+
+def batch_loss(model, pairs: list[EncodedPair], indices: list[int], reference: Reference, cfg, packed: bool,
+               pad_id: int, split: str = "train"):
+    """Sum of the per-pair losses of ``indices`` and the summed statistics (one forward)."""
+    scored = completion_logps(model, [pairs[i].group for i in indices], packed, pad_id)
+    policy = scored.logps.view(-1, 2)
+    ref = reference.logps(split, indices, pairs, model, packed, pad_id)
+    if ref is not None:
+        ref = ref.to(policy.device, policy.dtype)
+    margins = torch.tensor([pairs[i].margin for i in indices], device=policy.device) if cfg.use_margin else None
+    losses, chosen_rewards, rejected_rewards = preference_losses(cfg, policy, ref, scored.lengths.view(-1, 2),
+                                                                 margins)
+    return losses.sum(), {**pair_stats(policy, chosen_rewards, rejected_rewards), "tokens": scored.tokens}
+
+
+# ---------------------------------------------------------------- reference log-probs
+
+
+def _model_fingerprint(name: str) -> dict:
+    """What identifies a model's weights without reading them all: the resolved path and its files' stats."""
+    from rlhfkit.models.loading import resolve_model
+
+    path = resolve_model(name)
+    info: dict = {"name": name, "path": os.path.abspath(path) if os.path.exists(path) else path}
+    if os.path.isdir(path):
+        info["files"] = sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
+                               for f in os.listdir(path) if f.endswith((".json", ".safetensors", ".bin")))
+    return info
+
+
+def reference_key(cfg, splits: dict[str, list[EncodedPair]]) -> str:
+    """Hash of the tokenised pairs (covers data, tokenizer, template, truncation) and the reference."""
+    h = hashlib.sha256()
+    source = cfg.ref_model or cfg.model
+    h.update(json.dumps({"ref": _model_fingerprint(source), "dtype": cfg.dtype,
+                         "adapters_off": bool(cfg.lora_r and not cfg.ref_model)}, sort_keys=True).encode())
+    for name, pairs in sorted(splits.items()):
+        h.update(name.encode())
+        for pair in pairs:
+            g = pair.group
+            h.update(json.dumps([g.prompt, g.completions, g.scored]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def precompute_reference(run: Run, cfg, model, splits: dict[str, list[EncodedPair]], packed: bool, pad_id: int,
+                         adapters_off: bool = False) -> dict[str, torch.Tensor]:
+    """log π_ref of every [chosen, rejected] pair of every split, cached as ref-logps-<key>.pt in --output.
+
+    Each process computes a strided share of the pairs; the shares are gathered.
+    """
+    from accelerate.utils import gather_object
+
+    acc = run.accelerator
+    key = reference_key(cfg, splits)
+    path = run.output / f"ref-logps-{key}.pt"
+    if path.exists():
+        run.print(f"reference log-probs: reusing {path.name}")
+        return torch.load(path)
+    was_training = model.training
+    model.eval()
+    t0 = time.time()
+    table = {}
+    context = _adapters_disabled(model) if adapters_off else nullcontext()
+    total = sum(len(p) for p in splits.values())
+    bar = progress(run, total, 0, "reference log-probs", cfg.progress)
+    with context:
+        for split, pairs in splits.items():
+            mine = list(range(acc.process_index, len(pairs), acc.num_processes))
+            rows = []
+            for start in range(0, len(mine), cfg.ref_batch_size):
+                chunk = mine[start:start + cfg.ref_batch_size]
+                scored = completion_logps(model, [pairs[i].group for i in chunk], packed, pad_id)
+                rows += [(i, lp) for i, lp in zip(chunk, scored.logps.view(-1, 2).double().cpu().tolist())]
+                bar.update(len(chunk) * acc.num_processes)
+            gathered = gather_object(rows) if acc.num_processes > 1 else rows
+            values = torch.zeros(len(pairs), 2, dtype=torch.float64)
+            for i, lp in gathered:
+                values[i] = torch.tensor(lp, dtype=torch.float64)
+            table[split] = values
+    bar.close()
+    model.train(was_training)
+    if run.is_main:
+        tmp = path.with_suffix(".tmp")
+        torch.save(table, tmp)
+        os.replace(tmp, path)
+    acc.wait_for_everyone()
+    run.print(f"reference log-probs: {total} pairs in {time.time() - t0:.1f} s, cached as {path.name}")
+    return table
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in the model (not in LoRA adapters), so π = π_ref at step 0, as TRL does."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = 0.0
+
+
+def build_reference(run: Run, cfg, model, splits, packed: bool, pad_id: int) -> Reference:
+    """The reference as the loss will read it (see the module docstring, step 2)."""
+    from rlhfkit.models.loading import load_causal_lm
+
+    if cfg.loss in REFERENCE_FREE:
+        return Reference()
+    if cfg.ref_model:
+        ref_model = load_causal_lm(cfg.ref_model, cfg.dtype).eval().to(run.accelerator.device)
+        ref_model.requires_grad_(False)
+        disable_dropout(ref_model)
+        if cfg.precompute_ref:
+            table = precompute_reference(run, cfg, ref_model, splits, packed and supports_packing(ref_model), pad_id)
+            del ref_model
+            return Reference(table=table)
+        return Reference(model=ref_model)
+    adapters_off = bool(cfg.lora_r)
+    if cfg.precompute_ref:
+        return Reference(table=precompute_reference(run, cfg, model, splits, packed, pad_id, adapters_off))
+    if adapters_off:
+        return Reference(adapters_off=True)
+    ref_model = copy.deepcopy(model).eval()
+    ref_model.requires_grad_(False)
+    return Reference(model=ref_model.to(run.accelerator.device))
+
+
+# ---------------------------------------------------------------- recipe
+
+
+@torch.no_grad()
+def evaluate(model, pairs: list[EncodedPair], reference: Reference, cfg, packed: bool, pad_id: int) -> dict:
+    model.eval()
+    totals: dict[str, float] = {}
+    for start in range(0, len(pairs), cfg.eval_batch_size):
+        indices = list(range(start, min(start + cfg.eval_batch_size, len(pairs))))
+        loss, stats = batch_loss(model, pairs, indices, reference, cfg, packed, pad_id, split="eval")
+        for k, v in {"loss": loss, **stats}.items():
+            if k != "tokens":
+                totals[k] = totals.get(k, 0.0) + float(v)
+    model.train()
+    return {f"eval/{k}": v / len(pairs) for k, v in totals.items()}
+
+
+def train(cfg: Config, run: Run) -> dict[str, float]:
+    from rlhfkit.models.loading import load_tokenizer
+
+    acc = run.accelerator
+    tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    train_pairs = encode_pairs(tokenizer, load_preferences(cfg.data), cfg, cfg.data, run)
+    eval_pairs = encode_pairs(tokenizer, load_preferences(cfg.eval_data), cfg, cfg.eval_data, run) \
+        if cfg.eval_data else []
+    if cfg.use_margin and cfg.loss not in MARGIN_LOSSES and any(p.margin for p in train_pairs):
+        run.print(f"note: --loss {cfg.loss} ignores the records' margin field")
+
+    model = build_model(cfg).to(acc.device)
+    disable_dropout(model)
+    packed = cfg.packed and supports_packing(model)
+    if cfg.packed and not packed:
+        run.print(f"note: {type(model).__name__} has no packed path; using padded rows")
+    splits = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+    reference = build_reference(run, cfg, model, splits, packed, pad_id)
+
+    plan = StepPlan.from_config(cfg, len(train_pairs), acc.num_processes)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.lr_schedule, plan.total_steps, cfg.warmup_ratio)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    start = resume_if_requested(run, cfg)["step"]
+
+    def loss_fn(indices):
+        return batch_loss(model, train_pairs, indices, reference, cfg, packed, pad_id)
+
+    bar = progress(run, plan.total_steps, start, f"dpo ({cfg.loss})", cfg.progress)
+    final_metrics: dict[str, float] = {}
+    for step in range(start, plan.total_steps):
+        t0 = time.time()
+        micro = plan.local_microbatches(step, acc.process_index)
+        stats = optimizer_step(run, model, optimizer, scheduler, micro, loss_fn,
+                               normalizer=plan.global_batch, max_grad_norm=cfg.max_grad_norm)
+        elapsed = time.time() - t0
+        row = {"step": step + 1, "epoch": plan.epoch_at(step + 1), "loss": stats["loss"],
+               "learning_rate": scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
+               "tokens_per_second": stats["tokens"] / elapsed, "elapsed_s": time.time() - run.started,
+               **{k: stats[k] / plan.global_batch for k in METRIC_KEYS}}
+        if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
+            if eval_pairs and step + 1 == plan.total_steps:
+                row.update(evaluate(model, eval_pairs, reference, cfg, packed, pad_id))
+            run.metrics.log(row)
+            final_metrics = row
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < plan.total_steps:
+            save_checkpoint(run, step + 1, {}, cfg.save_total_limit)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
+        bar.update(1)
+    bar.close()
+    save_checkpoint(run, plan.total_steps, {}, cfg.save_total_limit)
+    save_final_model(run, model, tokenizer, cfg.merge_lora)
+    return final_metrics
+
+
+def main(cfg: Config) -> int:
+    """Train; also callable from Python: ``main(Config(model=..., data=..., output=...))``."""
+    problems = cfg.validate()
+    if problems:
+        raise InputError(problems)
+    run = start_run(cfg)
+    metrics = train(cfg, run)
+    run.metrics.close()
+    if metrics:
+        run.print(f"dpo ({cfg.loss}) done: loss {metrics['loss']:.4f}, reward accuracy "
+                  f"{metrics['rewards/accuracies']:.2f}, margin {metrics['rewards/margins']:.3f}" +
+                  (f"; eval loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else "") +
+                  f"; model saved to {run.output}")
+    return 0

@@ -1,0 +1,201 @@
+"""Rejection-sampling fine-tuning (Llama 2 style): sample N, keep the best, fine-tune, repeat.
+
+    0. sample N completions per prompt from the initial policy π_0 and score them with --reward
+    for each round k = 1..K:
+    1. keep the --top-k best completions of each prompt (by reward): round-k/sft.jsonl
+    2. fine-tune the previous policy on them with the SFT recipe (rlhfkit.recipes.sft.train):
+       round-k/ holds the new policy π_k (a full model; LoRA runs are merged each round)
+    3. sample N completions per prompt from π_k and score them: the next round's candidates,
+       and the measure of π_k. KL(π_k ‖ π_0) is estimated on them:
+       mean over samples of Σ_t log π_k(y_t|·) − log π_0(y_t|·) (k1; exact in expectation when
+       sampling at temperature 1 without top-p/top-k truncation)
+    4. log one row per round in metrics.jsonl: reward/mean_all and reward/mean_kept (the samples
+       of π_{k-1} that round k chose from), reward/mean_policy (π_k's samples), objective/kl
+
+--resume skips the rounds whose folder is complete (round-k/round.json) and resumes the
+interrupted round's fine-tuning from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import TrainConfig, arg
+from rlhfkit.data.chat import encode_prompt
+from rlhfkit.data.io import write_jsonl
+from rlhfkit.data.schema import load_prompts
+from rlhfkit.errors import InputError
+from rlhfkit.generation.best_of_n import score_completions
+from rlhfkit.generation.decoding import SamplingParams, decode_response, generate_ids
+from rlhfkit.models.packed import Group, completion_logps
+from rlhfkit.recipes import sft
+from rlhfkit.training import list_checkpoints, start_run
+
+
+@dataclass
+class Config(TrainConfig):
+    """Rejection-sampling fine-tuning: sample N per prompt, keep the best by reward, SFT, repeat."""
+
+    policy: str = arg("smollm2-135m", "Initial policy: a local path, hub id, or embedded name.")
+    reward: str = arg("", "Reward: a reward-model folder, file.py:function, module:function, or an http(s) URL.")
+    prompts: str = arg("", "Prompts file (records with `prompt` or `messages`).")
+    rounds: int = arg(1, "Rounds of sample -> select -> fine-tune.")
+    n: int = arg(4, "Completions sampled per prompt in each round.")
+    top_k: int = arg(1, "Completions kept per prompt (the best by reward).")
+    temperature: float = arg(1.0, "Sampling temperature.")
+    top_p: float = arg(1.0, "Nucleus sampling threshold (1: off).")
+    max_new_tokens: int = arg(64, "Maximum tokens per sampled completion.")
+    gen_batch_size: int = arg(8, "Prompts per generate call.")
+    lr: float = arg(2e-5, "Peak learning rate of each round's fine-tuning (AdamW).")
+    # The SFT recipe's --model and --data are set per round from these: not flags here.
+    model: str = field(default="", init=False)
+    data: str = field(default="", init=False)
+
+    def __post_init__(self):
+        self.model, self.data = self.policy, self.prompts
+
+    def validate(self) -> list[str]:
+        from rlhfkit.rl.rewards import check_reward_spec
+
+        self.model, self.data = self.policy, self.prompts
+        problems = [p.replace("--data", "--prompts") for p in super().validate()]
+        problems += check_reward_spec(self.reward)
+        for name in ("rounds", "n", "top_k", "max_new_tokens", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        if self.top_k > self.n:
+            problems.append(f"--top-k {self.top_k} keeps more than the --n {self.n} samples")
+        if self.temperature <= 0:
+            problems.append("--temperature must be > 0")
+        if not 0 < self.top_p <= 1:
+            problems.append("--top-p must be in (0, 1]")
+        return problems
+
+    def sampling_params(self, round_index: int) -> SamplingParams:
+        return SamplingParams(strategy="sample", n=self.n, temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_new_tokens, seed=self.seed + 1000 * round_index)
+
+    def sft_config(self, model: str, data: str, output: str) -> sft.Config:
+        """The SFT recipe's config for one round: every common training flag passes through."""
+        common = {f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.init}
+        common.update(model=model, data=data, output=output, eval_data=self.eval_data,
+                      merge_lora=bool(self.lora_r))  # each round starts from a full model
+        return sft.Config(**common)
+
+
+@dataclass
+class Samples:
+    """N completions per prompt, as token ids and text, with their rewards."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[list[int]]]
+    texts: list[list[str]]
+    scores: list[list[float]]
+
+    def mean(self) -> float:
+        flat = [s for row in self.scores for s in row]
+        return sum(flat) / len(flat)
+
+
+def sample(model, tokenizer, prompts: list, reward, params: SamplingParams, batch_size: int) -> Samples:
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    responses = generate_ids(model, tokenizer, prompt_ids, params, batch_size)
+    texts = [[decode_response(tokenizer, r) for r in rows] for rows in responses]
+    return Samples(prompt_ids, responses, texts, score_completions(reward, prompts, texts))
+
+
+def keep_best(samples: Samples, k: int) -> list[list[int]]:
+    """Indices of the k highest-scoring completions of each prompt (best first, first on ties)."""
+    return [sorted(range(len(s)), key=lambda i: (-s[i], i))[:k] for s in samples.scores]
+
+
+@torch.no_grad()
+def kl_to_initial(policy, initial, samples: Samples, batch_size: int = 4) -> float:
+    """k1 estimate of KL(π ‖ π_0) per completion: mean of Σ_t log π(y_t) − log π_0(y_t) over samples."""
+    total, count = 0.0, 0
+    for start in range(0, len(samples.prompt_ids), batch_size):
+        groups = [Group(p, rows) for p, rows in zip(samples.prompt_ids[start:start + batch_size],
+                                                    samples.response_ids[start:start + batch_size])]
+        diff = completion_logps(policy, groups).logps - completion_logps(initial, groups).logps
+        total += float(diff.sum())
+        count += diff.numel()
+    return total / max(count, 1)
+
+
+def write_samples(path: Path, prompts: list, samples: Samples) -> None:
+    write_jsonl(str(path), [{"prompt": p, "completions": t, "scores": s}
+                            for p, t, s in zip(prompts, samples.texts, samples.scores)])
+
+
+def main(cfg: Config) -> int:
+    from rlhfkit.models.loading import load_policy
+    from rlhfkit.rl.rewards import load_reward
+
+    problems = cfg.validate()
+    if problems:
+        raise InputError(problems)
+    run = start_run(cfg)
+    examples = load_prompts(cfg.prompts)
+    prompts = [ex.prompt for ex in examples]
+    reward = load_reward(cfg.reward)
+    device = run.accelerator.device
+    initial, tokenizer = load_policy(cfg.policy, cfg.dtype)
+    initial.to(device)
+
+    done = 0
+    if cfg.resume:
+        while (run.output / f"round-{done + 1}" / "round.json").exists():
+            done += 1
+        run.metrics.truncate_after(done)
+    current = cfg.policy if done == 0 else str(run.output / f"round-{done}")
+    policy = initial if done == 0 else load_policy(current, cfg.dtype)[0].to(device)
+    t0 = time.time()
+    samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(done), cfg.gen_batch_size)
+    if done == 0:
+        run.metrics.log({"step": 0, "round": 0, "reward/mean_policy": samples.mean(), "objective/kl": 0.0,
+                         "elapsed_s": time.time() - run.started})
+        run.print(f"round 0: mean reward of the initial policy {samples.mean():.4f}")
+
+    for k in range(done + 1, cfg.rounds + 1):
+        folder = run.output / f"round-{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # 1. keep the best completions of each prompt
+        write_samples(folder / "samples.jsonl", prompts, samples)
+        kept = keep_best(samples, cfg.top_k)
+        write_jsonl(str(folder / "sft.jsonl"), [{"prompt": p, "completion": samples.texts[i][j]}
+                                                for i, p in enumerate(prompts) for j in kept[i]
+                                                if samples.texts[i][j].strip()])
+        kept_scores = [samples.scores[i][j] for i in range(len(prompts)) for j in kept[i]]
+        # 2. fine-tune the previous policy on them with the SFT recipe
+        sft_cfg = cfg.sft_config(current, str(folder / "sft.jsonl"), str(folder))
+        round_run = start_run(sft_cfg)
+        sft_metrics = sft.train(sft_cfg, round_run)
+        round_run.metrics.close()
+        for ckpt in list_checkpoints(folder):  # the round's model is saved: its checkpoints are not needed
+            shutil.rmtree(ckpt, ignore_errors=True)
+        del policy
+        current = str(folder)
+        policy = load_policy(current, cfg.dtype)[0].to(device)
+        # 3. sample from the new policy: its measure, and the next round's candidates
+        new_samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(k), cfg.gen_batch_size)
+        kl = kl_to_initial(policy, initial, new_samples)
+        row = {"step": k, "round": k, "reward/mean_all": samples.mean(),
+               "reward/mean_kept": sum(kept_scores) / len(kept_scores),
+               "reward/mean_policy": new_samples.mean(), "objective/kl": kl,
+               "sft/loss": sft_metrics.get("loss"), "kept": len(kept_scores),
+               "elapsed_s": time.time() - run.started}
+        run.metrics.log(row)
+        (folder / "round.json").write_text(json.dumps(row, indent=1))
+        run.print(f"round {k}: reward all {row['reward/mean_all']:.4f}, kept {row['reward/mean_kept']:.4f} "
+                  f"-> new policy {row['reward/mean_policy']:.4f}, KL to initial {kl:.4f}")
+        samples = new_samples
+    write_samples(run.output / "final_samples.jsonl", prompts, samples)
+    run.metrics.close()
+    run.print(f"rejection sampling done: {cfg.rounds} round(s); final policy in {current}")
+    return 0

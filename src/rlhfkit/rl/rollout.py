@@ -1,0 +1,272 @@
+"""The rollout: sample responses, then read their log-probs and values in no-grad passes.
+
+:func:`rollout` returns a :class:`Rollout`, an immutable record that every later phase
+(scoring, reward shaping, advantages, the update) reads and none modifies; :func:`score` returns
+a copy with the reward source's scores filled in.
+
+Tensor layout (N samples, P prompt columns, R response columns)::
+
+    prompt_ids     [N, P]  left-padded prompt tokens (the chat template applied)
+    response_ids   [N, R]  sampled tokens, right-padded after EOS
+    response_mask  [N, R]  the *real* response tokens: up to and including the first EOS;
+                           never the padding or what follows EOS
+    logprobs       [N, R]  log π(y_t | x, y_<t) at the sampling temperature (0 off the mask)
+    ref_logprobs   [N, R]  the same under the reference policy
+    values         [N, R]  V(x, y_<t) (None without a value function)
+
+Samples of one prompt are consecutive (``group``), as the RLOO / GRPO baselines expect.
+
+Speed: sampling uses ``model.generate`` with the KV cache; afterwards one trunk pass per model
+gives the policy log-probs *and* the values (value head on the same hidden states), one more
+gives the reference (the same weights with the LoRA adapters disabled, or a frozen copy). The
+vocabulary projection is applied to the response positions only, and the columns that are
+padding in every row are cut before each pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlhfkit.data.chat import encode_prompt
+from rlhfkit.generation.decoding import SamplingParams, decode_response, generation_kwargs, left_pad
+from rlhfkit.losses import entropy_from_logits
+from rlhfkit.rl.value import ActorCritic
+
+__all__ = ["Rollout", "rollout", "score", "response_mask", "position_ids", "forward_response",
+           "reference_logprobs", "generate_responses", "ResponseOutput"]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One batch of sampled responses and everything measured on them (see the module doc)."""
+
+    prompts: tuple               # the raw prompts (str or messages), one per sample
+    completions: tuple           # decoded response text (special tokens dropped), one per sample
+    prompt_ids: Tensor           # [N, P] long, left-padded
+    prompt_mask: Tensor          # [N, P] bool
+    response_ids: Tensor         # [N, R] long, right-padded
+    response_mask: Tensor        # [N, R] bool: real tokens, through the first EOS
+    logprobs: Tensor             # [N, R] policy log-probs at sampling time
+    ref_logprobs: Tensor         # [N, R] reference log-probs
+    values: Tensor | None        # [N, R] value estimates, or None
+    entropy: Tensor              # [N, R] entropy of the policy's next-token distribution
+    has_eos: Tensor              # [N] bool: the response ended with EOS
+    group: Tensor                # [N] long: index of the prompt in the batch
+    scores: Tensor | None = None  # [N] the reward source's scores (set by :func:`score`)
+
+    @property
+    def num_samples(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def lengths(self) -> Tensor:
+        """Real response tokens per sample ``[N]``."""
+        return self.response_mask.sum(dim=1)
+
+    def select(self, index: Tensor | Sequence[int]) -> "Rollout":
+        """The samples at ``index`` (a minibatch), as a new record."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        picked = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                picked[f.name] = value[index]
+            elif isinstance(value, tuple):
+                picked[f.name] = tuple(value[i] for i in index.tolist())
+            else:
+                picked[f.name] = value
+        return Rollout(**picked)
+
+
+def response_mask(response_ids: Tensor, eos_token_id: int | Sequence[int] | None) -> tuple[Tensor, Tensor]:
+    """``(mask [N, R] bool, has_eos [N] bool)``: True up to and including the first EOS.
+
+    Rows without an EOS are real to the end. Padding only ever follows an EOS, so it is never
+    real, whatever the pad token is (it may even equal EOS); a pad-token id *sampled* before
+    the EOS is a real token.
+    """
+    eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= response_ids == e
+    has_eos = is_eos.any(dim=1)
+    # positions after the first EOS: an EOS strictly before them
+    eos_before = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+    return ~eos_before, has_eos
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counting real tokens only (left padding does not shift them), as ``generate``."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class ResponseOutput(NamedTuple):
+    logprobs: Tensor              # [N, R], 0 off the mask
+    values: Tensor | None         # [N, R], 0 off the mask
+    entropy: Tensor | None        # [N, R], 0 off the mask
+
+
+def _token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token] without materialising the full log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def forward_response(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor,
+                     temperature: float = 1.0, *, with_values: bool = True, with_entropy: bool = False
+                     ) -> ResponseOutput:
+    """Log-probs (and values, entropy) of the response tokens in one pass of ``model``.
+
+    ``model`` is an :class:`~rlhfkit.rl.value.ActorCritic` (or what ``accelerator.prepare``
+    made of it). Logits are divided by ``temperature``: the log-probs are those of the
+    distribution the sampler drew from. Gradients flow unless the caller disables them.
+    """
+    real_prompt_cols = prompt_mask.any(dim=0).nonzero()
+    first = int(real_prompt_cols[0]) if len(real_prompt_cols) else prompt_mask.shape[1] - 1
+    real_response_cols = mask.any(dim=0).nonzero()
+    width = int(real_response_cols[-1]) + 1 if len(real_response_cols) else 1
+    width = min(width, response_ids.shape[1])
+    device = next(model.parameters()).device
+    ids = torch.cat([prompt_ids[:, first:], response_ids[:, :width]], dim=1).to(device)
+    attn = torch.cat([prompt_mask[:, first:], mask[:, :width]], dim=1).to(device).long()
+    start = prompt_ids.shape[1] - first
+    logits, values = model(ids, attn, position_ids(attn), start, width, with_values)
+    if temperature != 1.0:
+        logits = logits / temperature
+    real = mask[:, :width].to(device)
+    targets = response_ids[:, :width].to(device)
+    zero = torch.zeros((), device=device)
+    logprobs = torch.where(real, _token_logprobs(logits, targets), zero)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.where(real, entropy_from_logits(logits.detach()), zero)
+    if values is not None:
+        values = torch.where(real, values.float(), zero)
+    pad = response_ids.shape[1] - width
+    if pad:
+        logprobs = F.pad(logprobs, (0, pad))
+        entropy = F.pad(entropy, (0, pad)) if entropy is not None else None
+        values = F.pad(values, (0, pad)) if values is not None else None
+    return ResponseOutput(logprobs, values, entropy)
+
+
+def _unwrap(model) -> ActorCritic:
+    while not isinstance(model, ActorCritic) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def reference_logprobs(model, reference, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                       mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probs under the reference: ``reference`` (a frozen model), or, when it is None, the
+    LoRA policy with its adapters disabled (peft's ``disable_adapter()``: no second copy)."""
+    if reference is None:
+        actor = _unwrap(model)
+        if not actor.is_peft:
+            raise ValueError("a policy without LoRA adapters needs a separate reference model")
+        with actor.policy.disable_adapter():
+            return forward_response(actor, prompt_ids, prompt_mask, response_ids, mask, temperature,
+                                    with_values=False).logprobs
+    if not isinstance(reference, ActorCritic):
+        reference = ActorCritic(reference)
+    return forward_response(reference, prompt_ids, prompt_mask, response_ids, mask, temperature,
+                            with_values=False).logprobs
+
+
+@torch.no_grad()
+def generate_responses(policy, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
+                       batch_size: int = 0) -> Tensor:
+    """Sampled response ids ``[N, R]`` (right-padded with the pad token), one per prompt row.
+
+    ``model.generate`` with the KV cache, in chunks of ``batch_size`` rows (0: all at once).
+    """
+    kw = generation_kwargs(dataclasses.replace(params, n=1), tokenizer)
+    device = next(policy.parameters()).device
+    chunks = []
+    step = batch_size or prompt_ids.shape[0]
+    for i in range(0, prompt_ids.shape[0], step):
+        ids, attn = prompt_ids[i:i + step].to(device), prompt_mask[i:i + step].to(device).long()
+        out = policy.generate(input_ids=ids, attention_mask=attn, **kw)
+        chunks.append(out[:, ids.shape[1]:].cpu())
+    width = max(c.shape[1] for c in chunks)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad) for c in chunks])
+
+
+@torch.no_grad()
+def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingParams, *,
+            max_prompt_length: int | None = None, batch_size: int = 0,
+            timings: dict | None = None) -> Rollout:
+    """Sample ``params.n`` responses per prompt and measure them (no gradients).
+
+    ``model``: an :class:`ActorCritic` (policy plus optional value function); ``reference``: a
+    frozen causal LM (or ActorCritic), or None for "the LoRA policy with adapters disabled".
+    ``prompts``: strings or message lists (the chat template is applied). Prompts longer than
+    ``max_prompt_length`` tokens keep their last tokens. ``batch_size`` bounds the rows per
+    ``generate`` call and per forward pass (0: all at once). Sampling draws from torch's global
+    RNG: seed it before the call for a reproducible rollout. ``timings`` (optional) receives
+    the seconds spent sampling (``generation``) and in the log-prob/value passes (``forward``).
+    """
+    actor = _unwrap(model)
+    policy = actor.policy
+    was_training = actor.training
+    actor.eval()
+    t0 = time.perf_counter()
+    k = params.n
+    encoded = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+    repeated = [ids for ids in encoded for _ in range(k)]
+    prompt_ids, prompt_mask = left_pad(repeated, tokenizer.pad_token_id)
+    prompt_mask = prompt_mask.bool()
+    response_ids = generate_responses(policy, tokenizer, prompt_ids, prompt_mask, params, batch_size)
+    mask, has_eos = response_mask(response_ids, tokenizer.eos_token_id)
+    t1 = time.perf_counter()
+
+    step = batch_size or prompt_ids.shape[0]
+    parts: dict[str, list] = {"logprobs": [], "values": [], "entropy": [], "ref": []}
+    for i in range(0, prompt_ids.shape[0], step):
+        rows = slice(i, i + step)
+        args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows], mask[rows], params.temperature)
+        out = forward_response(model, *args, with_values=actor.has_values, with_entropy=True)
+        parts["logprobs"].append(out.logprobs.cpu())
+        parts["entropy"].append(out.entropy.cpu())
+        if out.values is not None:
+            parts["values"].append(out.values.cpu())
+        parts["ref"].append(reference_logprobs(model, reference, *args).cpu())
+    t2 = time.perf_counter()
+    actor.train(was_training)
+    if timings is not None:
+        timings["generation"] = t1 - t0
+        timings["forward"] = t2 - t1
+
+    completions = tuple(decode_response(tokenizer, row[m].tolist()) for row, m in zip(response_ids, mask))
+    return Rollout(
+        prompts=tuple(p for p in prompts for _ in range(k)),
+        completions=completions,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=mask,
+        logprobs=torch.cat(parts["logprobs"]),
+        ref_logprobs=torch.cat(parts["ref"]),
+        values=torch.cat(parts["values"]) if parts["values"] else None,
+        entropy=torch.cat(parts["entropy"]),
+        has_eos=has_eos,
+        group=torch.arange(len(prompts)).repeat_interleave(k),
+    )
+
+
+def score(batch: Rollout, reward_fn: Callable[[list, list], list]) -> Rollout:
+    """A copy of ``batch`` with ``scores`` [N] from ``reward_fn(prompts, completions)``."""
+    scores = torch.tensor(reward_fn(list(batch.prompts), list(batch.completions)), dtype=torch.float32)
+    if scores.shape != (batch.num_samples,):
+        raise ValueError(f"the reward returned {tuple(scores.shape)} scores for {batch.num_samples} samples")
+    return dataclasses.replace(batch, scores=scores)

@@ -1,0 +1,125 @@
+"""The one entry point: command listing, every command's --help, exit code 2 on bad values before
+any model is loaded, config.yaml written and reusable with --config."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from core_helpers import REPO, read_metrics
+from rlhfkit.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, (_, description) in COMMANDS.items():
+        top = name.split(" ")[0]
+        assert f"    {top} " in out or f"    {top}\n" in out, f"{top} missing from rlhfkit --help"
+        if " " not in name:
+            assert description.split(" ")[0] in out
+    assert main([]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_help_of_a_group_lists_its_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["label", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        if name.startswith("label "):
+            assert name.split(" ", 1)[1] in out
+
+
+def test_console_entry_point_runs_as_a_module():
+    """``python -m rlhfkit --help`` (what the console script calls) exits 0 and lists commands."""
+    result = subprocess.run([sys.executable, "-m", "rlhfkit", "--help"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "sft" in result.stdout and "inspect-data" in result.stdout
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_has_a_working_help(name, capsys):
+    module = COMMANDS[name][0].split(":")[0]
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} (command '{name}') does not exist yet")
+    with pytest.raises(SystemExit) as e:
+        main(name.split(" ") + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: rlhfkit {name}")
+    assert "--config" in out
+
+
+def test_unknown_command_exits_2(capsys):
+    assert main(["nonsense"]) == 2
+    assert "unknown command 'nonsense'" in capsys.readouterr().err
+
+
+def test_unknown_flag_and_unparsable_value_exit_2(capsys, tmp_path):
+    for argv in (["sft", "--no-such-flag"], ["sft", "--batch-size", "four"], ["rm", "--dtype", "float64"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: rlhfkit {argv[0]}")
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("sft", ["--batch-size", "0"], "error: --batch-size must be >= 1 (got 0)"),
+    ("sft", ["--merge-lora"], "error: --merge-lora needs --lora-r > 0"),
+    ("sft", ["--warmup-ratio", "1"], "error: --warmup-ratio must be in [0, 1) (got 1.0)"),
+    ("rm", ["--ranking-loss", "best-of"], "error: --ranking-loss: 'best-of' is not one of pairs, listwise, "
+                                          "plackett-luce"),
+    ("rm", ["--eval-data", "missing.jsonl"], "error: --eval-data: no such file or directory: missing.jsonl"),
+])
+def test_bad_values_exit_2_before_any_model_is_loaded(rlhfkit, no_model_loading, sft_toy, tiny_lm, tmp_path,
+                                                      command, flags, message):
+    out = tmp_path / "out"
+    result = rlhfkit(command, "--model", tiny_lm, "--data", sft_toy, "--output", out, *flags)
+    assert result.code == 2
+    assert result.errors == [message]
+    assert "Traceback" not in result.err
+    assert no_model_loading == []
+    assert not out.exists(), "nothing is written for a rejected config"
+
+
+def test_a_bad_yaml_config_exits_2(rlhfkit, no_model_loading, tmp_path, sft_toy):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: x\nbatch_size: lots\nwarp_speed: 9\n")
+    result = rlhfkit("sft", "--config", config, "--output", tmp_path / "o")
+    assert result.code == 2
+    assert f"error: {config}: unknown option 'warp_speed'" in result.errors
+    assert "error: --batch-size: expected int, got 'lots'" in result.errors
+    assert no_model_loading == []
+
+
+def test_missing_data_file_exits_2(rlhfkit, no_model_loading, tmp_path):
+    result = rlhfkit("sft", "--data", tmp_path / "nope.jsonl", "--output", tmp_path / "o")
+    assert result.code == 2
+    assert result.errors == [f"error: --data: no such file or directory: {tmp_path / 'nope.jsonl'}"]
+
+
+def test_saved_config_reruns_with_config_flag(rlhfkit, tiny_lm, sft_toy, tmp_path):
+    first = tmp_path / "first"
+    result = rlhfkit("sft", "--model", tiny_lm, "--data", sft_toy, "--output", first, "--max-steps", "2",
+                     "--batch-size", "2", "--lr", "1e-3", "--no-progress")
+    assert result.code == 0, result.err
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert saved["max_steps"] == 2 and saved["batch_size"] == 2 and saved["model"] == tiny_lm
+    assert saved["lr"] == 1e-3 and saved["output"] == str(first)
+
+    second = tmp_path / "second"
+    result = rlhfkit("sft", "--config", first / "config.yaml", "--output", second)
+    assert result.code == 0, result.err
+    again = yaml.safe_load((second / "config.yaml").read_text())
+    assert again == {**saved, "output": str(second)}
+    # same config, same seed: the same run
+    assert [r["loss"] for r in read_metrics(first)] == pytest.approx([r["loss"] for r in read_metrics(second)],
+                                                                     abs=1e-6)
