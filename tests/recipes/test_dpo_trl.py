@@ -48,7 +48,7 @@ def trl_loss(policy_path, ref_path, loss_type, beta, label_smoothing, out):
                                  for p, c, r in CONVERSATIONS])
     args = DPOConfig(output_dir=str(out), per_device_train_batch_size=len(CONVERSATIONS), beta=beta,
                      loss_type=[loss_type], label_smoothing=label_smoothing, max_length=512, report_to="none",
-                     use_cpu=True, precompute_ref_log_probs=False, gradient_checkpointing=False,
+                     use_cpu=True, bf16=False, precompute_ref_log_probs=False, gradient_checkpointing=False,
                      disable_dropout=True, save_strategy="no", logging_steps=1, seed=0)
     tokenizer = load_tokenizer(policy_path)
     trainer = DPOTrainer(model=load_causal_lm(policy_path), ref_model=load_causal_lm(ref_path), args=args,

@@ -162,3 +162,32 @@ def test_per_row_limits_in_one_call(policy):
             results[1].text.strip())
     finally:
         engine.stop()
+
+
+def test_a_failing_request_does_not_take_its_batch_down(policy, monkeypatch):
+    """When a shared call fails, its jobs run again alone: only the one at fault gets the error."""
+    model, tok = policy
+    poison = _ids(tok, "~")[0]
+    real_generate = model.generate
+
+    def picky(*args, **kwargs):
+        if (kwargs["input_ids"] == poison).any():
+            raise ValueError("cannot digest '~'")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", picky)
+    engine = Engine(model, tok, max_batch_size=8, batch_wait_ms=0)
+    try:
+        engine.pause()
+        good, good_q = _job(tok, text="fine")
+        bad, bad_q = _job(tok, text="~~~")
+        engine.submit(good)
+        engine.submit(bad)
+        engine.resume()
+        assert _result(good_q)[0] == "done"
+        event = _result(bad_q)
+        assert event[0] == "error" and event[1] == 500 and "cannot digest" in event[2]
+        stats = engine.stats()
+        assert stats["generate_calls"] == 3 and stats["failed_calls"] == 2 and stats["requests"] == 2
+    finally:
+        engine.stop()

@@ -100,6 +100,17 @@ def test_invalid_json_bodies(server, raw):
         _assert_openai_error(_post(server, path, raw, raw=True), 400, None)
 
 
+def test_body_is_read_as_json_whatever_the_content_type(server):
+    """`curl -d '{...}'` sends a form Content-Type; the body is JSON all the same."""
+    body = json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 2})
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        r = _HTTP.post(server.url + "/v1/chat/completions", content=body, headers={"Content-Type": content_type})
+        assert r.status_code == 200, r.text
+    r = _HTTP.post(server.url + "/v1/chat/completions", content="model=tiny",
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
 def test_non_finite_numbers_are_rejected(server):
     # Python's json module (and so the server) reads NaN and Infinity; they must not reach torch
     for value in ("NaN", "Infinity", "-Infinity"):

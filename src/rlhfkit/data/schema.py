@@ -3,7 +3,8 @@
 - SFT: ``{"messages": [...]}`` or ``{"prompt", "completion"}`` (strings or message lists).
 - Preference: ``{"prompt", "chosen", "rejected"}`` (strings or message lists), optional
   ``margin`` (float). Without ``prompt``, message-list ``chosen``/``rejected`` share their
-  leading turns as the prompt (TRL's implicit prompt).
+  leading turns as the prompt (TRL's implicit prompt). Records marked ``"tie": true`` (kept ties
+  of ``rlhfkit label export --keep-ties``) carry no preferred side and are skipped.
 - Ranking: ``{"prompt", "completions": [...], "ranking": [...]}`` where ``ranking`` lists the
   indices of ``completions`` from best to worst (a permutation of 0..K-1).
 - Prompts: ``{"prompt": str | messages}`` or ``{"messages": [...]}``; other fields are kept.
@@ -132,6 +133,8 @@ def _split_implicit_prompt(chosen: list, rejected: list):
 
 def parse_preference(rec: Record, problems: list[str]) -> list[PreferenceExample]:
     d = rec.data
+    if d.get("tie") is True:  # `rlhfkit label export --keep-ties`: no preferred side to learn from
+        return []
     if "completions" in d or "ranking" in d:
         r = parse_ranking(rec, problems)
         return r.pairs() if r else []

@@ -1,0 +1,6 @@
+"""Human preference collection: the ``rlhfkit label`` web app (see docs/label.md).
+
+``db`` tables and engine · ``service`` users, queue, judgments · ``stats`` agreement, alpha,
+position bias, throughput · ``importer`` JSONL pairs in · ``export`` preference pairs out ·
+``app`` pages and JSON API · ``commands`` the CLI.
+"""

@@ -62,6 +62,7 @@ class Job:
     cancelled: bool = False     # set by the HTTP side when the client goes away
     completions: list[Completion | None] = field(default_factory=list)
     finished: bool = False
+    emitted: bool = False       # some event went out (then the job cannot be run again)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
@@ -100,6 +101,7 @@ class Job:
         return ("sample", p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty)
 
     def emit(self, event: Event) -> None:
+        self.emitted = True
         try:
             self.sink(event)
         except Exception:  # the receiving side is gone (event loop closed): stop generating
@@ -117,6 +119,13 @@ class Job:
             if self._remaining <= 0:
                 self.finished = True
                 self.emit(("done", list(self.completions)))
+
+    def reset(self) -> None:
+        """Forget partial results before running the job again (only if nothing went out)."""
+        with self._lock:
+            assert not self.emitted
+            self.completions = [None] * self.num_choices
+            self._remaining = self.num_choices
 
     def fail(self, status: int, message: str, type: str = "server_error") -> None:
         with self._lock:
@@ -356,7 +365,7 @@ class Engine:
         pending.extend(keep)
         return batch
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _run(self, jobs: list[Job], retry: bool = False) -> None:
         rows: list[_Row] = []
         for job in jobs:
             n = job.params.n
@@ -369,14 +378,16 @@ class Engine:
         params = replace(first, n=1, stop=[], max_new_tokens=max(j.params.max_new_tokens for j in jobs))
         with self._stats_lock:
             s = self._stats
-            s["waiting"] -= len(jobs)
             s["generate_calls"] += 1
-            s["requests"] += len(jobs)
+            if not retry:
+                s["waiting"] -= len(jobs)
+                s["requests"] += len(jobs)
             s["batched_calls"] += len(jobs) > 1
             s["max_requests_per_call"] = max(s["max_requests_per_call"], len(jobs))
             s["calls_by_requests"][len(jobs)] = s["calls_by_requests"].get(len(jobs), 0) + 1
         self._active = jobs
         tracker = _Tracker(rows, self.tokenizer, self.tokenizer_lock)
+        again: list[Job] = []
         try:
             generate_ids(self.model, self.tokenizer, [r.prompt for r in rows], params,
                          batch_size=len(rows), stopping_criteria=[tracker])
@@ -387,12 +398,18 @@ class Engine:
         except Exception as e:  # never let one bad batch kill the worker
             log.exception("generation failed")
             self._count("failed_calls", 1)
+            if len(jobs) > 1:  # run the shared call's jobs alone, so only the one at fault fails
+                again = [j for j in jobs if not (j.finished or j.emitted or j.cancelled)]
             for job in jobs:
-                job.fail(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+                if job not in again:
+                    job.fail(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
         finally:
             self._active = []
             if params.seed is not None:
                 torch.seed()  # later unseeded requests must not continue a predictable stream
+        for job in again:
+            job.reset()
+            self._run([job], retry=True)
 
 
 def model_context_length(model) -> int | None:

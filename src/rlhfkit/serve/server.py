@@ -282,7 +282,8 @@ def create_app(engine, served_model_name: str, *, max_n: int = 16, default_max_t
 
 
 class _Guard:
-    """ASGI middleware: refuse oversized bodies (by Content-Length) and check the API key."""
+    """ASGI middleware: refuse oversized bodies (by Content-Length), check the API key, and read
+    every POST body under /v1/ as JSON whatever its Content-Type (``curl -d`` sends a form type)."""
 
     def __init__(self, app, api_key: str | None = None):
         self.app, self.api_key = app, api_key
@@ -308,6 +309,11 @@ class _Guard:
                 status, message, code, type_ = problem
                 await JSONResponse(error_body(message, type_, None, code), status_code=status)(scope, receive, send)
                 return
+            if scope.get("method") == "POST" and scope.get("path", "").startswith("/v1/") and \
+                    b"json" not in headers.get(b"content-type", b""):
+                scope = dict(scope)
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                    (b"content-type", b"application/json")]
         await self.app(scope, receive, send)
 
 
