@@ -295,6 +295,7 @@ def save_checkpoint(run: Run, step: int, state: dict[str, Any], keep: int = 0) -
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
+    acc.wait_for_everyone()  # every rank has written its RNG state into tmp before it is renamed
     if run.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         if final.exists():
@@ -320,6 +321,7 @@ def resume_if_requested(run: Run, cfg) -> dict[str, Any]:
     ckpt = latest_checkpoint(run.output)
     if ckpt is None:
         run.print(f"--resume: no checkpoint in {run.output}; starting from scratch")
+        run.metrics.truncate_after(0)  # rows of the run that died before its first checkpoint
         return {"step": 0}
     state = load_checkpoint(run, ckpt)
     run.metrics.truncate_after(state["step"])

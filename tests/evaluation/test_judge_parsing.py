@@ -83,3 +83,15 @@ def test_parse_pass_fail(text, value):
 def test_parse_pass_fail_malformed():
     assert parse_pass_fail("it is fine").value is None
     assert parse_pass_fail("").problem == "empty judgment"
+
+
+def test_disagreeing_fallback_matches_are_ambiguous_not_guessed():
+    # A weak judge enumerating "[1] ... [5]" has not given a rating.
+    enumerated = "[1] helpful.\n[2] helpful.\n[3] helpful.\n[5] helpful.\n[6"
+    parsed = parse_rating(enumerated)
+    assert parsed.value is None and parsed.problem.startswith("ambiguous verdict")
+    # ...but a later, agreeing fallback is still used, and repeated agreeing matches are fine.
+    assert parse_rating("[1] ok [2] fine. Rating: 6").value == 6.0
+    assert parse_rating("I give [7]. Again: [7]").value == 7.0
+    assert parse_pairwise("Compared [A] and [B] carefully.").value is None
+    assert parse_pairwise("Compared [A] and [B]. Verdict: A").value == "A"

@@ -57,7 +57,7 @@ def trl_loss(policy_path, ref_path, loss_type, beta, label_smoothing, out):
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return float(loss), metrics
+    return float(loss.detach()), metrics
 
 
 def our_loss(policy_path, ref_path, loss_type, beta, label_smoothing):

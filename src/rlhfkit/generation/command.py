@@ -106,12 +106,10 @@ def main(cfg: Config) -> int:
     from rlhfkit.errors import InputError
     from rlhfkit.models.loading import load_policy
     from rlhfkit.rl.rewards import load_reward
-    from rlhfkit.training import quiet_transformers
 
     problems = cfg.validate()
     if problems:
         raise InputError(problems)
-    quiet_transformers()
     examples = load_prompts(cfg.prompts)
     reward = load_reward(cfg.reward) if cfg.reward else None
     model, tokenizer = load_policy(cfg.model, cfg.dtype)

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from rlhfkit.config import arg
 from rlhfkit.errors import InputError

@@ -9,9 +9,12 @@ reason, counted and reported by the caller, and never raises.
 
 Rules common to all three parsers:
 
-* the **last** match wins (judges often quote the scale, "from [[1]] to [[10]]", or the
-  answer under review before concluding);
 * a strict match anywhere beats any fallback match;
+* for the strict pattern the **last** match wins (judges often quote the scale, "from [[1]]
+  to [[10]]", or the answer under review before concluding);
+* a fallback pattern counts only if all its matches agree (``[1] … [5]`` in an enumerated
+  list is not a rating); otherwise the next fallback is tried, and if none is usable the
+  verdict is malformed as *ambiguous*;
 * matching is case-insensitive and tolerates spaces and markdown emphasis (``**[[ 7 ]]**``).
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 _NUM = r"(\d+(?:\.\d+)?)"
 
@@ -75,12 +78,23 @@ class Parsed:
         return self.pattern == "double-bracket"
 
 
-def _last_match(text: str, patterns: list[tuple[str, re.Pattern]]) -> tuple[str, str] | None:
-    for name, pattern in patterns:
+def _find(text: str, patterns: list[tuple[str, re.Pattern]],
+          norm: Callable[[str], Any]) -> tuple[str, str] | str | None:
+    """(pattern name, raw match), or a problem string for ambiguous fallbacks, or None.
+
+    The strict (first) pattern takes its last match. A fallback is used only if all of its
+    matches agree: ``[1] … [5]`` in an enumerated list is not a rating.
+    """
+    ambiguous = None
+    for k, (name, pattern) in enumerate(patterns):
         matches = pattern.findall(text)
-        if matches:
+        if not matches:
+            continue
+        if k == 0 or len({norm(m) for m in matches}) == 1:
             return name, matches[-1]
-    return None
+        ambiguous = ambiguous or (f"ambiguous verdict ({name} matches disagree: "
+                                  f"{', '.join(dict.fromkeys(matches))})")
+    return ambiguous
 
 
 def parse_rating(text: str | None, low: float = 1.0, high: float = 10.0) -> Parsed:
@@ -93,9 +107,9 @@ def parse_rating(text: str | None, low: float = 1.0, high: float = 10.0) -> Pars
     """
     if not text or not text.strip():
         return Parsed(None, None, "empty judgment")
-    found = _last_match(text, RATING_PATTERNS)
-    if found is None:
-        return Parsed(None, None, "no rating found")
+    found = _find(text, RATING_PATTERNS, float)
+    if not isinstance(found, tuple):
+        return Parsed(None, None, found or "no rating found")
     name, raw = found
     value = float(raw)
     if not low <= value <= high:
@@ -103,24 +117,28 @@ def parse_rating(text: str | None, low: float = 1.0, high: float = 10.0) -> Pars
     return Parsed(value, name)
 
 
+def _pair_norm(raw: str) -> str:
+    value = raw.upper()
+    return "C" if value == "TIE" else value
+
+
 def parse_pairwise(text: str | None) -> Parsed:
     """``"A"``, ``"B"`` or ``"C"`` (tie) from a pairwise judgment; ``[[tie]]`` reads as C."""
     if not text or not text.strip():
         return Parsed(None, None, "empty judgment")
-    found = _last_match(text, PAIRWISE_PATTERNS)
-    if found is None:
-        return Parsed(None, None, "no verdict found")
+    found = _find(text, PAIRWISE_PATTERNS, _pair_norm)
+    if not isinstance(found, tuple):
+        return Parsed(None, None, found or "no verdict found")
     name, raw = found
-    value = raw.upper()
-    return Parsed("C" if value == "TIE" else value, name)
+    return Parsed(_pair_norm(raw), name)
 
 
 def parse_pass_fail(text: str | None) -> Parsed:
     """``"PASS"`` or ``"FAIL"`` from a chat-bench judgment."""
     if not text or not text.strip():
         return Parsed(None, None, "empty judgment")
-    found = _last_match(text, PASS_FAIL_PATTERNS)
-    if found is None:
-        return Parsed(None, None, "no verdict found")
+    found = _find(text, PASS_FAIL_PATTERNS, str.upper)
+    if not isinstance(found, tuple):
+        return Parsed(None, None, found or "no verdict found")
     name, raw = found
     return Parsed(raw.upper(), name)

@@ -1,0 +1,117 @@
+"""Best-of-N and `rlhfkit generate` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhfkit.cli import main as cli
+from rlhfkit.generation.best_of_n import BestOfN, argmax, best_of_n
+from rlhfkit.generation.decoding import SamplingParams
+from rlhfkit.models.loading import load_policy
+from rlhfkit.models.tiny import make_tiny_causal_lm
+
+REWARD = '''
+def letters(prompts, completions):
+    return [sum(c.isascii() and c.isalpha() for c in text) - 0.01 * len(text) for text in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model", seed=5)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("files")
+    (root / "reward.py").write_text(REWARD)
+    (root / "prompts.jsonl").write_text(
+        json.dumps({"prompt": "hello", "id": 1}) + "\n" +
+        json.dumps({"messages": [{"role": "user", "content": "hi there"}], "id": 2}) + "\n")
+    return root
+
+
+def test_argmax_takes_the_first_of_ties():
+    assert argmax([0.1, 0.5, 0.5, -1.0]) == 1
+    assert argmax([-3.0]) == 0
+
+
+def test_best_of_n_returns_the_argmax_of_the_scores(tiny):
+    model, tokenizer = load_policy(tiny)
+    calls = []
+
+    def reward(prompts, completions):
+        calls.append(len(completions))
+        return [float(len(c)) + 0.001 * i for i, c in enumerate(completions)]
+
+    prompts = ["one", "two", "three"]
+    results = best_of_n(model, tokenizer, prompts, reward, n=5,
+                        params=SamplingParams(strategy="sample", max_new_tokens=10, seed=0))
+    assert calls == [15]  # one scoring call for every completion of every prompt
+    assert len(results) == 3
+    for r in results:
+        assert isinstance(r, BestOfN) and len(r.completions) == len(r.scores) == 5
+        assert r.best == r.completions[max(range(5), key=lambda i: r.scores[i])]
+        assert r.scores[r.best_index] == max(r.scores)
+        completions, scores, best = r  # unpacks as a plain triple
+        assert best == r.best
+
+
+def test_best_of_n_accepts_a_reward_spec(tiny, files):
+    model, tokenizer = load_policy(tiny)
+    results = best_of_n(model, tokenizer, ["hello"], f"{files / 'reward.py'}:letters", n=4,
+                        params=SamplingParams(max_new_tokens=8, seed=1))
+    assert results[0].scores[results[0].best_index] == max(results[0].scores)
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generate_cli_keeps_the_record_and_adds_completions(tiny, files, tmp_path):
+    out = tmp_path / "out.jsonl"
+    code = cli(["generate", "--model", tiny, "--prompts", str(files / "prompts.jsonl"), "--output", str(out),
+                "--strategy", "sample", "--n", "3", "--max-new-tokens", "6", "--top-k", "20", "--top-p", "0.9",
+                "--min-p", "0.01", "--temperature", "0.8", "--repetition-penalty", "1.2", "--batch-size", "1"])
+    assert code == 0
+    rows = read(out)
+    assert [r["id"] for r in rows] == [1, 2]
+    assert rows[0]["prompt"] == "hello" and rows[1]["messages"][0]["content"] == "hi there"
+    assert all(len(r["completions"]) == 3 and all(isinstance(c, str) for c in r["completions"]) for r in rows)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_generate_cli_deterministic_strategies(tiny, files, tmp_path, strategy):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"{i}.jsonl"
+        assert cli(["generate", "--model", tiny, "--prompts", str(files / "prompts.jsonl"), "--output", str(out),
+                    "--strategy", strategy, "--num-beams", "2", "--max-new-tokens", "6"]) == 0
+        outs.append(read(out))
+    assert outs[0] == outs[1]
+
+
+def test_generate_cli_best_of(tiny, files, tmp_path, capsys):
+    out = tmp_path / "best.jsonl"
+    code = cli(["generate", "--model", tiny, "--prompts", str(files / "prompts.jsonl"), "--output", str(out),
+                "--best-of", "4", "--reward", f"{files / 'reward.py'}:letters", "--max-new-tokens", "8"])
+    assert code == 0
+    for row in read(out):
+        assert len(row["completions"]) == len(row["scores"]) == 4
+        assert row["best"] == row["completions"][argmax(row["scores"])]
+    assert "mean best" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--best-of", "4"], "--best-of needs --reward"),
+    (["--best-of", "4", "--reward", "nope.py:f"], "no such file"),
+    (["--strategy", "beam", "--num-beams", "2", "--n", "3"], "--num-beams must be >= n"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+])
+def test_generate_cli_rejects_bad_flags(tiny, files, tmp_path, capsys, argv, message):
+    code = cli(["generate", "--model", tiny, "--prompts", str(files / "prompts.jsonl"),
+                "--output", str(tmp_path / "o.jsonl"), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err

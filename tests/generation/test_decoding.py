@@ -1,0 +1,105 @@
+"""Decoding strategies against first principles on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.data.chat import encode_prompt
+from rlhfkit.generation.decoding import SamplingParams, generate_ids
+from rlhfkit.models.loading import load_policy
+from rlhfkit.models.tiny import make_tiny_causal_lm
+
+PROMPTS = ["hello", "a somewhat longer prompt, to exercise left padding", "x"]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    path = make_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model", seed=3)
+    model, tokenizer = load_policy(path)
+    return model, tokenizer, [encode_prompt(tokenizer, p) for p in PROMPTS]
+
+
+@torch.no_grad()
+def argmax_loop(model, prompt: list[int], max_new_tokens: int, eos: int, pad: int) -> list[int]:
+    """Greedy decoding by hand: full forward each step, no cache, argmax of the last logits."""
+    ids, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        if token == pad:  # generate_ids ends a response at a sampled padding token
+            break
+        out.append(token)
+        ids.append(token)
+        if token == eos:
+            break
+    return out
+
+
+def greedy(model, tokenizer, prompt_ids, max_new_tokens=12):
+    params = SamplingParams(strategy="greedy", max_new_tokens=max_new_tokens)
+    return [rows[0] for rows in generate_ids(model, tokenizer, prompt_ids, params, batch_size=8)]
+
+
+def test_greedy_equals_a_hand_written_argmax_loop(policy):
+    model, tokenizer, prompt_ids = policy
+    batched = greedy(model, tokenizer, prompt_ids)  # one left-padded batch with the KV cache
+    for prompt, got in zip(prompt_ids, batched):
+        assert got == argmax_loop(model, prompt, 12, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert len(got) > 0
+
+
+def test_greedy_n_copies(policy):
+    model, tokenizer, prompt_ids = policy
+    out = generate_ids(model, tokenizer, prompt_ids[:1], SamplingParams(strategy="greedy", n=3, max_new_tokens=6))
+    assert len(out[0]) == 3 and out[0][0] == out[0][1] == out[0][2]
+
+
+def test_beam_search_with_one_beam_equals_greedy(policy):
+    model, tokenizer, prompt_ids = policy
+    params = SamplingParams(strategy="beam", num_beams=1, n=1, max_new_tokens=12)
+    beams = [rows[0] for rows in generate_ids(model, tokenizer, prompt_ids, params)]
+    assert beams == greedy(model, tokenizer, prompt_ids)
+
+
+def test_beam_search_returns_n_distinct_beams(policy):
+    model, tokenizer, prompt_ids = policy
+    params = SamplingParams(strategy="beam", num_beams=4, n=3, max_new_tokens=8)
+    out = generate_ids(model, tokenizer, prompt_ids, params)
+    assert all(len(rows) == 3 and len({tuple(r) for r in rows}) == 3 for rows in out)
+
+
+def test_top_k_one_sampling_equals_greedy(policy):
+    model, tokenizer, prompt_ids = policy
+    params = SamplingParams(strategy="sample", top_k=1, n=3, seed=0, max_new_tokens=12, temperature=1.7)
+    sampled = generate_ids(model, tokenizer, prompt_ids, params)
+    for rows, expected in zip(sampled, greedy(model, tokenizer, prompt_ids)):
+        assert rows == [expected] * 3
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_top_k_never_samples_outside_the_top_k(policy, k):
+    model, tokenizer, prompt_ids = policy
+    prompt = prompt_ids[1]
+    with torch.no_grad():
+        allowed = set(model(torch.tensor([prompt])).logits[0, -1].topk(k).indices.tolist())
+    params = SamplingParams(strategy="sample", top_k=k, n=400, seed=1, max_new_tokens=1, temperature=2.0)
+    first = [r[0] if r else tokenizer.pad_token_id for r in generate_ids(model, tokenizer, [prompt], params)[0]]
+    assert set(first) <= allowed
+    assert len(set(first)) == k  # 400 draws at temperature 2 reach every allowed token
+
+
+def test_sampling_is_seeded_and_varied(policy):
+    model, tokenizer, prompt_ids = policy
+    params = SamplingParams(strategy="sample", n=4, seed=7, max_new_tokens=8)
+    a = generate_ids(model, tokenizer, prompt_ids, params)
+    b = generate_ids(model, tokenizer, prompt_ids, params)
+    assert a == b
+    assert len({tuple(r) for r in a[0]}) > 1
+
+
+def test_top_p_and_min_p_near_their_limits_are_greedy(policy):
+    model, tokenizer, prompt_ids = policy
+    expected = greedy(model, tokenizer, prompt_ids, 6)
+    for kw in ({"top_p": 1e-6}, {"min_p": 0.999}):
+        params = SamplingParams(strategy="sample", n=2, seed=0, max_new_tokens=6, **kw)
+        assert [rows[0] for rows in generate_ids(model, tokenizer, prompt_ids, params)] == expected, kw
