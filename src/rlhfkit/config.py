@@ -157,7 +157,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         tp = hints[f.name]
         base, _ = _unwrap_optional(tp)
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if f.metadata.get("positional"):
