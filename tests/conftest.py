@@ -34,8 +34,8 @@ class CliResult(NamedTuple):
 
 
 @pytest.fixture
-def rlhfkit(capsys):
-    """Run the real CLI in-process: ``rlhfkit("sft", "--model", m, ...) -> CliResult``."""
+def run_cli(capsys):
+    """Run the real CLI in-process: ``run_cli("sft", "--model", m, ...) -> CliResult``."""
     from rlhfkit.cli import main
 
     def run(*args) -> CliResult:
@@ -45,6 +45,18 @@ def rlhfkit(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module: tiny models are latency-bound, and on 2 shared cores the
+    OpenMP barrier of every small op costs far more than the math (10x slower runs under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

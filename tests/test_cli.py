@@ -13,6 +13,8 @@ import yaml
 from core_helpers import REPO, read_metrics
 from rlhfkit.cli import COMMANDS, main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
@@ -79,10 +81,10 @@ def test_unknown_flag_and_unparsable_value_exit_2(capsys, tmp_path):
                                           "plackett-luce"),
     ("rm", ["--eval-data", "missing.jsonl"], "error: --eval-data: no such file or directory: missing.jsonl"),
 ])
-def test_bad_values_exit_2_before_any_model_is_loaded(rlhfkit, no_model_loading, sft_toy, tiny_lm, tmp_path,
+def test_bad_values_exit_2_before_any_model_is_loaded(run_cli, no_model_loading, sft_toy, tiny_lm, tmp_path,
                                                       command, flags, message):
     out = tmp_path / "out"
-    result = rlhfkit(command, "--model", tiny_lm, "--data", sft_toy, "--output", out, *flags)
+    result = run_cli(command, "--model", tiny_lm, "--data", sft_toy, "--output", out, *flags)
     assert result.code == 2
     assert result.errors == [message]
     assert "Traceback" not in result.err
@@ -90,25 +92,25 @@ def test_bad_values_exit_2_before_any_model_is_loaded(rlhfkit, no_model_loading,
     assert not out.exists(), "nothing is written for a rejected config"
 
 
-def test_a_bad_yaml_config_exits_2(rlhfkit, no_model_loading, tmp_path, sft_toy):
+def test_a_bad_yaml_config_exits_2(run_cli, no_model_loading, tmp_path, sft_toy):
     config = tmp_path / "c.yaml"
     config.write_text("data: x\nbatch_size: lots\nwarp_speed: 9\n")
-    result = rlhfkit("sft", "--config", config, "--output", tmp_path / "o")
+    result = run_cli("sft", "--config", config, "--output", tmp_path / "o")
     assert result.code == 2
     assert f"error: {config}: unknown option 'warp_speed'" in result.errors
     assert "error: --batch-size: expected int, got 'lots'" in result.errors
     assert no_model_loading == []
 
 
-def test_missing_data_file_exits_2(rlhfkit, no_model_loading, tmp_path):
-    result = rlhfkit("sft", "--data", tmp_path / "nope.jsonl", "--output", tmp_path / "o")
+def test_missing_data_file_exits_2(run_cli, no_model_loading, tmp_path):
+    result = run_cli("sft", "--data", tmp_path / "nope.jsonl", "--output", tmp_path / "o")
     assert result.code == 2
     assert result.errors == [f"error: --data: no such file or directory: {tmp_path / 'nope.jsonl'}"]
 
 
-def test_saved_config_reruns_with_config_flag(rlhfkit, tiny_lm, sft_toy, tmp_path):
+def test_saved_config_reruns_with_config_flag(run_cli, tiny_lm, sft_toy, tmp_path):
     first = tmp_path / "first"
-    result = rlhfkit("sft", "--model", tiny_lm, "--data", sft_toy, "--output", first, "--max-steps", "2",
+    result = run_cli("sft", "--model", tiny_lm, "--data", sft_toy, "--output", first, "--max-steps", "2",
                      "--batch-size", "2", "--lr", "1e-3", "--no-progress")
     assert result.code == 0, result.err
     saved = yaml.safe_load((first / "config.yaml").read_text())
@@ -116,7 +118,7 @@ def test_saved_config_reruns_with_config_flag(rlhfkit, tiny_lm, sft_toy, tmp_pat
     assert saved["lr"] == 1e-3 and saved["output"] == str(first)
 
     second = tmp_path / "second"
-    result = rlhfkit("sft", "--config", first / "config.yaml", "--output", second)
+    result = run_cli("sft", "--config", first / "config.yaml", "--output", second)
     assert result.code == 0, result.err
     again = yaml.safe_load((second / "config.yaml").read_text())
     assert again == {**saved, "output": str(second)}

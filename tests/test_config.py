@@ -15,6 +15,8 @@ from rlhfkit.errors import InputError
 from rlhfkit.recipes import rm as rm_recipe
 from rlhfkit.recipes import sft as sft_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _parser(cls) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="test")

@@ -7,18 +7,20 @@ import pytest
 
 from core_helpers import assert_same_params, read_metrics, run_distributed
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("command", ["rm", "sft"])
-def test_two_processes_equal_one_with_the_same_global_batch(command, rlhfkit, tiny_lm, sft_toy, pairs_train,
+def test_two_processes_equal_one_with_the_same_global_batch(command, run_cli, tiny_lm, sft_toy, pairs_train,
                                                             tmp_path):
     data = sft_toy if command == "sft" else pairs_train
-    common = [command, "--model", tiny_lm, "--data", data, "--max-steps", "3", "--save-steps", "2",
-              "--lr", "2e-2", "--no-progress"]
+    common = [command, "--model", tiny_lm, "--data", data, "--eval-data", data, "--max-steps", "3",
+              "--save-steps", "2", "--lr", "2e-2", "--no-progress"]
     single, double = tmp_path / "one", tmp_path / "two"
 
-    result = rlhfkit(*common, "--batch-size", "4", "--output", single)
+    result = run_cli(*common, "--batch-size", "4", "--output", single)
     assert result.code == 0, result.err
     launched = run_distributed([*common, "--batch-size", "2", "--output", double], nproc=2)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
@@ -36,3 +38,5 @@ def test_two_processes_equal_one_with_the_same_global_batch(command, rlhfkit, ti
         assert b["learning_rate"] == pytest.approx(a["learning_rate"], abs=1e-12)  # one schedule step per step
         assert b["epoch"] == pytest.approx(a["epoch"])
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    evals = [k for k in one[-1] if k.startswith("eval/")]
+    assert evals and all(two[-1][k] == pytest.approx(one[-1][k], abs=1e-5) for k in evals)

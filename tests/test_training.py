@@ -13,6 +13,8 @@ import pytest
 from core_helpers import assert_same_params, read_metrics
 from rlhfkit.training import MetricsLogger, StepPlan, latest_checkpoint, list_checkpoints
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ------------------------------------------------------------------ data order
 
@@ -88,10 +90,6 @@ def test_metrics_logger_appends_and_truncates(tmp_path):
 # ------------------------------------------------------------------ resume equivalence
 
 
-class Interrupted(Exception):
-    pass
-
-
 def _interrupt_after_logging(monkeypatch, at_step: int):
     """Simulate a kill right after the metrics row of ``at_step`` was written."""
     original = MetricsLogger.log
@@ -125,23 +123,23 @@ RESUME_CASES = {
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
-def test_resumed_run_equals_uninterrupted_run(case, rlhfkit, monkeypatch, tiny_lm, sft_toy, pairs_train, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(case, run_cli, monkeypatch, tiny_lm, sft_toy, pairs_train, tmp_path):
     command, *extra = RESUME_CASES[case]
     data = sft_toy if command == "sft" else pairs_train
     args = [command, "--model", tiny_lm, "--data", data, "--max-steps", "6", "--save-steps", "3",
             "--batch-size", "3", "--no-progress", *extra]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert rlhfkit(*args, "--output", whole).code == 0
+    assert run_cli(*args, "--output", whole).code == 0
 
     with monkeypatch.context() as m:
         _interrupt_after_logging(m, at_step=5)
-        result = rlhfkit(*args, "--output", broken)
+        result = run_cli(*args, "--output", broken)
     assert result.code == 130 and "interrupted" in result.err
     assert [p.name for p in list_checkpoints(broken)] == ["checkpoint-3"]
     assert [r["step"] for r in read_metrics(broken)] == [1, 2, 3, 4, 5]
     _leave_a_broken_save_behind(broken, broken / "checkpoint-3")
 
-    result = rlhfkit(*args, "--output", broken, "--resume")
+    result = run_cli(*args, "--output", broken, "--resume")
     assert result.code == 0, result.err
     assert f"resumed from {broken / 'checkpoint-3'} (step 3)" in result.out
 
@@ -156,13 +154,13 @@ def test_resumed_run_equals_uninterrupted_run(case, rlhfkit, monkeypatch, tiny_l
         assert (broken / "adapter_model.safetensors").exists()
 
 
-def test_resume_without_a_checkpoint_starts_over_cleanly(rlhfkit, tiny_lm, sft_toy, tmp_path):
+def test_resume_without_a_checkpoint_starts_over_cleanly(run_cli, tiny_lm, sft_toy, tmp_path):
     """A run killed before its first checkpoint, restarted with --resume: no stale metrics rows."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
     (out / ".tmp-checkpoint-2").mkdir()
-    result = rlhfkit("sft", "--model", tiny_lm, "--data", sft_toy, "--output", out, "--max-steps", "2",
+    result = run_cli("sft", "--model", tiny_lm, "--data", sft_toy, "--output", out, "--max-steps", "2",
                      "--batch-size", "2", "--resume", "--no-progress")
     assert result.code == 0, result.err
     assert "no checkpoint" in result.out
@@ -171,13 +169,13 @@ def test_resume_without_a_checkpoint_starts_over_cleanly(rlhfkit, tiny_lm, sft_t
     assert rows[0]["loss"] != 99.0
 
 
-def test_resume_of_a_finished_run_changes_nothing(rlhfkit, tiny_lm, pairs_train, tmp_path):
+def test_resume_of_a_finished_run_changes_nothing(run_cli, tiny_lm, pairs_train, tmp_path):
     out = tmp_path / "o"
     args = ["rm", "--model", tiny_lm, "--data", pairs_train, "--output", out, "--max-steps", "2", "--batch-size", "4",
             "--lr", "1e-2", "--no-progress"]
-    assert rlhfkit(*args).code == 0
+    assert run_cli(*args).code == 0
     shutil.copytree(out, tmp_path / "before")
-    assert rlhfkit(*args, "--resume").code == 0
+    assert run_cli(*args, "--resume").code == 0
     assert_same_params(tmp_path / "before", out, atol=0)
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
@@ -186,15 +184,15 @@ def test_resume_of_a_finished_run_changes_nothing(rlhfkit, tiny_lm, pairs_train,
 
 
 @pytest.mark.parametrize("command", ["sft", "rm"])
-def test_gradient_accumulation_is_invariant(command, rlhfkit, tiny_lm, sft_toy, pairs_train, tmp_path):
+def test_gradient_accumulation_is_invariant(command, run_cli, tiny_lm, sft_toy, pairs_train, tmp_path):
     """batch 4 x accum 1 and batch 2 x accum 2 (same global batch) end with the same parameters.
     SFT examples differ in length: this holds only because the loss is divided by the trained
     tokens of the whole global batch, not averaged per micro-batch."""
     data = sft_toy if command == "sft" else pairs_train
     common = [command, "--model", tiny_lm, "--data", data, "--max-steps", "3", "--lr", "2e-2", "--no-progress"]
-    assert rlhfkit(*common, "--batch-size", "4", "--grad-accum", "1", "--output", tmp_path / "a").code == 0
-    assert rlhfkit(*common, "--batch-size", "2", "--grad-accum", "2", "--output", tmp_path / "b").code == 0
-    assert rlhfkit(*common, "--batch-size", "1", "--grad-accum", "4", "--output", tmp_path / "c").code == 0
+    assert run_cli(*common, "--batch-size", "4", "--grad-accum", "1", "--output", tmp_path / "a").code == 0
+    assert run_cli(*common, "--batch-size", "2", "--grad-accum", "2", "--output", tmp_path / "b").code == 0
+    assert run_cli(*common, "--batch-size", "1", "--grad-accum", "4", "--output", tmp_path / "c").code == 0
     # float noise from different padding and summation order is ~1e-6 after Adam's normalised steps;
     # averaging per micro-batch instead (the classic bug) moves SFT parameters by ~1e-1 here
     assert_same_params(tmp_path / "a", tmp_path / "b", atol=1e-5)

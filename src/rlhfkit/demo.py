@@ -392,4 +392,4 @@ def best_of_n_texts(model, tokenizer, prompts, reward, preset: Preset, seed: int
 
     params = SamplingParams(strategy="sample", temperature=preset.temperature, max_new_tokens=preset.max_new_tokens,
                             n=preset.best_of, seed=seed)
-    return [r.best for r in best_of_n(model, tokenizer, prompts, reward, params)]
+    return [r.best for r in best_of_n(model, tokenizer, prompts, reward, preset.best_of, params, batch_size=16)]

@@ -9,6 +9,8 @@ import pytest
 
 from core_helpers import read_metrics, write_text
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GOOD_SFT = json.dumps({"prompt": "Say hi.", "completion": "Hi!"})
 GOOD_PAIR = json.dumps({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."})
 
@@ -66,41 +68,41 @@ def _check_one_problem(result, path, line, field, fragment):
 
 
 @pytest.mark.parametrize("case", list(SFT_CASES))
-def test_sft_bad_record(case, rlhfkit, no_model_loading, tiny_lm, tmp_path):
+def test_sft_bad_record(case, run_cli, no_model_loading, tiny_lm, tmp_path):
     text, line, field, fragment = SFT_CASES[case]
     path = write_text(tmp_path / "train.jsonl", text)
-    result = rlhfkit("sft", "--model", tiny_lm, "--data", path, "--output", tmp_path / "out", "--no-progress")
+    result = run_cli("sft", "--model", tiny_lm, "--data", path, "--output", tmp_path / "out", "--no-progress")
     _check_one_problem(result, path, line, field, fragment)
     assert no_model_loading == []
 
 
 @pytest.mark.parametrize("case", list(RM_CASES))
-def test_rm_bad_record(case, rlhfkit, no_model_loading, tiny_lm, tmp_path):
+def test_rm_bad_record(case, run_cli, no_model_loading, tiny_lm, tmp_path):
     text, line, field, fragment = RM_CASES[case]
     path = write_text(tmp_path / "pairs.jsonl", text)
-    result = rlhfkit("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "out", "--no-progress")
+    result = run_cli("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "out", "--no-progress")
     _check_one_problem(result, path, line, field, fragment)
     assert no_model_loading == []
 
 
 @pytest.mark.parametrize("text", ["", "\n\n  \n"])
-def test_empty_file(text, rlhfkit, no_model_loading, tiny_lm, tmp_path):
+def test_empty_file(text, run_cli, no_model_loading, tiny_lm, tmp_path):
     path = write_text(tmp_path / "empty.jsonl", text)
     for command in ("sft", "rm"):
-        result = rlhfkit(command, "--model", tiny_lm, "--data", path, "--output", tmp_path / "out")
+        result = run_cli(command, "--model", tiny_lm, "--data", path, "--output", tmp_path / "out")
         assert result.code == 2
         assert result.errors == [f"error: {path}: the file is empty (no records)"]
 
 
-def test_every_bad_record_is_reported_one_line_each(rlhfkit, no_model_loading, tiny_lm, tmp_path):
+def test_every_bad_record_is_reported_one_line_each(run_cli, no_model_loading, tiny_lm, tmp_path):
     path = write_text(tmp_path / "train.jsonl", _lines(GOOD_SFT, "{oops", GOOD_SFT, "{also broken"))
-    result = rlhfkit("sft", "--model", tiny_lm, "--data", path, "--output", tmp_path / "out")
+    result = run_cli("sft", "--model", tiny_lm, "--data", path, "--output", tmp_path / "out")
     assert result.code == 2
     assert [e.split(" invalid JSON")[0] for e in result.errors] == [f"error: {path}:2:", f"error: {path}:4:"]
 
     path = write_text(tmp_path / "pairs.jsonl", _lines(
         GOOD_PAIR, {"prompt": "p", "chosen": 1, "rejected": None}, GOOD_PAIR))
-    result = rlhfkit("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "out")
+    result = run_cli("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "out")
     assert result.code == 2
     assert result.errors == [
         f"error: {path}:2: field 'chosen': expected a string or a list of messages, got int",
@@ -108,9 +110,9 @@ def test_every_bad_record_is_reported_one_line_each(rlhfkit, no_model_loading, t
     ]
 
 
-def test_bad_eval_data_is_reported_too(rlhfkit, no_model_loading, tiny_lm, sft_toy, tmp_path):
+def test_bad_eval_data_is_reported_too(run_cli, no_model_loading, tiny_lm, sft_toy, tmp_path):
     path = write_text(tmp_path / "eval.jsonl", _lines(GOOD_SFT, {"prompt": "x", "completion": ["no"]}))
-    result = rlhfkit("sft", "--model", tiny_lm, "--data", sft_toy, "--eval-data", path, "--output", tmp_path / "o")
+    result = run_cli("sft", "--model", tiny_lm, "--data", sft_toy, "--eval-data", path, "--output", tmp_path / "o")
     assert result.code == 2
     assert result.errors[0].startswith(f"error: {path}:2: field 'completion[0]':")
 
@@ -125,16 +127,16 @@ def with_long_example(tmp_path) -> str:
     return write_text(tmp_path / "mixed.jsonl", _lines(GOOD_SFT, LONG, {"prompt": "Say no.", "completion": "No."}))
 
 
-def test_truncate_policy_reports_the_count(rlhfkit, tiny_lm, with_long_example, tmp_path):
-    result = rlhfkit("sft", "--model", tiny_lm, "--data", with_long_example, "--output", tmp_path / "o",
+def test_truncate_policy_reports_the_count(run_cli, tiny_lm, with_long_example, tmp_path):
+    result = run_cli("sft", "--model", tiny_lm, "--data", with_long_example, "--output", tmp_path / "o",
                      "--max-length", "64", "--max-steps", "1", "--batch-size", "3", "--no-progress")
     assert result.code == 0, result.err
     assert "1 example(s) truncated and 0 dropped at --max-length 64 (policy: truncate)" in result.out
     assert read_metrics(tmp_path / "o")[0]["epoch"] == pytest.approx(1.0)  # all three examples kept
 
 
-def test_drop_policy_skips_and_reports(rlhfkit, tiny_lm, with_long_example, tmp_path):
-    result = rlhfkit("sft", "--model", tiny_lm, "--data", with_long_example, "--output", tmp_path / "o",
+def test_drop_policy_skips_and_reports(run_cli, tiny_lm, with_long_example, tmp_path):
+    result = run_cli("sft", "--model", tiny_lm, "--data", with_long_example, "--output", tmp_path / "o",
                      "--max-length", "64", "--truncation", "drop", "--max-steps", "1", "--batch-size", "2",
                      "--no-progress")
     assert result.code == 0, result.err
@@ -142,8 +144,8 @@ def test_drop_policy_skips_and_reports(rlhfkit, tiny_lm, with_long_example, tmp_
     assert read_metrics(tmp_path / "o")[0]["epoch"] == pytest.approx(1.0)  # two examples left, batch of 2
 
 
-def test_everything_dropped_is_an_input_error(rlhfkit, no_model_loading, tiny_lm, with_long_example, tmp_path):
-    result = rlhfkit("sft", "--model", tiny_lm, "--data", with_long_example, "--output", tmp_path / "o",
+def test_everything_dropped_is_an_input_error(run_cli, no_model_loading, tiny_lm, with_long_example, tmp_path):
+    result = run_cli("sft", "--model", tiny_lm, "--data", with_long_example, "--output", tmp_path / "o",
                      "--max-length", "8", "--truncation", "drop")
     assert result.code == 2
     assert result.errors == [f"error: {with_long_example}: every example is longer than --max-length 8 "
@@ -153,27 +155,27 @@ def test_everything_dropped_is_an_input_error(rlhfkit, no_model_loading, tiny_lm
 LONG_PAIR = {"prompt": "Tell me a long story " + "x " * 40, "chosen": "fine", "rejected": "no"}
 
 
-def test_rm_drop_policy_skips_and_reports(rlhfkit, tiny_lm, tmp_path):
+def test_rm_drop_policy_skips_and_reports(run_cli, tiny_lm, tmp_path):
     path = write_text(tmp_path / "pairs.jsonl", _lines(GOOD_PAIR, LONG_PAIR))
-    result = rlhfkit("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "o", "--max-length", "48",
+    result = run_cli("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "o", "--max-length", "48",
                      "--truncation", "drop", "--max-steps", "1", "--batch-size", "1", "--no-progress")
     assert result.code == 0, result.err
     assert "0 example(s) truncated and 1 dropped at --max-length 48 (policy: drop)" in result.out
     assert read_metrics(tmp_path / "o")[0]["epoch"] == pytest.approx(1.0)  # one comparison left
 
 
-def test_rm_everything_dropped_is_an_input_error(rlhfkit, tiny_lm, tmp_path, no_model_loading):
+def test_rm_everything_dropped_is_an_input_error(run_cli, tiny_lm, tmp_path, no_model_loading):
     path = write_text(tmp_path / "long.jsonl", _lines(LONG_PAIR))
-    result = rlhfkit("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "o", "--max-length", "48",
+    result = run_cli("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "o", "--max-length", "48",
                      "--truncation", "drop")
     assert result.code == 2
     assert result.errors == [f"error: {path}: every comparison is longer than --max-length 48 and was dropped"]
     assert no_model_loading == []
 
 
-def test_rm_truncate_policy_reports_and_trains(rlhfkit, tiny_lm, tmp_path):
+def test_rm_truncate_policy_reports_and_trains(run_cli, tiny_lm, tmp_path):
     path = write_text(tmp_path / "pairs.jsonl", _lines(GOOD_PAIR, LONG_PAIR))
-    result = rlhfkit("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "o", "--max-length", "48",
+    result = run_cli("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "o", "--max-length", "48",
                      "--max-steps", "1", "--batch-size", "2", "--no-progress")
     assert result.code == 0, result.err
     assert "1 example(s) truncated and 0 dropped at --max-length 48 (policy: truncate)" in result.out
@@ -198,10 +200,10 @@ def lm_that_hides_assistant_turns(tmp_path_factory) -> str:
     return path
 
 
-def test_trainer_refuses_an_empty_completion_mask(rlhfkit, no_model_loading, lm_that_hides_assistant_turns,
+def test_trainer_refuses_an_empty_completion_mask(run_cli, no_model_loading, lm_that_hides_assistant_turns,
                                                   tmp_path):
     path = write_text(tmp_path / "train.jsonl", _lines(GOOD_SFT, GOOD_SFT))
-    result = rlhfkit("sft", "--model", lm_that_hides_assistant_turns, "--data", path, "--output", tmp_path / "o")
+    result = run_cli("sft", "--model", lm_that_hides_assistant_turns, "--data", path, "--output", tmp_path / "o")
     assert result.code == 2
     assert result.errors == [f"error: {path}:{n}: field 'completion': the completion mask is empty after "
                              "tokenisation (nothing to train on)" for n in (1, 2)]

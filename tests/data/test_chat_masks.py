@@ -11,6 +11,8 @@ from rlhfkit.data.schema import SFTExample
 from rlhfkit.errors import InputError
 from rlhfkit.models.tiny import make_tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def tok():

@@ -13,6 +13,8 @@ from rlhfkit.data.io import read_records
 from rlhfkit.data.schema import load_preferences, load_prompts, load_rankings, load_sft
 from rlhfkit.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PREFERENCES = [
     {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "margin": 2.0},
     {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon", "margin": None},

@@ -11,6 +11,8 @@ import pytest
 from core_helpers import write_jsonl, write_text
 from rlhfkit.evaluation.rm_accuracy import agreement
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REWARD = '''
 def length(prompts, completions):
     for p in prompts:
@@ -44,9 +46,9 @@ def eval_set(tmp_path):
     return data, reward
 
 
-def test_accuracy_by_construction(eval_set, rlhfkit, tmp_path):
+def test_accuracy_by_construction(eval_set, run_cli, tmp_path):
     data, reward = eval_set
-    result = rlhfkit("eval-rm", "--reward", f"{reward}:length", "--data", data, "--output", tmp_path / "out")
+    result = run_cli("eval-rm", "--reward", f"{reward}:length", "--data", data, "--output", tmp_path / "out")
     assert result.code == 0, result.err
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["n"] == 7
@@ -67,23 +69,23 @@ def test_accuracy_by_construction(eval_set, rlhfkit, tmp_path):
     assert "| **all** | 7 | 0.571 |" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_section_score_weights_subsets_by_size(tmp_path, rlhfkit):
+def test_section_score_weights_subsets_by_size(tmp_path, run_cli):
     """Unequal subsets: a = 3/3 (n 3), b = 0/1 (n 1): the size-weighted score is 3/4, not the
     unweighted mean 1/2."""
     rows = [{"prompt": "p", "chosen": "long" * (i + 2), "rejected": "s", "subset": "a"} for i in range(3)]
     rows.append({"prompt": "p", "chosen": "s", "rejected": "long", "subset": "b"})
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     reward = write_text(tmp_path / "r.py", REWARD)
-    assert rlhfkit("eval-rm", "--reward", f"{reward}:length", "--data", data, "--output", tmp_path / "o").code == 0
+    assert run_cli("eval-rm", "--reward", f"{reward}:length", "--data", data, "--output", tmp_path / "o").code == 0
     report = json.loads((tmp_path / "o" / "results.json").read_text())
     assert report["section_score"] == pytest.approx(0.75)
     assert report["subsets"]["b"] == {"accuracy": 0.0, "n": 1}
 
 
-def test_records_without_subset_form_one_group(tmp_path, rlhfkit):
+def test_records_without_subset_form_one_group(tmp_path, run_cli):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "aa", "rejected": "b"}])
     reward = write_text(tmp_path / "r.py", REWARD)
-    assert rlhfkit("eval-rm", "--reward", f"{reward}:length", "--data", data, "--output", tmp_path / "o").code == 0
+    assert run_cli("eval-rm", "--reward", f"{reward}:length", "--data", data, "--output", tmp_path / "o").code == 0
     report = json.loads((tmp_path / "o" / "results.json").read_text())
     assert report["subsets"] == {"all": {"accuracy": 1.0, "n": 1}} and report["accuracy"] == 1.0
 
@@ -101,8 +103,8 @@ def test_agreement_counts_ties_as_wrong():
     ("{dir}/reward.py:wrong_count", "returned 1 scores for 7 completions"),
     ("just-a-name", "expected a reward-model folder, file.py:function"),
 ])
-def test_bad_reward_specs_exit_2(spec, message, eval_set, rlhfkit, tmp_path):
+def test_bad_reward_specs_exit_2(spec, message, eval_set, run_cli, tmp_path):
     data, reward = eval_set
-    result = rlhfkit("eval-rm", "--reward", spec.format(dir=tmp_path), "--data", data)
+    result = run_cli("eval-rm", "--reward", spec.format(dir=tmp_path), "--data", data)
     assert result.code == 2
     assert len(result.errors) == 1 and message.format(dir=tmp_path) in result.errors[0]

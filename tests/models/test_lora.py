@@ -9,6 +9,8 @@ import torch
 from core_helpers import read_metrics
 from rlhfkit.models.loading import apply_lora, is_adapter_dir, load_causal_lm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _loss(model) -> torch.Tensor:
     ids = torch.tensor([[5, 9, 14, 20, 33, 40, 7]])
@@ -43,7 +45,7 @@ def test_lora_targets_pick_the_modules(tiny_lm):
 
 
 @pytest.fixture(scope="module")
-def lora_runs(tiny_lm, sft_toy, tmp_path_factory):
+def lora_runs(one_thread, tiny_lm, sft_toy, tmp_path_factory):
     """The same SFT run with LoRA saved adapter-only and merged."""
     from rlhfkit.cli import main
 

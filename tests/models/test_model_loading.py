@@ -12,6 +12,8 @@ from rlhfkit.errors import InputError
 from rlhfkit.models.loading import (cache_dir, is_adapter_dir, load_causal_lm, load_policy, load_tokenizer,
                                     resolve_model, set_distinct_pad_token)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.slow
 def test_embedded_smollm2_is_a_converted_safetensors_folder_in_the_cache(monkeypatch):
@@ -92,16 +94,16 @@ def test_a_folder_without_a_model_is_an_input_error(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["sft", "rm"])
-def test_bad_model_on_the_command_line_exits_2(command, rlhfkit, sft_toy, pairs_train, tmp_path):
+def test_bad_model_on_the_command_line_exits_2(command, run_cli, sft_toy, pairs_train, tmp_path):
     data = sft_toy if command == "sft" else pairs_train
     missing = tmp_path / "no-such-model"
-    result = rlhfkit(command, "--model", missing, "--data", data, "--output", tmp_path / "o")
+    result = run_cli(command, "--model", missing, "--data", data, "--output", tmp_path / "o")
     assert result.code == 2
     assert result.errors == [f"error: --model: no such file or directory: {missing}"]
     assert not (tmp_path / "o").exists()  # rejected by validation, before anything is written
 
     (tmp_path / "empty").mkdir()
-    result = rlhfkit(command, "--model", tmp_path / "empty", "--data", data, "--output", tmp_path / "o")
+    result = run_cli(command, "--model", tmp_path / "empty", "--data", data, "--output", tmp_path / "o")
     assert result.code == 2 and "Traceback" not in result.err
     assert len(result.errors) == 1
     assert result.errors[0].startswith(f"error: --model {tmp_path / 'empty'}: cannot load a tokenizer from it")

@@ -11,11 +11,13 @@ import torch
 from core_helpers import PAIRS_EVAL, PAIRS_TRAIN, RANKINGS, read_metrics, write_jsonl
 from rlhfkit.recipes.rm import Comparison, Config, comparison_losses, load_comparisons
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def rm_run(tiny_lm, pairs_train, pairs_eval, tmp_path_factory):
+def rm_run(one_thread, tiny_lm, pairs_train, pairs_eval, tmp_path_factory):
     from rlhfkit.cli import main
 
     out = tmp_path_factory.mktemp("rm") / "run"
@@ -82,10 +84,10 @@ def test_normalisation_makes_the_mean_training_reward_zero(rm_run):
     assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-4)
 
 
-def test_eval_rm_on_the_trained_folder_agrees(rm_run, pairs_eval, rlhfkit, tmp_path):
+def test_eval_rm_on_the_trained_folder_agrees(rm_run, pairs_eval, run_cli, tmp_path):
     import json
 
-    result = rlhfkit("eval-rm", "--reward", rm_run, "--data", pairs_eval, "--output", tmp_path / "e")
+    result = run_cli("eval-rm", "--reward", rm_run, "--data", pairs_eval, "--output", tmp_path / "e")
     assert result.code == 0, result.err
     report = json.loads((tmp_path / "e" / "results.json").read_text())
     last = read_metrics(rm_run)[-1]
@@ -93,10 +95,10 @@ def test_eval_rm_on_the_trained_folder_agrees(rm_run, pairs_eval, rlhfkit, tmp_p
     assert report["margin"] == pytest.approx(last["eval/margin"], abs=1e-4)
 
 
-def test_no_normalize_stores_no_offset(rlhfkit, tiny_lm, pairs_train, tmp_path):
+def test_no_normalize_stores_no_offset(run_cli, tiny_lm, pairs_train, tmp_path):
     from transformers import AutoConfig
 
-    result = rlhfkit("rm", "--model", tiny_lm, "--data", pairs_train, "--output", tmp_path / "o", "--max-steps", "1",
+    result = run_cli("rm", "--model", tiny_lm, "--data", pairs_train, "--output", tmp_path / "o", "--max-steps", "1",
                      "--batch-size", "4", "--no-normalize", "--no-progress")
     assert result.code == 0, result.err
     assert not hasattr(AutoConfig.from_pretrained(tmp_path / "o"), "rlhfkit_reward_offset")
@@ -137,8 +139,8 @@ def test_rankings_load_best_first_or_as_pairs(rankings):
     ("listwise", math.log(3), 1.0),                  # −log softmax over 3 equal scores
     ("plackett-luce", math.log(3) + math.log(2), 1.0),
 ])
-def test_ranking_losses_run_through_the_cli(loss, start, epoch, rlhfkit, tiny_lm, rankings, tmp_path):
-    result = rlhfkit("rm", "--model", tiny_lm, "--data", rankings, "--output", tmp_path / "o", "--max-steps", "2",
+def test_ranking_losses_run_through_the_cli(loss, start, epoch, run_cli, tiny_lm, rankings, tmp_path):
+    result = run_cli("rm", "--model", tiny_lm, "--data", rankings, "--output", tmp_path / "o", "--max-steps", "2",
                      "--batch-size", "6", "--ranking-loss", loss, "--lr", "1e-2", "--no-progress")
     assert result.code == 0, result.err
     rows = read_metrics(tmp_path / "o")
@@ -147,13 +149,13 @@ def test_ranking_losses_run_through_the_cli(loss, start, epoch, rlhfkit, tiny_lm
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
-def test_margin_term_raises_the_loss_by_the_demanded_gap(rlhfkit, tiny_lm, tmp_path):
+def test_margin_term_raises_the_loss_by_the_demanded_gap(run_cli, tiny_lm, tmp_path):
     """At initialisation r_c ≈ r_r, so −log σ(0 − 2) = log(1 + e²) = 2.1269 with the margin, log 2 without."""
     data = write_jsonl(tmp_path / "m.jsonl", [dict(p, margin=2.0) for p in PAIRS_TRAIN[:4]])
     losses = {}
     for flag in ("--use-margin", "--no-use-margin"):
         out = tmp_path / flag.strip("-")
-        result = rlhfkit("rm", "--model", tiny_lm, "--data", data, "--output", out, "--max-steps", "1",
+        result = run_cli("rm", "--model", tiny_lm, "--data", data, "--output", out, "--max-steps", "1",
                          "--batch-size", "4", flag, "--no-progress", "--no-normalize")
         assert result.code == 0, result.err
         losses[flag] = read_metrics(out)[0]["loss"]
@@ -164,13 +166,13 @@ def test_margin_term_raises_the_loss_by_the_demanded_gap(rlhfkit, tiny_lm, tmp_p
 # ------------------------------------------------------------------ other backbones, LoRA
 
 
-def test_lora_reward_model_is_saved_merged(rlhfkit, tiny_lm, pairs_train, tmp_path):
+def test_lora_reward_model_is_saved_merged(run_cli, tiny_lm, pairs_train, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    import rlhfkit as kit
+    import rlhfkit
 
     out = tmp_path / "lora"
-    result = rlhfkit("rm", "--model", tiny_lm, "--data", pairs_train, "--output", out, "--max-steps", "6",
+    result = run_cli("rm", "--model", tiny_lm, "--data", pairs_train, "--output", out, "--max-steps", "6",
                      "--batch-size", "8", "--lr", "2e-2", "--lora-r", "4", "--no-progress")
     assert result.code == 0, result.err
     assert not (out / "adapter_config.json").exists()
@@ -178,19 +180,19 @@ def test_lora_reward_model_is_saved_merged(rlhfkit, tiny_lm, pairs_train, tmp_pa
     assert not any("lora" in n for n, _ in model.named_parameters())
     rows = read_metrics(out)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05  # adapters and the head learn
-    scores = kit.load_reward_model(str(out)).score(["question 1"], ["good answer 1"])
+    scores = rlhfkit.load_reward_model(str(out)).score(["question 1"], ["good answer 1"])
     assert len(scores) == 1 and math.isfinite(scores[0])
 
 
 @pytest.mark.slow
-def test_minilm_encoder_backbone(rlhfkit, pairs_train, pairs_eval, tmp_path):
+def test_minilm_encoder_backbone(run_cli, pairs_train, pairs_eval, tmp_path):
     """The embedded default backbone: ``rlhfkit rm --model minilm-l6 ... --eval-data`` reports eval/accuracy."""
     from transformers import AutoModelForSequenceClassification
 
-    import rlhfkit as kit
+    import rlhfkit
 
     out = tmp_path / "minilm"
-    result = rlhfkit("rm", "--model", "minilm-l6", "--data", pairs_train, "--eval-data", pairs_eval, "--output", out,
+    result = run_cli("rm", "--model", "minilm-l6", "--data", pairs_train, "--eval-data", pairs_eval, "--output", out,
                      "--max-steps", "4", "--batch-size", "4", "--lr", "1e-4", "--max-length", "64", "--no-progress")
     assert result.code == 0, result.err
     last = read_metrics(out)[-1]
@@ -198,7 +200,7 @@ def test_minilm_encoder_backbone(rlhfkit, pairs_train, pairs_eval, tmp_path):
     assert "rm done: eval accuracy" in result.out
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 1
-    rm = kit.load_reward_model(str(out))
+    rm = rlhfkit.load_reward_model(str(out))
     scores = rm.score([p["prompt"] for p in PAIRS_TRAIN], [p["chosen"] for p in PAIRS_TRAIN])
     rejected = rm.score([p["prompt"] for p in PAIRS_TRAIN], [p["rejected"] for p in PAIRS_TRAIN])
     assert sum(scores + rejected) / (2 * len(scores)) == pytest.approx(0.0, abs=1e-4)

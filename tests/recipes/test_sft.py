@@ -12,12 +12,14 @@ import yaml
 from core_helpers import read_metrics
 from rlhfkit.data.chat import Encoded
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 STEPS, LR = 12, 3e-2
 REQUIRED = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_s")
 
 
 @pytest.fixture(scope="module")
-def sft_run(tiny_lm, sft_toy, tmp_path_factory):
+def sft_run(one_thread, tiny_lm, sft_toy, tmp_path_factory):
     from rlhfkit.cli import main
 
     out = tmp_path_factory.mktemp("sft") / "run"
@@ -106,13 +108,13 @@ def test_config_and_checkpoints_are_written(sft_run):
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= files
 
 
-def test_base_model_logging_steps_and_cosine_warmup(rlhfkit, tiny_base_lm, tmp_path):
+def test_base_model_logging_steps_and_cosine_warmup(run_cli, tiny_base_lm, tmp_path):
     """A model without chat template trains on raw text; rows every --logging-steps plus the last."""
     from core_helpers import write_jsonl
 
     data = write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "The sky is", "completion": " blue."},
                                                 {"prompt": "Grass is", "completion": " green."}])
-    result = rlhfkit("sft", "--model", tiny_base_lm, "--data", data, "--output", tmp_path / "o", "--max-steps", "7",
+    result = run_cli("sft", "--model", tiny_base_lm, "--data", data, "--output", tmp_path / "o", "--max-steps", "7",
                      "--batch-size", "2", "--logging-steps", "3", "--lr", "1e-2", "--lr-schedule", "cosine",
                      "--warmup-ratio", "0.3", "--no-progress")
     assert result.code == 0, result.err
@@ -158,3 +160,16 @@ def test_packing_fills_rows_and_restarts_positions():
     i = rows.index(row)
     assert batch["position_ids"][i].tolist()[:7] == [0, 1, 2, 3, 0, 1, 2]
     assert batch["attention_mask"][i].sum() == 7
+
+
+def test_bfloat16_and_tensorboard(run_cli, tiny_lm, sft_toy, tmp_path):
+    import json
+
+    out = tmp_path / "bf16"
+    result = run_cli("sft", "--model", tiny_lm, "--data", sft_toy, "--output", out, "--max-steps", "2",
+                     "--batch-size", "2", "--lr", "1e-2", "--dtype", "bfloat16", "--report-to", "tensorboard",
+                     "--no-progress")
+    assert result.code == 0, result.err
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))

@@ -86,6 +86,18 @@ def test_rollout_record_shapes_and_masks(batch, models):
         batch.scores = None
 
 
+def test_logprobs_and_values_from_generation_equal_a_fresh_forward_pass(batch, models):
+    """The rollout reads the policy's log-probs, entropy and value-head values off ``generate``'s
+    logits and hidden states; ``recompute=True`` runs a separate pass: same samples, same numbers."""
+    model, reference, tokenizer = models
+    torch.manual_seed(0)
+    again = rollout(model, reference, tokenizer, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.9, n=2),
+                    recompute=True)
+    assert torch.equal(again.response_ids, batch.response_ids)
+    for name in ("logprobs", "ref_logprobs", "values", "entropy"):
+        torch.testing.assert_close(getattr(again, name), getattr(batch, name), atol=1e-5, rtol=0)
+
+
 def _padded(batch: Rollout, tokenizer, left: int = 3, right: int = 4) -> Rollout:
     """The same samples with extra left padding on the prompts, extra columns after the
     responses, and every non-real response position overwritten with random token ids."""
@@ -138,8 +150,6 @@ def test_padding_changes_no_reward_advantage_or_kl(batch, models, algo, kl_in, e
     r = batch.response_ids.shape[1]
     cfg = Config(prompts="x", output="y", reward="f.py:f", algo=algo, kl_in=kl_in, kl_estimator=estimator,
                  samples_per_prompt=2, whiten_rewards=True, missing_eos_penalty=1.0)
-    for name in ("token_rewards", "kl"):
-        pass
     s_a, s_b = shape_rewards(moved, cfg, 0.1), shape_rewards(padded, cfg, 0.1)
     torch.testing.assert_close(s_b.kl[:, :r], s_a.kl)
     assert (s_b.kl[~padded.response_mask] == 0).all() and (s_a.kl != 0).any()

@@ -40,7 +40,7 @@ from rlhfkit.losses import entropy_from_logits
 from rlhfkit.rl.value import ActorCritic
 
 __all__ = ["Rollout", "rollout", "score", "response_mask", "position_ids", "forward_response",
-           "reference_logprobs", "generate_responses", "ResponseOutput"]
+           "reference_logprobs", "critic_values", "generate_responses", "Generated", "ResponseOutput"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,31 @@ def _token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _Packed(NamedTuple):
+    ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    start: int                    # column of the first response token
+    width: int                    # response columns kept (the last real one included)
+
+
+def _pack(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor, device) -> _Packed:
+    """Prompt and response side by side, without the columns that are padding in every row."""
+    real_prompt_cols = prompt_mask.any(dim=0).nonzero()
+    first = int(real_prompt_cols[0]) if len(real_prompt_cols) else prompt_mask.shape[1] - 1
+    real_response_cols = mask.any(dim=0).nonzero()
+    width = int(real_response_cols[-1]) + 1 if len(real_response_cols) else 1
+    width = min(width, response_ids.shape[1])
+    ids = torch.cat([prompt_ids[:, first:], response_ids[:, :width]], dim=1).to(device)
+    attn = torch.cat([prompt_mask[:, first:], mask[:, :width]], dim=1).to(device).long()
+    return _Packed(ids, attn, position_ids(attn), prompt_ids.shape[1] - first, width)
+
+
+def _pad_to(x: Tensor | None, columns: int) -> Tensor | None:
+    """Zeros appended on the right up to ``columns`` (the response columns cut by :func:`_pack`)."""
+    return x if x is None or x.shape[1] == columns else F.pad(x, (0, columns - x.shape[1]))
+
+
 def forward_response(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor,
                      temperature: float = 1.0, *, with_values: bool = True, with_entropy: bool = False
                      ) -> ResponseOutput:
@@ -128,20 +153,14 @@ def forward_response(model, prompt_ids: Tensor, prompt_mask: Tensor, response_id
     made of it). Logits are divided by ``temperature``: the log-probs are those of the
     distribution the sampler drew from. Gradients flow unless the caller disables them.
     """
-    real_prompt_cols = prompt_mask.any(dim=0).nonzero()
-    first = int(real_prompt_cols[0]) if len(real_prompt_cols) else prompt_mask.shape[1] - 1
-    real_response_cols = mask.any(dim=0).nonzero()
-    width = int(real_response_cols[-1]) + 1 if len(real_response_cols) else 1
-    width = min(width, response_ids.shape[1])
     device = next(model.parameters()).device
-    ids = torch.cat([prompt_ids[:, first:], response_ids[:, :width]], dim=1).to(device)
-    attn = torch.cat([prompt_mask[:, first:], mask[:, :width]], dim=1).to(device).long()
-    start = prompt_ids.shape[1] - first
-    logits, values = model(ids, attn, position_ids(attn), start, width, with_values)
+    packed = _pack(prompt_ids, prompt_mask, response_ids, mask, device)
+    logits, values = model(packed.ids, packed.attention_mask, packed.position_ids, packed.start, packed.width,
+                           with_values)
     if temperature != 1.0:
         logits = logits / temperature
-    real = mask[:, :width].to(device)
-    targets = response_ids[:, :width].to(device)
+    real = mask[:, :packed.width].to(device)
+    targets = response_ids[:, :packed.width].to(device)
     zero = torch.zeros((), device=device)
     logprobs = torch.where(real, _token_logprobs(logits, targets), zero)
     entropy = None
@@ -150,12 +169,19 @@ def forward_response(model, prompt_ids: Tensor, prompt_mask: Tensor, response_id
             entropy = torch.where(real, entropy_from_logits(logits.detach()), zero)
     if values is not None:
         values = torch.where(real, values.float(), zero)
-    pad = response_ids.shape[1] - width
-    if pad:
-        logprobs = F.pad(logprobs, (0, pad))
-        entropy = F.pad(entropy, (0, pad)) if entropy is not None else None
-        values = F.pad(values, (0, pad)) if values is not None else None
-    return ResponseOutput(logprobs, values, entropy)
+    columns = response_ids.shape[1]
+    return ResponseOutput(_pad_to(logprobs, columns), _pad_to(values, columns), _pad_to(entropy, columns))
+
+
+@torch.no_grad()
+def critic_values(critic, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor) -> Tensor:
+    """Values ``[N, R]`` of a separate :class:`~rlhfkit.rl.value.Critic` (one pass of its trunk)."""
+    device = next(critic.parameters()).device
+    packed = _pack(prompt_ids, prompt_mask, response_ids, mask, device)
+    hidden = critic.hidden(packed.ids, packed.attention_mask, packed.position_ids)
+    window = hidden[:, packed.start - 1:packed.start - 1 + packed.width]
+    values = torch.where(mask[:, :packed.width].to(device), critic(window).float(), 0.0)
+    return _pad_to(values, response_ids.shape[1])
 
 
 def _unwrap(model) -> ActorCritic:
@@ -182,29 +208,60 @@ def reference_logprobs(model, reference, prompt_ids: Tensor, prompt_mask: Tensor
                             with_values=False).logprobs
 
 
+class Generated(NamedTuple):
+    ids: Tensor                   # [N, R] sampled ids, right-padded with the pad token
+    logits: Tensor | None         # [N, R, V] the policy's raw logits at each sampling step
+    hidden: Tensor | None         # [N, R, H] the trunk's final hidden state at each step
+
+
 @torch.no_grad()
 def generate_responses(policy, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
-                       batch_size: int = 0) -> Tensor:
-    """Sampled response ids ``[N, R]`` (right-padded with the pad token), one per prompt row.
+                       batch_size: int = 0, *, with_logits: bool = False, with_hidden: bool = False) -> Generated:
+    """Sample one response per prompt row with ``model.generate`` and the KV cache.
 
-    ``model.generate`` with the KV cache, in chunks of ``batch_size`` rows (0: all at once).
+    In chunks of ``batch_size`` rows (0: all at once). ``with_logits`` / ``with_hidden`` keep
+    what generation computed anyway: the raw (unprocessed) logits that predicted each sampled
+    token and the final (normed) hidden state they came from, so that the policy's log-probs
+    and a value head need no second pass over the sequences.
     """
     kw = generation_kwargs(dataclasses.replace(params, n=1), tokenizer)
+    if with_logits or with_hidden:
+        kw.update(return_dict_in_generate=True, output_logits=with_logits, output_hidden_states=with_hidden)
     device = next(policy.parameters()).device
-    chunks = []
+    ids, logits, hidden = [], [], []
     step = batch_size or prompt_ids.shape[0]
     for i in range(0, prompt_ids.shape[0], step):
-        ids, attn = prompt_ids[i:i + step].to(device), prompt_mask[i:i + step].to(device).long()
-        out = policy.generate(input_ids=ids, attention_mask=attn, **kw)
-        chunks.append(out[:, ids.shape[1]:].cpu())
-    width = max(c.shape[1] for c in chunks)
+        rows_ids, rows_mask = prompt_ids[i:i + step].to(device), prompt_mask[i:i + step].to(device).long()
+        out = policy.generate(input_ids=rows_ids, attention_mask=rows_mask, **kw)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        ids.append(sequences[:, rows_ids.shape[1]:].cpu())
+        if with_logits:
+            logits.append(torch.stack(out.logits, dim=1))
+        if with_hidden:  # step 0 holds the whole prompt: keep its last position
+            last = [out.hidden_states[0][-1][:, -1:]] + [h[-1] for h in out.hidden_states[1:]]
+            hidden.append(torch.cat(last, dim=1))
+    width = max(c.shape[1] for c in ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad) for c in chunks])
+
+    def stack(chunks, value=0):
+        if not chunks:
+            return None
+        padding = lambda c: (0, 0, 0, width - c.shape[1]) if c.dim() == 3 else (0, width - c.shape[1])  # noqa: E731
+        return torch.cat([F.pad(c, padding(c), value=value) for c in chunks])
+
+    return Generated(stack(ids, pad), stack(logits), stack(hidden))
+
+
+def _logprobs_and_entropy(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    logits = logits.float() / temperature
+    zero = torch.zeros((), device=logits.device)
+    logprobs = torch.where(mask, _token_logprobs(logits, tokens), zero)
+    return logprobs, torch.where(mask, entropy_from_logits(logits), zero)
 
 
 @torch.no_grad()
 def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingParams, *,
-            max_prompt_length: int | None = None, batch_size: int = 0,
+            max_prompt_length: int | None = None, batch_size: int = 0, recompute: bool | None = None,
             timings: dict | None = None) -> Rollout:
     """Sample ``params.n`` responses per prompt and measure them (no gradients).
 
@@ -213,11 +270,20 @@ def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingPara
     ``prompts``: strings or message lists (the chat template is applied). Prompts longer than
     ``max_prompt_length`` tokens keep their last tokens. ``batch_size`` bounds the rows per
     ``generate`` call and per forward pass (0: all at once). Sampling draws from torch's global
-    RNG: seed it before the call for a reproducible rollout. ``timings`` (optional) receives
-    the seconds spent sampling (``generation``) and in the log-prob/value passes (``forward``).
+    RNG: seed it before the call for a reproducible rollout.
+
+    Passes: the policy's log-probs, entropy and value-head values come from the logits and
+    hidden states that ``generate`` computed (in float32 they equal a fresh forward pass to
+    ~1e-6); one pass of the reference follows, and one of a separate critic if there is one.
+    ``recompute=True`` (the default for a policy that is not float32, whose cached decoding
+    drifts further from a full pass) recomputes them with a forward pass instead.
+    ``timings`` (optional) receives the seconds spent sampling (``generation``) and in the
+    forward passes (``forward``).
     """
     actor = _unwrap(model)
     policy = actor.policy
+    if recompute is None:
+        recompute = next(policy.parameters()).dtype != torch.float32
     was_training = actor.training
     actor.eval()
     t0 = time.perf_counter()
@@ -226,7 +292,10 @@ def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingPara
     repeated = [ids for ids in encoded for _ in range(k)]
     prompt_ids, prompt_mask = left_pad(repeated, tokenizer.pad_token_id)
     prompt_mask = prompt_mask.bool()
-    response_ids = generate_responses(policy, tokenizer, prompt_ids, prompt_mask, params, batch_size)
+    generated = generate_responses(policy, tokenizer, prompt_ids, prompt_mask, params, batch_size,
+                                   with_logits=not recompute,
+                                   with_hidden=not recompute and actor.value_head is not None)
+    response_ids = generated.ids
     mask, has_eos = response_mask(response_ids, tokenizer.eos_token_id)
     t1 = time.perf_counter()
 
@@ -235,11 +304,23 @@ def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingPara
     for i in range(0, prompt_ids.shape[0], step):
         rows = slice(i, i + step)
         args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows], mask[rows], params.temperature)
-        out = forward_response(model, *args, with_values=actor.has_values, with_entropy=True)
-        parts["logprobs"].append(out.logprobs.cpu())
-        parts["entropy"].append(out.entropy.cpu())
-        if out.values is not None:
-            parts["values"].append(out.values.cpu())
+        if recompute:
+            out = forward_response(model, *args, with_values=actor.has_values, with_entropy=True)
+            logprobs, entropy, values = out.logprobs, out.entropy, out.values
+        else:
+            device = generated.logits.device
+            real = mask[rows].to(device)
+            logprobs, entropy = _logprobs_and_entropy(generated.logits[rows], response_ids[rows].to(device), real,
+                                                      params.temperature)
+            values = None
+            if actor.value_head is not None:
+                values = torch.where(real, actor.value_head(generated.hidden[rows]).float(), 0.0)
+            elif actor.critic is not None:
+                values = critic_values(actor.critic, *args[:4])
+        parts["logprobs"].append(logprobs.cpu())
+        parts["entropy"].append(entropy.cpu())
+        if values is not None:
+            parts["values"].append(values.cpu())
         parts["ref"].append(reference_logprobs(model, reference, *args).cpu())
     t2 = time.perf_counter()
     actor.train(was_training)
