@@ -269,7 +269,9 @@ def parse_config(cls: type, argv: list[str], prog: str = "rlhfkit") -> Any:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The fields a config file can set (``init=False`` fields are derived, not options)."""
+    values = dataclasses.asdict(cfg)
+    return {f.name: values[f.name] for f in dataclasses.fields(cfg) if f.init}
 
 
 def save_config(cfg: Any, output_dir: str | os.PathLike) -> Path:

@@ -58,13 +58,14 @@ class Preset:
     max_new_tokens: int
     dpo_steps: int
     best_of: int
-    temperature: float = 0.7
+    temperature: float = 1.0   # sampling = the policy itself, so every KL reported is a true KL
+    ppo_lr: float = 2e-5
     checkpoint_every: int = 10
 
 
-DEFAULT = Preset(held_out=64, preference_prompts=192, ppo_steps=40, ppo_batch=8, max_new_tokens=40,
+DEFAULT = Preset(held_out=64, preference_prompts=160, ppo_steps=30, ppo_batch=8, max_new_tokens=40,
                  dpo_steps=0, best_of=4, checkpoint_every=10)
-QUICK = Preset(held_out=12, preference_prompts=24, ppo_steps=3, ppo_batch=4, max_new_tokens=16,
+QUICK = Preset(held_out=8, preference_prompts=16, ppo_steps=3, ppo_batch=4, max_new_tokens=16,
                dpo_steps=2, best_of=2, checkpoint_every=1)
 
 
@@ -164,7 +165,8 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
     made = []
     for key, label, filename in (("objective/scores", "reward-model score", "reward_curve.png"),
                                  ("objective/kl", "KL to the reference (nats)", "kl_curve.png")):
-        fig, ax = new_figure()
+        fig = new_figure()
+        ax = fig.add_subplot()
         ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker="o", ms=3)
         ax.set_xlabel("PPO iteration")
         ax.set_ylabel(label)
@@ -178,7 +180,8 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
 def plot_frontier(frontier: list[dict], methods: dict, out: Path) -> str:
     from rlhfkit.evaluation.report import new_figure, save_figure
 
-    fig, ax = new_figure()
+    fig = new_figure()
+    ax = fig.add_subplot()
     kls = [f["kl"] for f in frontier]
     ax.plot(kls, [f["reward"] for f in frontier], marker="o", label="reward model (PPO checkpoints)")
     ax.plot(kls, [f["oracle"] for f in frontier], marker="s", label="oracle VADER (PPO checkpoints)")
@@ -197,7 +200,7 @@ def plot_frontier(frontier: list[dict], methods: dict, out: Path) -> str:
 
 
 def write_report(out: Path, results: Results, plots: list[str]) -> None:
-    from rlhfkit.evaluation.report import md_table
+    from rlhfkit.evaluation.report import md_escape, md_table
 
     ppo = results.methods.get("ppo", {})
     lines = ["# rlhfkit demo report", "",
@@ -222,7 +225,8 @@ def write_report(out: Path, results: Results, plots: list[str]) -> None:
     lines += [f"![{p}]({p})" for p in plots]
     lines += ["", "## Before and after (held-out prompts)", ""]
     lines += [md_table(["prompt", "initial policy", "after PPO"],
-                       [[s["prompt"], s["initial"], s["ppo"]] for s in results.samples]), ""]
+                       [[md_escape(s["prompt"]), md_escape(s["initial"]), md_escape(s["ppo"])]
+                        for s in results.samples]), ""]
     lines += ["## Timings (seconds)", "", md_table(["phase", "s"], [[k, v] for k, v in results.timings.items()]), ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.html").write_text(render_html(results, plots, "\n".join(lines[:9])))
@@ -346,6 +350,7 @@ def main(cfg: Config) -> int:
         _phase("best-of-n", results, t)
 
     # 7. report -----------------------------------------------------------------------------
+    (out / "results.json").write_text(json.dumps(asdict(results), indent=1))
     plots = plot_curves(ppo_dir, out)
     if results.frontier:
         plots.append(plot_frontier(results.frontier, results.methods, out))
@@ -368,7 +373,9 @@ def run_ppo(cfg: Config, preset: Preset, steps: int, prompts: Path, rm_dir: Path
     ppo_cfg = ppo.Config(policy=cfg.model, reward=str(rm_dir), prompts=str(prompts), output=str(ppo_dir),
                          max_steps=steps, batch_size=preset.ppo_batch, max_new_tokens=preset.max_new_tokens,
                          temperature=preset.temperature, seed=cfg.seed, save_steps=preset.checkpoint_every,
-                         save_total_limit=0)
+                         save_total_limit=1, lr=preset.ppo_lr, kl_coef=0.02, ppo_epochs=1,
+                         minibatch_size=preset.ppo_batch // 2, warmup_ratio=0.0, lr_schedule="constant",
+                         sample_every=5)
     ppo.main(ppo_cfg)
 
 

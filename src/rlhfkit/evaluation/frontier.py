@@ -87,7 +87,8 @@ def frontier_point(step, model, reference, tokenizer, prompts, reward, oracle, t
 def plot_frontier(points: list[dict], path: Path, reward_label: str = "reward", oracle_label: str = "oracle") -> None:
     from rlhfkit.evaluation.report import new_figure, save_figure
 
-    fig, ax = new_figure()
+    fig = new_figure()
+    ax = fig.add_subplot()
     kls = [p["kl"] for p in points]
     ax.plot(kls, [p["reward"] for p in points], marker="o", label=reward_label)
     if all("oracle" in p for p in points):

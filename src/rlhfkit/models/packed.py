@@ -187,9 +187,32 @@ def _attention(model, name: str):
 # -------------------------------------------------------------------------------- forwards
 
 
+class _SelectedLogps(torch.autograd.Function):
+    """logit[target] − logsumexp(logits), with a backward that writes one [n, V] buffer.
+
+    Autograd's own backward of the same expression allocates three (softmax from logsumexp,
+    the zero-filled scatter of gather, their sum): d/dlogits = onehot(target) − softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        g = torch.sub(logits, lse[:, None]).exp_().mul_(-grad[:, None])
+        g.scatter_add_(-1, targets[:, None], grad[:, None].to(g.dtype))
+        return g, None
+
+
 def selected_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row of ``logits`` [n, V], without a [n, V] log-softmax."""
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if logits.requires_grad:
+        return _SelectedLogps.apply(logits, targets)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
