@@ -302,7 +302,7 @@ def main(cfg: Config) -> int:
     t = time.time()
     rm_dir = out / "reward_model"
     rm_cfg = rm_recipe.Config(model=cfg.reward_backbone, data=pairs_train, eval_data=pairs_eval, output=str(rm_dir),
-                              epochs=1 if not cfg.quick else 1, batch_size=8, lr=5e-5, max_length=192,
+                              epochs=2, batch_size=8, lr=1e-4, max_length=192,
                               seed=cfg.seed, warmup_ratio=0.1)
     rm_recipe.main(rm_cfg)
     results.reward_model = {**read_metrics(rm_dir)[-1], "eval_pairs": n_eval}
