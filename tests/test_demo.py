@@ -1,0 +1,28 @@
+"""`rlhfkit demo --quick` end to end on the embedded SmolLM2 (offline): the report and plots exist.
+
+This is the smoke test of `make demo`; the full run's figures (win rate, KL) are recorded in
+the issue notes, never asserted here: a 3-iteration run proves the plumbing, not RLHF.
+"""
+
+import json
+
+import pytest
+
+from rlhfkit.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "win rate:" in report
+    assert "reward model held-out accuracy" in report
+    for png in ("reward_curve.png", "kl_curve.png", "reward_vs_kl.png"):
+        assert (out / png).stat().st_size > 1000
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) >= {"initial", "ppo", "dpo", "best-of-2"}
+    assert 0.0 <= results["methods"]["ppo"]["win_rate"] <= 1.0
+    assert [p["step"] for p in results["frontier"]] == [0, 1, 2, 3]
+    # model output is untrusted: the HTML report escapes it
+    assert "<script" not in (out / "report.html").read_text().split("<h2>Before and after</h2>")[1]
