@@ -189,10 +189,12 @@ def test_export_aggregation_rule(tmp_path, capsys, db_url):
     assert tie["tie"] is True and tie["margin"] == 0.0 and tie["agreement"] == 0.5
     assert (tie["chosen"], tie["rejected"]) == ("a3", "b3")
 
-    # The export reads back as preference data with the project's own loader, when present.
+    # The export reads back as preference data with the project's own loader; kept ties carry
+    # no preferred side, so the loader skips them (2 of the 3 rows train rm/dpo).
     schema = pytest.importorskip("rlhfkit.data.schema")
     pairs = schema.load_preferences(str(out))
-    assert len(pairs) == 3 and pairs[0].margin == 2.0
+    assert len(pairs) == 2 and pairs[0].margin == 2.0
+    assert all(p.source.data.get("tie") is False for p in pairs)
 
 
 def test_export_validation(tmp_path, capsys):

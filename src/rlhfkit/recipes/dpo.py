@@ -27,7 +27,6 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -36,7 +35,7 @@ from rlhfkit.config import TrainConfig, arg
 from rlhfkit.data.chat import encode
 from rlhfkit.data.schema import PreferenceExample, load_preferences
 from rlhfkit.errors import InputError
-from rlhfkit.losses import DPO_LOSSES, dpo_loss
+from rlhfkit.losses import dpo_loss
 from rlhfkit.models.packed import Group, completion_logps, supports_packing
 from rlhfkit.recipes.sft import build_model
 from rlhfkit.training import (Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
