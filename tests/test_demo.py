@@ -12,6 +12,7 @@ from rlhfkit.cli import main
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a few minutes on an idle machine; generous for a loaded one
 def test_quick_demo_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
