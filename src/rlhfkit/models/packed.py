@@ -9,12 +9,15 @@ fast path lays every group of a batch out in one row, with no padding::
 - the prompt is encoded once per group, not once per completion;
 - position ids restart after the prompt for each completion, so completion k sees exactly the
   positions it would see alone after the prompt (rotary embeddings depend only on them);
-- attention runs group by group with a mask that lets a completion attend to its prompt and
-  to its own earlier tokens, never to a sibling completion (the attention function is
-  registered with transformers' ``AttentionInterface`` and selected only for this forward);
+- attention gathers the row into one causal sequence per completion (its prompt's keys and
+  values, computed once, then its own tokens), so a completion attends to its prompt and to
+  its own earlier tokens, never to a sibling; the attention function is registered with
+  transformers' ``AttentionInterface`` and selected only for this forward;
 - the LM head is applied only at the positions that predict a scored token
-  (``logits_to_keep`` with an index tensor), so no logits exist for prompts or padding, and the
-  log-softmax is never materialised: log p = logit[label] − logsumexp(logits).
+  (``logits_to_keep`` with an index tensor), and for a plain Linear head it is fused with the
+  log-probabilities (:class:`_HeadLogps`): one [n, V] buffer for the n scored tokens holds the
+  logits, then in place the softmax, then its gradient; no log-softmax, no logits for prompts
+  or padding.
 
 Every projection and MLP matmul then runs on exactly the real tokens. The fast path covers the
 Llama family (Llama, Mistral, Qwen2/3, SmolLM); any other model falls back to a right-padded
@@ -48,6 +51,8 @@ class Group:
     def __post_init__(self):
         if not self.prompt:
             raise ValueError("a group needs at least one prompt token (the first completion token is predicted from it)")
+        if not self.completions:
+            raise ValueError("a group needs at least one completion")
         if self.scored is None:
             self.scored = [[True] * len(c) for c in self.completions]
 
@@ -62,7 +67,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor      # [1, T]
     position_ids: torch.Tensor   # [1, T]
-    segments: list               # (start, end, attention mask [S, S] bool) per group
+    layout: "GroupLayout"        # how attention sees the groups
     predict_at: torch.Tensor     # [n] packed positions whose hidden state predicts a scored token
     targets: torch.Tensor        # [n] the scored tokens
     sequence: torch.Tensor       # [n] completion index (group-major) of each scored token
@@ -74,18 +79,40 @@ class PackedBatch:
         return int(self.input_ids.shape[1])
 
 
-def group_mask(prompt_len: int, completion_lens: list[int]) -> torch.Tensor:
-    """[S, S] boolean attention mask of one group: causal, and no completion sees a sibling."""
-    block = torch.cat([torch.zeros(prompt_len, dtype=torch.long)] +
-                      [torch.full((n,), k + 1, dtype=torch.long) for k, n in enumerate(completion_lens)])
-    size = block.numel()
-    causal = torch.ones(size, size, dtype=torch.bool).tril()
-    same_or_prompt = (block[None, :] == 0) | (block[None, :] == block[:, None])
-    return causal & same_or_prompt
+@dataclass
+class GroupLayout:
+    """How attention sees a packed row: every (prompt + completion) sequence as a row of a grid.
+
+    ``index[r, i]`` is the packed position of token i of sequence r (right-padded with 0), so
+    ``x[index]`` lays the row out as [num_sequences, S], each row a plain causal sequence: the
+    prompt's keys and values, computed once, are read by each of its completions. ``owner[t]``
+    is the grid cell (flattened) whose output packed position t keeps: the first sequence of
+    its group for a prompt token, its own sequence for a completion token.
+    """
+
+    index: torch.Tensor   # [num_sequences, S]
+    owner: torch.Tensor   # [T]
+
+    def to(self, device) -> "GroupLayout":
+        return GroupLayout(self.index.to(device), self.owner.to(device))
+
+
+def group_layout(rows: list[list[int]], num_tokens: int) -> GroupLayout:
+    """``rows``: the packed positions of each sequence (prompt then completion), in order."""
+    width = max(len(r) for r in rows)
+    index = torch.zeros(len(rows), width, dtype=torch.long)
+    owner = torch.full((num_tokens,), -1, dtype=torch.long)
+    for r, positions in enumerate(rows):
+        index[r, :len(positions)] = torch.tensor(positions, dtype=torch.long)
+        cells = torch.arange(len(positions)) + r * width
+        where = torch.tensor(positions, dtype=torch.long)
+        unset = owner[where] < 0
+        owner[where[unset]] = cells[unset]
+    return GroupLayout(index, owner)
 
 
 def pack_groups(groups: list[Group]) -> PackedBatch:
-    ids, pos, segments = [], [], []
+    ids, pos, rows = [], [], []
     predict_at, targets, sequence, lengths = [], [], [], []
     seq_index = 0
     for g in groups:
@@ -97,6 +124,7 @@ def pack_groups(groups: list[Group]) -> PackedBatch:
             base = len(ids)
             ids += completion
             pos += list(range(p, p + len(completion)))
+            rows.append(list(range(start, start + p)) + list(range(base, base + len(completion))))
             count = 0
             for j, (token, keep) in enumerate(zip(completion, scored)):
                 if keep:
@@ -106,11 +134,10 @@ def pack_groups(groups: list[Group]) -> PackedBatch:
                     count += 1
             lengths.append(count)
             seq_index += 1
-        segments.append((start, len(ids), group_mask(p, [len(c) for c in g.completions])))
     return PackedBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.tensor([pos], dtype=torch.long),
-        segments=segments,
+        layout=group_layout(rows, len(ids)),
         predict_at=torch.tensor(predict_at, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         sequence=torch.tensor(sequence, dtype=torch.long),
@@ -123,20 +150,27 @@ def pack_groups(groups: list[Group]) -> PackedBatch:
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      rlhfkit_segments=None, **kwargs):
-    """Attention of one packed row, group by group (query [1, H, T, D], key/value [1, H_kv, T, D])."""
-    if rlhfkit_segments is None:
-        raise RuntimeError(f"the {ATTENTION_NAME!r} attention needs the packed segments (use packed_forward)")
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    outs = []
-    for start, end, mask in rlhfkit_segments:
-        outs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            attn_mask=mask, dropout_p=dropout, scale=scaling))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+                      rlhfkit_layout: GroupLayout | None = None, **kwargs):
+    """Attention of one packed row (query [1, H, T, D], key/value [1, H_kv, T, D]) -> [1, T, H, D].
+
+    The row is gathered into a [num_sequences, H, S, D] grid of plain causal sequences (prompt
+    then one completion; a completion never sees its siblings), attended with SDPA's causal
+    kernel, and each packed position takes its output from its owner cell.
+    """
+    if rlhfkit_layout is None:
+        raise RuntimeError(f"the {ATTENTION_NAME!r} attention needs the packed layout (use packed_forward)")
+    layout = rlhfkit_layout
+    repeats = getattr(module, "num_key_value_groups", 1)
+
+    def grid(x):  # [1, h, T, D] -> [R, h, S, D]
+        return x[0][:, layout.index].transpose(0, 1)
+
+    q, k, v = grid(query), grid(key), grid(value)
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+    rows, heads, width, dim = out.shape
+    return out.transpose(1, 2).reshape(rows * width, heads, dim)[layout.owner].unsqueeze(0), None
 
 
 def _no_mask(*args, **kwargs):
@@ -159,8 +193,7 @@ def _register() -> None:
 
 
 def _config(model):
-    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
-    return inner.config
+    return _inner(model).config
 
 
 def supports_packing(model) -> bool:
@@ -208,6 +241,75 @@ class _SelectedLogps(torch.autograd.Function):
         return g, None
 
 
+class _HeadLogps(torch.autograd.Function):
+    """log softmax(h·Wᵀ + b)[target] for rows h [n, d]: the LM head and the log-probs in one step.
+
+    Forward: one [n, V] buffer receives the logits and is turned in place into the softmax
+    probabilities p (max-shifted exp, divided by its sum); log p[target] = z[target] − max −
+    log Σ exp(z − max). Backward: dz = (onehot(target) − p)·g in place in that same buffer, then
+    dh = dz·W and dW = dzᵀ·h. No second [n, V] tensor, no log-softmax, no recomputation.
+    The saved buffer is consumed by the backward: it runs once (no ``retain_graph``).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logits = torch.mm(hidden, weight.t())
+        if bias is not None:
+            logits += bias
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        top = logits.amax(dim=-1, keepdim=True)
+        picked = logits.gather(-1, targets[:, None])
+        probs = logits.sub_(top).exp_()
+        total = probs.sum(dim=-1, keepdim=True)
+        probs.div_(total)
+        ctx.save_for_backward(hidden, weight, targets, probs)
+        ctx.has_bias = bias is not None
+        ctx.used = False
+        return (picked - top - total.log()).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.used:
+            raise RuntimeError("the packed LM head's backward can run only once (no retain_graph)")
+        ctx.used = True
+        hidden, weight, targets, probs = ctx.saved_tensors
+        dz = probs.mul_(-grad[:, None])
+        dz.scatter_add_(-1, targets[:, None], grad[:, None].to(dz.dtype))
+        dz = dz.to(weight.dtype)
+        grad_hidden = torch.mm(dz, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.mm(dz.t(), hidden) if ctx.needs_input_grad[1] else None
+        grad_bias = dz.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def _inner(model):
+    return getattr(model, "module", model)  # DDP / accelerate wrappers
+
+
+@contextlib.contextmanager
+def _head_returns_logps(model, targets: torch.Tensor):
+    """Make the LM head return log p(target) ([1, n, 1]) instead of logits, for one forward.
+
+    The model's own forward still runs (so DDP, PEFT and hooks see a normal call); only the
+    head's output changes. Yields False (nothing patched) for a head that is not a plain Linear.
+    """
+    head = _inner(model).get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        yield False
+        return
+
+    def forward(hidden):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return _HeadLogps.apply(flat, head.weight, head.bias, targets).view(*hidden.shape[:-1], 1)
+
+    head.forward = forward
+    try:
+        yield True
+    finally:
+        del head.forward
+
+
 def selected_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row of ``logits`` [n, V], without a [n, V] log-softmax."""
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -226,15 +328,16 @@ class Scored:
 
 
 def packed_forward(model, groups: list[Group]) -> Scored:
-    """The fast path: one packed row, prompts once, logits only where a scored token is predicted."""
+    """The fast path: one packed row, prompts once, the LM head only where a scored token is predicted."""
     _register()
     batch = pack_groups(groups)
     device = next(model.parameters()).device
-    segments = [(s, e, m.to(device)) for s, e, m in batch.segments]
-    with _attention(model, ATTENTION_NAME):
+    targets = batch.targets.to(device)
+    with _attention(model, ATTENTION_NAME), _head_returns_logps(model, targets) as fused:
         out = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                    logits_to_keep=batch.predict_at.to(device), use_cache=False, rlhfkit_segments=segments)
-    token_logps = selected_logps(out.logits[0], batch.targets.to(device))
+                    logits_to_keep=batch.predict_at.to(device), use_cache=False,
+                    rlhfkit_layout=batch.layout.to(device))
+    token_logps = out.logits[0, :, 0] if fused else selected_logps(out.logits[0], targets)
     sums = token_logps.new_zeros(batch.num_sequences).index_add(0, batch.sequence.to(device), token_logps)
     return Scored(sums, batch.lengths.to(device), batch.num_tokens)
 
