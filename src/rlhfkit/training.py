@@ -201,6 +201,14 @@ def optimizer_step(run: Run, model, optimizer, scheduler, microbatches: list, lo
 # --------------------------------------------------------------------------------------------
 
 
+def step_row(run: Run, plan: StepPlan, step: int, stats: dict[str, float], scheduler, elapsed: float) -> dict:
+    """The keys every recipe logs for optimizer step ``step`` (0-based); ``stats`` from optimizer_step
+    must hold ``loss``, ``grad_norm`` and ``tokens`` (tokens processed by all processes)."""
+    return {"step": step + 1, "epoch": plan.epoch_at(step + 1), "loss": stats["loss"],
+            "learning_rate": scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
+            "tokens_per_second": stats["tokens"] / elapsed, "elapsed_s": time.time() - run.started}
+
+
 class MetricsLogger:
     """``metrics.jsonl`` (one JSON object per logged step) plus optional TensorBoard / W&B."""
 

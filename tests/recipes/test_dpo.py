@@ -66,7 +66,7 @@ def test_cli_smoke_every_loss(tiny, pairs_file, tmp_path, loss):
         assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
         assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     model = load_causal_lm(str(tmp_path / "out"))
-    assert model is not None
+    assert model.config.model_type == "llama"
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     assert (tmp_path / "out" / "config.yaml").exists()
     assert list((tmp_path / "out").glob("ref-logps-*.pt")) or loss == "simpo"

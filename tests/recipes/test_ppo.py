@@ -85,7 +85,7 @@ def test_ppo_raises_a_hand_written_reward(run_cli, tiny_lm, reward_fn, prompts, 
 
     assert (out / "checkpoint-15").is_dir() and (out / "checkpoint-30").is_dir()
     for folder in ("policy-15", "policy-30", "."):
-        assert load_causal_lm(str(out / folder)) is not None
+        assert load_causal_lm(str(out / folder)).config.model_type == "llama"
     assert_same_params(out / "policy-30", out)
 
 
@@ -116,7 +116,7 @@ def test_every_algorithm_runs(run_cli, tiny_lm, reward_fn, prompts, tmp_path, al
     assert saved["step"] == 3
     from rlhfkit.models.loading import load_causal_lm
 
-    assert load_causal_lm(str(out / "policy-3")) is not None
+    assert load_causal_lm(str(out / "policy-3")).config.model_type == "llama"
     if "--lora-r" in extra:
         assert (out / "policy-3" / "adapter_config.json").exists()
 

@@ -44,4 +44,4 @@ def test_a_round_raises_the_mean_reward(tmp_path):
     assert (folder / "round.json").exists() and (folder / "sft.jsonl").exists()
     assert len((folder / "sft.jsonl").read_text().splitlines()) == 8
     assert not list(folder.glob("checkpoint-*"))
-    assert load_causal_lm(str(folder)) is not None
+    assert load_causal_lm(str(folder)).config.model_type == "llama"

@@ -38,7 +38,7 @@ from rlhfkit.errors import InputError
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models.packed import Group, completion_logps, supports_packing
 from rlhfkit.recipes.sft import build_model
-from rlhfkit.training import (Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
+from rlhfkit.training import (step_row, Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
                               resume_if_requested, save_checkpoint, save_final_model, start_run)
 
 LossName = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "apo_zero", "bco_pair"]
@@ -395,9 +395,7 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
         stats = optimizer_step(run, model, optimizer, scheduler, micro, loss_fn,
                                normalizer=plan.global_batch, max_grad_norm=cfg.max_grad_norm)
         elapsed = time.time() - t0
-        row = {"step": step + 1, "epoch": plan.epoch_at(step + 1), "loss": stats["loss"],
-               "learning_rate": scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
-               "tokens_per_second": stats["tokens"] / elapsed, "elapsed_s": time.time() - run.started,
+        row = {**step_row(run, plan, step, stats, scheduler, elapsed),
                **{k: stats[k] / plan.global_batch for k in METRIC_KEYS}}
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
             if eval_pairs and step + 1 == plan.total_steps:

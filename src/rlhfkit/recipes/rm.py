@@ -23,7 +23,7 @@ from rlhfkit.errors import InputError
 from rlhfkit.evaluation.rm_accuracy import agreement
 from rlhfkit.losses import bradley_terry_loss, listwise_loss, plackett_luce_loss
 from rlhfkit.models.reward import OFFSET_KEY, forward_rewards, reward_inputs
-from rlhfkit.training import (Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
+from rlhfkit.training import (step_row, Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
                               resume_if_requested, save_checkpoint, save_final_model, start_run)
 
 
@@ -174,9 +174,7 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
         stats = optimizer_step(run, model, optimizer, scheduler, micro, loss_fn,
                                normalizer=plan.global_batch, max_grad_norm=cfg.max_grad_norm)
         elapsed = time.time() - t0
-        row = {"step": step + 1, "epoch": plan.epoch_at(step + 1), "loss": stats["loss"],
-               "learning_rate": scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
-               "tokens_per_second": stats["tokens"] / elapsed, "elapsed_s": time.time() - run.started,
+        row = {**step_row(run, plan, step, stats, scheduler, elapsed),
                "train/accuracy": stats["correct"] / plan.global_batch,
                "train/margin": stats["margin"] / plan.global_batch}
         if eval_data and step + 1 == plan.total_steps:

@@ -19,7 +19,7 @@ from rlhfkit.data.chat import Encoded, encode
 from rlhfkit.data.schema import load_sft
 from rlhfkit.errors import InputError
 from rlhfkit.losses import sft_loss
-from rlhfkit.training import (Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
+from rlhfkit.training import (step_row, Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
                               resume_if_requested, save_checkpoint, save_final_model, start_run)
 
 
@@ -172,9 +172,7 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
         stats = optimizer_step(run, model, optimizer, scheduler, micro, lambda b: batch_loss(model, b),
                                normalizer=trained_tokens(global_rows), max_grad_norm=cfg.max_grad_norm)
         elapsed = time.time() - t0
-        row = {"step": step + 1, "epoch": plan.epoch_at(step + 1), "loss": stats["loss"],
-               "learning_rate": scheduler.get_last_lr()[0], "grad_norm": stats["grad_norm"],
-               "tokens_per_second": stats["tokens"] / elapsed, "elapsed_s": time.time() - run.started}
+        row = step_row(run, plan, step, stats, scheduler, elapsed)
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
             if eval_rows and step + 1 == plan.total_steps:
                 row.update(evaluate(model, eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size))
