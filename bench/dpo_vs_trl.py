@@ -26,6 +26,8 @@ What is compared (see DESIGN.md, "Benchmarking fairly"):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -114,6 +116,9 @@ def run_trl(model_path: str, pairs: list[dict], steps: int, workdir: str) -> dic
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     finally:
         DPOTrainer._precompute_ref_logps = original
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
@@ -142,7 +147,8 @@ def run_rlhfkit(model_path: str, pairs: list[dict], steps: int, workdir: str) ->
                      save_total_limit=1)
     dpo.precompute_reference = timed_precompute
     try:
-        dpo.main(cfg)
+        with contextlib.redirect_stdout(io.StringIO()):
+            dpo.main(cfg)
     finally:
         dpo.precompute_reference = original
     ends = [r["elapsed_s"] for r in read_metrics(cfg.output)]
@@ -163,9 +169,12 @@ def main() -> int:
     if args.warmup < 1 or args.steps < 1:
         sys.exit("--warmup and --steps must be >= 1 (the first step includes start-up)")
 
+    import warnings
+
     import torch
     import transformers
 
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
     import trl
