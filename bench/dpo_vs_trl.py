@@ -19,8 +19,12 @@ What is compared (see DESIGN.md, "Benchmarking fairly"):
 - Model FLOPs per step: 6·N·T, N the parameter count (tied embeddings counted once: the LM head
   matmul is real work, the lookup is not), T the tokens of the 16 prompt+completion sequences
   without padding: the same useful work for both sides, so the fraction of the measured
-  ``torch.mm`` 2048×2048 fp32 peak is comparable. (rlhfkit computes the shared prompt once, so
-  its figure is "useful-work" utilisation, not the hardware's.) The precompute is 2·N·T.
+  ``torch.mm`` 2048×2048 fp32 peak is comparable (rlhfkit computes each shared prompt once, so
+  this "useful-work" fraction can exceed what its matmuls really do). The second figure is
+  what each side's matmuls compute: TRL's body on 16 rows padded to the longest and its
+  chunked LM head on every position, 4 passes (forward, recomputed in the backward, two
+  gradient matmuls); rlhfkit's body on the packed row and its head on the completion
+  positions, 3 passes. The precompute is 2·N·T.
 """
 
 from __future__ import annotations
@@ -63,16 +67,25 @@ def conversational(pair: dict) -> dict:
             "rejected": [{"role": "assistant", "content": pair["rejected"]}]}
 
 
-def sequence_tokens(tokenizer, pairs: list[dict]) -> int:
-    """Tokens of the 2·B prompt+completion sequences, without padding (the useful work)."""
+def token_counts(tokenizer, pairs: list[dict]) -> dict:
+    """Per step: ``useful`` tokens of the 2·B prompt+completion sequences (no padding); what TRL
+    computes (``padded``: 2·B rows of the longest); what rlhfkit computes (``packed``: each prompt
+    once, no padding) and ``completion`` (the positions where its LM head runs)."""
     from rlhfkit.data.chat import encode
+    from rlhfkit.data.schema import PreferenceExample
+    from rlhfkit.recipes.dpo import encode_pair
 
-    total = 0
+    lengths, packed, completion = [], 0, 0
     for p in pairs:
         ex = conversational(p)
         for side in ("chosen", "rejected"):
-            total += len(encode(tokenizer, ex["prompt"], ex[side]).input_ids)
-    return total
+            lengths.append(len(encode(tokenizer, ex["prompt"], ex[side]).input_ids))
+        group = encode_pair(tokenizer, PreferenceExample(ex["prompt"], ex["chosen"], ex["rejected"]),
+                            MAX_LENGTH).group
+        packed += group.num_tokens
+        completion += sum(sum(s) for s in group.scored)
+    return {"useful": sum(lengths), "padded": len(lengths) * max(lengths), "packed": packed,
+            "completion": completion}
 
 
 def run_trl(model_path: str, pairs: list[dict], steps: int, workdir: str) -> dict:
@@ -195,7 +208,10 @@ def main() -> int:
         sys.exit(f"{args.data}: {len(pairs)} pairs, need {BATCH * args.reps}")
     model_path = resolve_model(args.model)
     tokenizer = load_tokenizer(model_path)
-    n_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model_path).parameters())
+    reference_model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    n_params = sum(p.numel() for p in reference_model.parameters())
+    n_head = reference_model.get_output_embeddings().weight.numel()
+    del reference_model
     peak = matmul_peak(args.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}")
@@ -208,14 +224,24 @@ def main() -> int:
     results = {"trl": [], "rlhfkit": []}
     precompute = {"trl": [], "rlhfkit": []}
     flops_per_step = []
+    hardware = {"trl": [], "rlhfkit": []}
     for rep in range(args.reps):
         chunk = pairs[rep * BATCH:(rep + 1) * BATCH]
-        tokens = sequence_tokens(tokenizer, chunk)
+        counts = token_counts(tokenizer, chunk)
+        tokens = counts["useful"]
         flops_per_step.append(6 * n_params * tokens)
+        body = n_params - n_head
+        # What each side's matmuls actually compute: TRL's body on the padded rows and its chunked
+        # head on every position (forward, recomputed in the backward, two gradient matmuls);
+        # rlhfkit's body on the packed row and its head on the completion positions.
+        hardware["trl"].append(6 * body * counts["padded"] + 8 * n_head * counts["padded"])
+        hardware["rlhfkit"].append(6 * body * counts["packed"] + 6 * n_head * counts["completion"])
         order = ["trl", "rlhfkit"] if rep % 2 == 0 else ["rlhfkit", "trl"]
-        line = [f"rep {rep + 1}: {tokens} tokens/step"]
+        line = [f"rep {rep + 1}: {tokens} tokens/step (TRL computes {counts['padded']} padded, rlhfkit "
+                f"{counts['packed']} packed)"]
         for side in order:
-            with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as tmp, \
+                    contextlib.redirect_stderr(io.StringIO()):
                 out = (run_trl if side == "trl" else run_rlhfkit)(model_path, chunk, total, tmp)
             timed = out["step_times"][args.warmup:]
             results[side].append(statistics.median(timed))
@@ -228,11 +254,13 @@ def main() -> int:
     print()
     for side in ("trl", "rlhfkit"):
         mfu = [f / t / 1e9 / peak for f, t in zip(flops_per_step, results[side])]
+        hfu = [f / t / 1e9 / peak for f, t in zip(hardware[side], results[side])]
         pre = [s for s, _ in precompute[side]]
         pre_mfu = [2 * n_params * tok / s / 1e9 / peak for s, tok in precompute[side] if s > 0]
         print(f"{side:8s} median {statistics.median(results[side]):.2f} s/step "
-              f"(reps {min(results[side]):.2f}-{max(results[side]):.2f}); model FLOPs "
-              f"{statistics.median(mfu) * 100:.0f}% of the matmul peak; one-time reference precompute"
+              f"(reps {min(results[side]):.2f}-{max(results[side]):.2f}); model FLOPs (6·N·useful tokens) "
+              f"{statistics.median(mfu) * 100:.0f}% of the matmul peak, FLOPs its matmuls compute "
+              f"{statistics.median(hfu) * 100:.0f}%; one-time reference precompute"
               f" {statistics.median(pre):.1f} s per {BATCH} pairs"
               + (f" ({statistics.median(pre_mfu) * 100:.0f}% of peak)" if pre_mfu else ""))
     print(f"speed-up (TRL s/step / rlhfkit s/step): median {statistics.median(ratios):.2f}x, "
