@@ -15,8 +15,9 @@ from rlhfkit.losses import token_logps
 
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                      batch_size: int = 8) -> list[float]:
-    """Σ_t log π(y_t | x, y_<t) for each (prompt, response) pair of token-id lists."""
+                      batch_size: int = 8, temperature: float = 1.0) -> list[float]:
+    """Σ_t log π(y_t | x, y_<t) for each (prompt, response) pair of token-id lists, under the
+    distribution softmax(logits / ``temperature``) the samples were drawn from."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -32,7 +33,7 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
             mask[i, :len(row)] = 1
             labels[i, len(p):len(row)] = torch.tensor(row[len(p):], dtype=torch.long)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logps, _ = token_logps(logits.float(), labels.to(device))
+        logps, _ = token_logps(logits.float() / temperature, labels.to(device))
         out += logps.sum(-1).tolist()
     model.train(was_training)
     return out

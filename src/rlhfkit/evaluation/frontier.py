@@ -64,12 +64,13 @@ def sample_policy(model, tokenizer, prompts: list, temperature: float, max_new_t
     return flat_prompts, flat_responses, [decode_response(tokenizer, r) for r in flat_responses]
 
 
-def policy_kl(model, reference, pad_id: int, prompt_ids, response_ids) -> float:
-    """KL(π ‖ π_ref) from samples of π: the mean sequence log-ratio (k1, unbiased)."""
+def policy_kl(model, reference, pad_id: int, prompt_ids, response_ids, temperature: float = 1.0) -> float:
+    """KL(π ‖ π_ref) from samples of π: the mean sequence log-ratio (k1, unbiased). Both are the
+    distributions at the sampling ``temperature`` (as in PPO's penalty)."""
     from rlhfkit.evaluation.divergence import kl_from_logratios, sequence_logprobs
 
-    lp = sequence_logprobs(model, prompt_ids, response_ids, pad_id)
-    lp_ref = sequence_logprobs(reference, prompt_ids, response_ids, pad_id)
+    lp = sequence_logprobs(model, prompt_ids, response_ids, pad_id, temperature=temperature)
+    lp_ref = sequence_logprobs(reference, prompt_ids, response_ids, pad_id, temperature=temperature)
     return kl_from_logratios([a - b for a, b in zip(lp, lp_ref)])["kl_k1"]
 
 
@@ -77,7 +78,8 @@ def frontier_point(step, model, reference, tokenizer, prompts, reward, oracle, t
                    seed, n=1) -> dict:
     prompt_ids, response_ids, texts = sample_policy(model, tokenizer, prompts, temperature, max_new_tokens, seed, n)
     shown = [p for p in prompts for _ in range(n)]
-    kl = 0.0 if model is reference else policy_kl(model, reference, tokenizer.pad_token_id, prompt_ids, response_ids)
+    kl = 0.0 if model is reference else policy_kl(model, reference, tokenizer.pad_token_id, prompt_ids, response_ids,
+                                                  temperature)
     point = {"step": step, "kl": kl, "reward": sum(reward(shown, texts)) / len(texts)}
     if oracle is not None:
         point["oracle"] = sum(oracle(shown, texts)) / len(texts)
