@@ -19,11 +19,16 @@ def test_quick_demo_writes_the_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "win rate:" in report
     assert "reward model held-out accuracy" in report
+    assert "reward model agreement with the oracle" in report
     for png in ("reward_curve.png", "kl_curve.png", "reward_vs_kl.png"):
         assert (out / png).stat().st_size > 1000
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) >= {"initial", "ppo", "dpo", "best-of-2"}
     assert 0.0 <= results["methods"]["ppo"]["win_rate"] <= 1.0
     assert [p["step"] for p in results["frontier"]] == [0, 1, 2, 3]
+    # the curve's ends are the measured initial and final rows, not a second sample
+    assert results["frontier"][0]["kl"] == 0.0
+    assert results["frontier"][-1]["kl"] == results["methods"]["ppo"]["kl"]
+    assert 0.0 <= results["reward_model"]["oracle_agreement"] <= 1.0
     # model output is untrusted: the HTML report escapes it
     assert "<script" not in (out / "report.html").read_text().split("<h2>Before and after</h2>")[1]

@@ -134,6 +134,17 @@ def sample_policy(model, tokenizer, prompts: list[str], preset: Preset, seed: in
     return _sample(model, tokenizer, prompts, preset.temperature, preset.max_new_tokens, seed)
 
 
+def oracle_agreement(reward, oracle, pairs: list[dict]) -> dict:
+    """How often the reward model orders a held-out pair as the noise-free oracle does (pairs the
+    oracle scores equal are skipped): the figure that bounds what optimising it can achieve."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen, rejected = reward(prompts, [p["chosen"] for p in pairs]), reward(prompts, [p["rejected"] for p in pairs])
+    oracle_chosen, oracle_rejected = oracle([p["chosen"] for p in pairs]), oracle([p["rejected"] for p in pairs])
+    verdicts = [(c > r) == (oc > orr) for c, r, oc, orr in zip(chosen, rejected, oracle_chosen, oracle_rejected)
+                if oc != orr]
+    return {"oracle_agreement": sum(verdicts) / max(len(verdicts), 1), "oracle_pairs": len(verdicts)}
+
+
 def oracle_win_rate(oracle, candidate: list[str], baseline: list[str]) -> float:
     """Fraction of prompts where the noise-free oracle prefers ``candidate``; ties count half."""
     a, b = oracle(candidate), oracle(baseline)
@@ -219,7 +230,10 @@ def write_report(out: Path, results: Results, plots: list[str]) -> None:
              f"reward model held-out accuracy: {100 * results.reward_model.get('eval/accuracy', float('nan')):.1f}% "
              f"(on {results.reward_model.get('eval_pairs', 0)} held-out pairs, against the noisy labels); "
              f"annotator agreement with the noise-free oracle: "
-             f"{100 * results.preferences.get('oracle_agreement', float('nan')):.1f}%", "",
+             f"{100 * results.preferences.get('oracle_agreement', float('nan')):.1f}%; reward model agreement "
+             f"with the oracle on the held-out pairs it separates: "
+             f"{100 * results.reward_model.get('oracle_agreement', float('nan')):.1f}% "
+             f"(of {results.reward_model.get('oracle_pairs', 0)})", "",
              "## Methods side by side", ""]
     header = ["method", "oracle win rate vs initial", "KL to initial (nats)", "oracle mean", "RM mean", "words"]
     rows = [[name, f"{100 * m['win_rate']:.0f}%", f"{m['kl']:.2f}", f"{m['oracle_mean']:.3f}", f"{m['rm_mean']:.3f}",
@@ -315,6 +329,7 @@ def main(cfg: Config) -> int:
     rm_recipe.main(rm_cfg)
     results.reward_model = {**read_metrics(rm_dir)[-1], "eval_pairs": n_eval}
     reward = load_reward(str(rm_dir))
+    results.reward_model.update(oracle_agreement(reward, oracle, pairs[:n_eval]))
     _phase("reward model", results, t)
 
     # 4. PPO ---------------------------------------------------------------------------------
