@@ -54,10 +54,10 @@ def main() -> int:
             if name == "robust":
                 extra += ["--label-smoothing", "0.1"]
             out = Path(tmp) / name
-            cmd = [rlhfkit, "dpo", "--model", "smollm2-135m", "--data", str(data), "--output", str(out),
-                   "--eval-data", str(data), "--loss", name, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--lr", str(args.lr), "--lr-schedule", "constant", "--warmup-ratio", "0",
-                   "--max-length", "256", "--seed", "0", "--no-progress", *extra]
+            cmd = [rlhfkit, "dpo", "--model", "smollm2-135m", "--data", str(data), "--eval-data", str(data),
+                   "--output", str(out), "--loss", name, "--max-steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--lr-schedule", "constant",
+                   "--warmup-ratio", "0", "--max-length", "256", "--seed", "0", "--no-progress", *extra]
             t0 = time.time()
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             total = time.time() - t0

@@ -134,14 +134,16 @@ def sample_policy(model, tokenizer, prompts: list[str], preset: Preset, seed: in
     return _sample(model, tokenizer, prompts, preset.temperature, preset.max_new_tokens, seed)
 
 
-def oracle_agreement(reward, oracle, pairs: list[dict]) -> dict:
-    """How often the reward model orders a held-out pair as the noise-free oracle does (pairs the
-    oracle scores equal are skipped): the figure that bounds what optimising it can achieve."""
-    prompts = [p["prompt"] for p in pairs]
-    chosen, rejected = reward(prompts, [p["chosen"] for p in pairs]), reward(prompts, [p["rejected"] for p in pairs])
+def oracle_agreement(oracle, pairs: list[dict], chosen_scores: list[float] | None = None,
+                     rejected_scores: list[float] | None = None) -> dict:
+    """How often a judge orders the pairs as the noise-free oracle does, over the pairs the oracle
+    does not score equal. The judge is the pairs' own labels (no scores: chosen over rejected)
+    or a scorer's ``chosen_scores`` / ``rejected_scores``."""
     oracle_chosen, oracle_rejected = oracle([p["chosen"] for p in pairs]), oracle([p["rejected"] for p in pairs])
-    verdicts = [(c > r) == (oc > orr) for c, r, oc, orr in zip(chosen, rejected, oracle_chosen, oracle_rejected)
-                if oc != orr]
+    chosen_scores = chosen_scores if chosen_scores is not None else [1.0] * len(pairs)
+    rejected_scores = rejected_scores if rejected_scores is not None else [0.0] * len(pairs)
+    verdicts = [(c > r) == (oc > orr) for c, r, oc, orr in
+                zip(chosen_scores, rejected_scores, oracle_chosen, oracle_rejected) if oc != orr]
     return {"oracle_agreement": sum(verdicts) / max(len(verdicts), 1), "oracle_pairs": len(verdicts)}
 
 
@@ -311,10 +313,9 @@ def main(cfg: Config) -> int:
     pairs = collect_preferences(initial, tokenizer, pref_prompts, annotator, preset, cfg.seed)
     if len(pairs) < 4:
         raise InputError("the demo collected fewer than 4 usable preference pairs")
-    agree = [oracle([p["chosen"]])[0] > oracle([p["rejected"]])[0] for p in pairs
-             if oracle([p["chosen"]])[0] != oracle([p["rejected"]])[0]]
-    results.preferences = {"pairs": len(pairs), "oracle_agreement": sum(agree) / max(len(agree), 1),
-                           "ties_by_oracle": len(pairs) - len(agree)}
+    labels = oracle_agreement(oracle, pairs)
+    results.preferences = {"pairs": len(pairs), "oracle_agreement": labels["oracle_agreement"],
+                           "ties_by_oracle": len(pairs) - labels["oracle_pairs"]}
     n_eval = max(2, len(pairs) // 8)
     pairs_train = write_jsonl(out / "data" / "pairs_train.jsonl", pairs[n_eval:])
     pairs_eval = write_jsonl(out / "data" / "pairs_heldout.jsonl", pairs[:n_eval])
@@ -329,7 +330,11 @@ def main(cfg: Config) -> int:
     rm_recipe.main(rm_cfg)
     results.reward_model = {**read_metrics(rm_dir)[-1], "eval_pairs": n_eval}
     reward = load_reward(str(rm_dir))
-    results.reward_model.update(oracle_agreement(reward, oracle, pairs[:n_eval]))
+    held_out_pairs = pairs[:n_eval]
+    pair_prompts = [p["prompt"] for p in held_out_pairs]
+    results.reward_model.update(oracle_agreement(
+        oracle, held_out_pairs, reward(pair_prompts, [p["chosen"] for p in held_out_pairs]),
+        reward(pair_prompts, [p["rejected"] for p in held_out_pairs])))
     _phase("reward model", results, t)
 
     # 4. PPO ---------------------------------------------------------------------------------
