@@ -32,3 +32,20 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert 0.0 <= results["reward_model"]["oracle_agreement"] <= 1.0
     # model output is untrusted: the HTML report escapes it
     assert "<script" not in (out / "report.html").read_text().split("<h2>Before and after</h2>")[1]
+    # K = 4 replies per preference prompt, every pair judged; held-out pairs share no prompt (no reply) with training
+    rows = {name: [json.loads(line) for line in (out / "data" / f"pairs_{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "heldout")}
+    prompts = {name: [r["prompt"] for r in rs] for name, rs in rows.items()}
+    assert not set(prompts["train"]) & set(prompts["heldout"])
+    assert max(prompts["train"].count(p) for p in prompts["train"]) > 1
+    assert all(prompts["train"].count(p) <= 6 for p in prompts["train"])
+
+
+def test_pairs_are_split_by_prompt():
+    from rlhfkit.demo import split_pairs_by_prompt
+
+    pairs = [{"prompt": p, "i": i} for i, p in enumerate("aaabbbcccddd")]
+    train, held = split_pairs_by_prompt(pairs, 1 / 4)
+    assert [r["i"] for r in held] == [0, 1, 2] and [r["i"] for r in train] == list(range(3, 12))
+    train, held = split_pairs_by_prompt(pairs[:3], 1 / 8)  # one prompt: it is held out, nothing left to train
+    assert len(held) == 3 and train == []

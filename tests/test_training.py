@@ -199,3 +199,21 @@ def test_gradient_accumulation_is_invariant(command, run_cli, tiny_lm, sft_toy, 
     assert_same_params(tmp_path / "a", tmp_path / "c", atol=1e-5)
     losses = [[r["loss"] for r in read_metrics(tmp_path / x)] for x in "abc"]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] == pytest.approx(losses[2], abs=1e-5)
+
+
+def test_optimizer_gives_named_parameters_their_own_learning_rate():
+    """PPO's value head learns at --value-lr; the scheduler scales both groups alike."""
+    from torch import nn
+
+    from rlhfkit.training import make_optimizer, make_scheduler
+
+    model = nn.ModuleDict({"policy": nn.Linear(3, 3), "value_head": nn.Linear(3, 1)})
+    optimizer = make_optimizer(model, 1e-5, lr_by_prefix={"value_head.": 1e-3})
+    by_lr = {g["lr"]: sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
+    assert by_lr == {1e-5: 12, 1e-3: 4}
+    assert optimizer.param_groups[0]["lr"] == 1e-5  # the base group first
+    scheduler = make_scheduler(optimizer, "linear", 10, 0.0)
+    optimizer.step()
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.9e-5, 0.9e-3])
+    assert len(make_optimizer(model, 1e-5).param_groups) == 1

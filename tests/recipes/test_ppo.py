@@ -91,7 +91,8 @@ def test_ppo_raises_a_hand_written_reward(run_cli, tiny_lm, reward_fn, prompts, 
 
 @pytest.mark.parametrize("algo,extra", [
     ("ppo", ["--lora-r", 4, "--target-kl", 0.5, "--kl-horizon", 100, "--whiten-rewards"]),
-    ("ppo", ["--value-model", "CRITIC", "--kl-in", "loss", "--kl-estimator", "k2", "--missing-eos-penalty", 1.0]),
+    ("ppo", ["--value-model", "CRITIC", "--kl-in", "loss", "--kl-estimator", "k2", "--missing-eos-penalty", 1.0,
+             "--value-lr", 1e-2]),
     ("rloo", ["--samples-per-prompt", 2, "--score-clip", 0.5]),
     ("grpo", ["--lora-r", 4, "--minibatch-size", 8, "--grad-accum", 2]),
 ])
@@ -155,6 +156,8 @@ def test_resume_reproduces_the_uninterrupted_run(run_cli, tiny_lm, reward_fn, pr
     (["--top-p", 1.5], "--top-p"),
     (["--max-new-tokens", 600], "--max-length (512) must exceed"),
     (["--algo", "rloo", "--value-model", "some/critic"], "--value-model is for --algo ppo"),
+    (["--algo", "grpo", "--value-lr", 1e-3], "--value-lr is for --algo ppo"),
+    (["--value-lr", -1], "--value-lr must be >= 0"),
     (["--cliprange", 0], "--cliprange must be > 0"),
     (["--lam", 1.5], "--lam must be in [0, 1]"),
     (["--kl-coef", -1], "--kl-coef must be >= 0"),

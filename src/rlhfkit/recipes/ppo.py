@@ -96,6 +96,9 @@ class Config(TrainConfig):
     cliprange: float = arg(0.2, "PPO ratio clip ε.")
     cliprange_value: float = arg(0.2, "Value clip around the rollout values.")
     vf_coef: float = arg(0.1, "Weight of the value loss.")
+    value_lr: float = arg(0.0, "Learning rate of the value head or critic (0: --lr). A fresh zero-initialised "
+                          "head barely moves at a policy's learning rate within a few dozen updates, and "
+                          "GAE (λ < 1) on a near-zero value gives early tokens only λ^(T−t) of the score.")
     gamma: float = arg(1.0, "Discount factor of GAE.")
     lam: float = arg(0.95, "λ of GAE.")
     whiten_rewards: bool = arg(False, "Rescale the rewards to unit variance over the batch (mean kept).")
@@ -151,7 +154,9 @@ class Config(TrainConfig):
         for name in ("max_new_tokens", "ppo_epochs", "samples_per_prompt"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("minibatch_size", "top_k", "sample_every", "rollout_batch_size", "kl_coef",
+        if self.value_lr and self.algo != "ppo":
+            problems.append(f"--value-lr is for --algo ppo only ({self.algo} has no value function)")
+        for name in ("minibatch_size", "top_k", "sample_every", "rollout_batch_size", "kl_coef", "value_lr",
                      "target_kl", "vf_coef", "missing_eos_penalty", "score_clip"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
@@ -466,7 +471,8 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompts) / (cfg.batch_size * world)))
     plan = StepPlan(len(prompts), cfg.batch_size, 1, world, cfg.seed, total)
     updates_per_iteration = cfg.ppo_epochs * (cfg.rollout_size // (cfg.minibatch_size or cfg.rollout_size))
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    value_lr = {"value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, value_lr)
     scheduler = make_scheduler(optimizer, cfg.lr_schedule, total * updates_per_iteration, cfg.warmup_ratio)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     if reference is not None:
