@@ -217,3 +217,25 @@ def test_optimizer_gives_named_parameters_their_own_learning_rate():
     scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.9e-5, 0.9e-3])
     assert len(make_optimizer(model, 1e-5).param_groups) == 1
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos; "
+                                                  "PytorchStreamWriter failed writing file data/0")])
+def test_a_full_disk_during_a_checkpoint_is_a_clear_error(run_cli, monkeypatch, tiny_lm, sft_toy, tmp_path, failure):
+    """Exit 2 with one line naming the checkpoint, no traceback, no half-written folder left."""
+    from accelerate import Accelerator
+
+    def full_disk(self, output_dir, **kwargs):
+        Path(output_dir).mkdir(parents=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+        raise failure
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    out = tmp_path / "o"
+    result = run_cli("sft", "--model", tiny_lm, "--data", sft_toy, "--output", out, "--max-steps", "2",
+                     "--batch-size", "2", "--save-steps", "1", "--no-progress")
+    assert result.code == 2
+    assert "checkpoint-1: cannot write the checkpoint" in result.err and "--resume" in result.err
+    assert "Traceback" not in result.err
+    assert not list(out.glob(".tmp-*")) and not list(out.glob("checkpoint-*"))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from rlhfkit.config import save_config
+from rlhfkit.errors import InputError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -315,10 +316,22 @@ def save_checkpoint(run: Run, step: int, state: dict[str, Any], keep: int = 0) -
     if run.is_main and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
-    acc.wait_for_everyone()  # every rank has written its RNG state into tmp before it is renamed
+    try:
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()  # every rank has written its RNG state into tmp before it is renamed
+        if run.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    except (OSError, RuntimeError) as e:
+        # a full disk surfaces as OSError (safetensors, json) or torch's "PytorchStreamWriter
+        # failed writing file" RuntimeError; anything else is a bug and keeps its traceback
+        if isinstance(e, RuntimeError) and "writ" not in str(e):
+            raise
+        if run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"{final}: cannot write the checkpoint ({str(e).strip().splitlines()[0]}); the temporary "
+                         f"folder was removed and the previous checkpoint is intact: free space in {run.output} "
+                         f"and rerun with --resume") from None
     if run.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
