@@ -25,7 +25,6 @@ Every result is printed as one JSON line and appended to ``results.jsonl``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -74,7 +73,8 @@ def samples() -> None:
 
 
 def reward_model(name: str, prompts: int, which: str, epochs: int, start: int = 0) -> None:
-    from rlhfkit.data.annotators import VaderSentiment, likert_to_preference, vader_annotator
+    from rlhfkit.data.annotators import VaderSentiment, vader_annotator
+    from rlhfkit.demo import judge_all_pairs
     from rlhfkit.models.reward import load_reward_model
     from rlhfkit.recipes import rm as rm_recipe
 
@@ -82,12 +82,7 @@ def reward_model(name: str, prompts: int, which: str, epochs: int, start: int = 
     oracle, annotator = VaderSentiment(), vader_annotator(0.25, 0)
     pairs = []
     for prompt, replies in list(zip(data["pref_prompts"], data["pref4"]))[start:prompts]:
-        for i, j in [(0, 1)] if which == "one" else itertools.combinations(range(4), 2):
-            a, b = replies[i], replies[j]
-            if a and b and a != b:
-                a_preferred, strength = likert_to_preference(annotator.judge(prompt, a, b))
-                chosen, rejected = (a, b) if a_preferred else (b, a)
-                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": strength})
+        pairs += judge_all_pairs(prompt, replies[:2] if which == "one" else replies, annotator)
     random.Random(0).shuffle(pairs)
     path = WORK / f"pairs_{name}.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))

@@ -112,11 +112,8 @@ def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset:
     """``preset.responses_per_prompt`` sampled replies per prompt and every pair of them judged by
     the annotator (InstructGPT's K-wise comparisons: K replies give K(K-1)/2 pairs for the cost of
     generating K); identical or empty replies are not compared. Pairs of one prompt are consecutive."""
-    from itertools import combinations
-
     from tqdm.auto import tqdm
 
-    from rlhfkit.data.annotators import likert_to_preference
     from rlhfkit.generation.decoding import SamplingParams, generate_chat
 
     params = SamplingParams(strategy="sample", temperature=preset.temperature, max_new_tokens=preset.max_new_tokens,
@@ -126,14 +123,26 @@ def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset:
     for start in tqdm(range(0, len(prompts), chunk_size), desc="preferences", dynamic_ncols=True):
         chunk = prompts[start:start + chunk_size]
         for prompt, replies in zip(chunk, generate_chat(model, tokenizer, chunk, params, batch_size=chunk_size)):
-            for a, b in combinations(replies, 2):
-                if not a or not b or a == b:
-                    continue
-                likert = annotator.judge(prompt, a, b)
-                a_preferred, strength = likert_to_preference(likert)
-                chosen, rejected = (a, b) if a_preferred else (b, a)
-                pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": strength,
-                              "likert": likert, "response_a": a, "response_b": b})
+            pairs += judge_all_pairs(prompt, replies, annotator)
+    return pairs
+
+
+def judge_all_pairs(prompt: str, replies: list[str], annotator) -> list[dict]:
+    """Every pair of ``replies`` judged by the annotator, as preference records (chosen, rejected,
+    the Likert value and its strength as ``margin``); identical or empty replies are not compared."""
+    from itertools import combinations
+
+    from rlhfkit.data.annotators import likert_to_preference
+
+    pairs = []
+    for a, b in combinations(replies, 2):
+        if not a or not b or a == b:
+            continue
+        likert = annotator.judge(prompt, a, b)
+        a_preferred, strength = likert_to_preference(likert)
+        chosen, rejected = (a, b) if a_preferred else (b, a)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": strength,
+                      "likert": likert, "response_a": a, "response_b": b})
     return pairs
 
 
