@@ -7,7 +7,9 @@
     4. PPO against the reward model with a KL penalty to the initial policy
     5. DPO on the same preference pairs; best-of-N with the same reward model
     6. evaluation on held-out prompts: oracle (noise-free VADER) win rate over the initial
-       policy and KL to it, for PPO, DPO and best-of-N; reward vs KL over PPO checkpoints
+       policy (each method's reply against N + 1 replies of the initial policy, whose pairs are
+       also the reward model's held-out pairs) and KL to it, for PPO, DPO and best-of-N; reward
+       vs KL over PPO checkpoints
     7. report.md / report.html with plots and before/after samples
 
 Every phase is an ordinary rlhfkit command (rm, ppo, dpo) run on files the previous phase
@@ -40,9 +42,14 @@ class Config:
                                        "probability sigmoid((s_A - s_B) / T) on VADER scores.")
     ppo_steps: int = arg(0, "PPO iterations (0: the preset, 3 with --quick).")
     skip_dpo: bool = arg(False, "Skip the DPO and best-of-N comparison.")
+    sample_dtype: str = arg("auto", "Precision of the copy that preference and evaluation replies are sampled from: "
+                            "auto (bfloat16 on a CPU with native bfloat16, about twice as fast), float32 or "
+                            "bfloat16. Log-probs and KL are always float32; PPO's rollouts are always the policy's own.")
 
     def validate(self) -> list[str]:
         problems = []
+        if self.sample_dtype not in ("auto", "float32", "bfloat16"):
+            problems.append(f"--sample-dtype must be auto, float32 or bfloat16 (got {self.sample_dtype})")
         if self.annotator_temperature <= 0:
             problems.append("--annotator-temperature must be > 0")
         if self.ppo_steps < 0:
@@ -53,6 +60,9 @@ class Config:
 @dataclass
 class Preset:
     held_out: int
+    # more preference prompts, a better reward model: 96 x 4 replies gave a correlation with the
+    # oracle of 0.58, 192 x 4 0.62 (docs/demo.md); 128 is what the time budget allows once
+    # sampling runs in bfloat16
     preference_prompts: int
     ppo_steps: int
     ppo_batch: int
@@ -80,8 +90,16 @@ class Preset:
     rm_epochs: int = 4
     checkpoint_every: int = 8
 
+    @property
+    def baseline_samples(self) -> int:
+        """Replies of the initial policy per held-out prompt. Every win rate compares a method's
+        reply with each of them (one baseline reply per prompt left a standard error of ~6 points
+        on 64 prompts), their pairs are the reward model's held-out pairs, and best-of-N is
+        measured leave-one-out among them (N + 1 replies: no sampling of its own)."""
+        return self.best_of + 1
 
-DEFAULT = Preset(held_out=64, preference_prompts=96, ppo_steps=14, ppo_batch=16, max_new_tokens=32,
+
+DEFAULT = Preset(held_out=64, preference_prompts=128, ppo_steps=14, ppo_batch=16, max_new_tokens=32,
                  dpo_steps=8, best_of=4, rm_epochs=1, checkpoint_every=7)
 QUICK = Preset(held_out=8, preference_prompts=8, ppo_steps=3, ppo_batch=4, max_new_tokens=16,
                dpo_steps=2, best_of=2, rm_epochs=2, checkpoint_every=1)
@@ -94,7 +112,7 @@ class Results:
     prompts: dict = field(default_factory=dict)
     preferences: dict = field(default_factory=dict)
     reward_model: dict = field(default_factory=dict)
-    methods: dict = field(default_factory=dict)       # name -> {win_rate, kl, oracle_mean, rm_mean}
+    methods: dict = field(default_factory=dict)       # name -> {win_rate, win_rate_stderr, kl, oracle_mean, ...}
     frontier: list = field(default_factory=list)      # [{step, kl, reward, oracle}]
     timings: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)
@@ -109,8 +127,8 @@ def _phase(name: str, results: Results, started: float) -> None:
 
 
 def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset: Preset, seed: int) -> list[dict]:
-    """``preset.responses_per_prompt`` sampled replies per prompt and every pair of them judged by
-    the annotator (InstructGPT's K-wise comparisons: K replies give K(K-1)/2 pairs for the cost of
+    """``preset.responses_per_prompt`` replies per prompt sampled from ``model`` (the initial policy
+    or its decoding copy) and every pair of them judged by the annotator (InstructGPT's K-wise comparisons: K replies give K(K-1)/2 pairs for the cost of
     generating K); identical or empty replies are not compared. Pairs of one prompt are consecutive."""
     from tqdm.auto import tqdm
 
@@ -146,14 +164,6 @@ def judge_all_pairs(prompt: str, replies: list[str], annotator) -> list[dict]:
     return pairs
 
 
-def split_pairs_by_prompt(pairs: list[dict], held_out_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, held out): the pairs of the first prompts are held out, so no reply the reward model
-    is evaluated on was seen in training (a prompt's K replies appear in several pairs)."""
-    prompts = list(dict.fromkeys(p["prompt"] for p in pairs))
-    held = set(prompts[:max(1, round(len(prompts) * held_out_fraction))])
-    return [p for p in pairs if p["prompt"] not in held], [p for p in pairs if p["prompt"] in held]
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     from rlhfkit.data.io import write_jsonl as _write
 
@@ -161,10 +171,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def sample_policy(model, tokenizer, prompts: list[str], preset: Preset, seed: int):
+def sample_policy(model, tokenizer, prompts: list[str], preset: Preset, seed: int, n: int = 1, progress=None):
     from rlhfkit.evaluation.frontier import sample_policy as _sample
 
-    return _sample(model, tokenizer, prompts, preset.temperature, preset.max_new_tokens, seed)
+    return _sample(model, tokenizer, prompts, preset.temperature, preset.max_new_tokens, seed, n, progress)
 
 
 def oracle_agreement(oracle, pairs: list[dict], chosen_scores: list[float] | None = None,
@@ -180,28 +190,75 @@ def oracle_agreement(oracle, pairs: list[dict], chosen_scores: list[float] | Non
     return {"oracle_agreement": sum(verdicts) / max(len(verdicts), 1), "oracle_pairs": len(verdicts)}
 
 
-def oracle_win_rate(oracle, candidate: list[str], baseline: list[str]) -> float:
-    """Fraction of prompts where the noise-free oracle prefers ``candidate``; ties count half."""
-    a, b = oracle(candidate), oracle(baseline)
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+def preference(a: float, b: float) -> float:
+    """1 if the oracle scores ``a`` higher, 0.5 on a tie, 0 otherwise."""
+    return 1.0 if a > b else 0.5 if a == b else 0.0
 
 
-def evaluate_method(name, model, reference, tokenizer, held_out, baseline_texts, oracle, reward, preset, seed,
-                    results: Results) -> list[str]:
-    prompt_ids, response_ids, texts = sample_policy(model, tokenizer, held_out, preset, seed)
+def oracle_win_rate(candidate: list[float], baselines: list[list[float]]):
+    """Win rate of a method over the initial policy from oracle scores: its reply to prompt i
+    (``candidate[i]``) against each of the initial policy's replies to it (``baselines[i]``),
+    averaged over those replies, then over prompts (ties count half). Prompts are the independent
+    units: the standard error is over the per-prompt values."""
+    from rlhfkit.evaluation.winrate import win_rate
+
+    return win_rate([sum(preference(c, b) for b in bs) / len(bs) for c, bs in zip(candidate, baselines)])
+
+
+def leave_one_out_best_of_n(rm_scores: list[list[float]], oracle_scores: list[list[float]]) -> dict:
+    """Best-of-(K−1) against the initial policy from K replies per prompt, without sampling again.
+
+    For each reply j of a prompt, the reply the reward model scores highest among the *other*
+    K−1 is compared with reply j by the oracle. The K replies are independent samples, so each
+    comparison is an honest best-of-(K−1) pick against an independent initial reply; the win rate
+    averages them over j, then over prompts. Returns the win rate (a ``WinRate``), the oracle and
+    reward-model means of the picks, and for each prompt its pick that excludes reply 0."""
+    from rlhfkit.evaluation.winrate import win_rate
+    from rlhfkit.generation.best_of_n import argmax
+
+    per_prompt, oracle_picked, rm_picked, picks = [], [], [], []
+    for rm, oracle in zip(rm_scores, oracle_scores):
+        wins = 0.0
+        for j in range(len(rm)):
+            others = [i for i in range(len(rm)) if i != j]
+            pick = others[argmax([rm[i] for i in others])]
+            wins += preference(oracle[pick], oracle[j])
+            oracle_picked.append(oracle[pick])
+            rm_picked.append(rm[pick])
+            if j == 0:
+                picks.append(pick)
+        per_prompt.append(wins / len(rm))
+    return {"win_rate": win_rate(per_prompt), "oracle_mean": mean(oracle_picked), "rm_mean": mean(rm_picked),
+            "picks": picks}
+
+
+def evaluate_method(name, model, reference, tokenizer, held_out, baseline_oracle, oracle, reward, preset, seed,
+                    results: Results, sample_dtype: str) -> list[str]:
+    """One reply per held-out prompt sampled from ``model`` (its decoding copy in ``sample_dtype``),
+    its oracle win rate over the baseline replies, and its KL to ``reference`` (measured with ``model``)."""
     from rlhfkit.evaluation.frontier import policy_kl
+    from rlhfkit.generation.decoding import decoding_copy
+
+    prompt_ids, response_ids, texts = sample_policy(decoding_copy(model, sample_dtype), tokenizer, held_out, preset,
+                                                    seed, progress=f"{name} replies")
 
     kl = policy_kl(model, reference, tokenizer.pad_token_id, prompt_ids, response_ids, preset.temperature)
-    results.methods[name] = _method_row(texts, baseline_texts, held_out, oracle, reward, kl)
+    results.methods[name] = _method_row(texts, baseline_oracle, held_out, oracle, reward, kl)
     return texts
 
 
-def _method_row(texts, baseline_texts, prompts, oracle, reward, kl) -> dict:
+def _method_row(texts, baseline_oracle, prompts, oracle, reward, kl) -> dict:
     oracle_scores = oracle(texts)
-    return {"win_rate": oracle_win_rate(oracle, texts, baseline_texts), "kl": kl,
+    wins = oracle_win_rate(oracle_scores, baseline_oracle)
+    return {"win_rate": wins.win_rate, "win_rate_stderr": wins.stderr, "kl": kl,
             "oracle_mean": sum(oracle_scores) / len(oracle_scores),
             "rm_mean": sum(reward(prompts, texts)) / len(texts),
             "mean_words": sum(len(t.split()) for t in texts) / len(texts)}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -259,22 +316,31 @@ def write_report(out: Path, results: Results, plots: list[str]) -> None:
     ppo = results.methods.get("ppo", {})
     lines = ["# rlhfkit demo report", "",
              f"win rate: {100 * ppo.get('win_rate', float('nan')):.0f}% "
-             f"(PPO policy over the initial policy on {results.prompts.get('held_out', 0)} held-out prompts, "
-             "judged by the noise-free VADER oracle; ties count half)", "",
+             f"(± {100 * ppo.get('win_rate_stderr', float('nan')):.0f} points, one standard error over prompts) "
+             f"(PPO policy over the initial policy on {results.prompts.get('held_out', 0)} held-out prompts: "
+             f"one PPO reply per prompt against each of {results.prompts.get('baseline_samples', 1)} replies "
+             "of the initial policy, judged by the noise-free VADER oracle; ties count half)", "",
              f"mean KL to the initial policy: {ppo.get('kl', float('nan')):.2f} nats per response", "",
+             f"preference and evaluation replies sampled in {results.prompts.get('sample_dtype', 'float32')} "
+             "(log-probs and KL in float32; PPO samples its own rollouts in float32)", "",
              f"reward model held-out accuracy: {100 * results.reward_model.get('eval/accuracy', float('nan')):.1f}% "
-             f"(on {results.reward_model.get('eval_pairs', 0)} held-out pairs, against the noisy labels); "
+             f"(on {results.reward_model.get('eval_pairs', 0)} pairs of the initial policy's replies to the "
+             "held-out prompts, against the annotator's noisy labels); "
              f"annotator agreement with the noise-free oracle: "
              f"{100 * results.preferences.get('oracle_agreement', float('nan')):.1f}%; reward model agreement "
              f"with the oracle on the held-out pairs it separates: "
              f"{100 * results.reward_model.get('oracle_agreement', float('nan')):.1f}% "
              f"(of {results.reward_model.get('oracle_pairs', 0)})", "",
              "## Methods side by side", ""]
-    header = ["method", "oracle win rate vs initial", "KL to initial (nats)", "oracle mean", "RM mean", "words"]
-    rows = [[name, f"{100 * m['win_rate']:.0f}%", f"{m['kl']:.2f}", f"{m['oracle_mean']:.3f}", f"{m['rm_mean']:.3f}",
+    header = ["method", "oracle win rate vs initial (± s.e.)", "KL to initial (nats)", "oracle mean", "RM mean",
+              "words"]
+    rows = [[name, f"{100 * m['win_rate']:.0f}% ± {100 * m['win_rate_stderr']:.0f}", f"{m['kl']:.2f}",
+             f"{m['oracle_mean']:.3f}", f"{m['rm_mean']:.3f}",
              f"{m['mean_words']:.1f}"] for name, m in results.methods.items()]
     lines += [md_table(header, rows), "",
-              "Best-of-N's KL is the analytic log N - (N-1)/N.", "",
+              "Best-of-N's KL is the analytic log N - (N-1)/N. Best-of-N is measured leave-one-out on the "
+              "initial policy's held-out replies: for each reply, the reward model's pick among the other N "
+              "is judged against it.", "",
               "## Reward vs KL over PPO checkpoints", "",
               md_table(["iteration", "KL (nats)", "reward model", "oracle"],
                        [[f["step"], f"{f['kl']:.2f}", f"{f['reward']:.3f}", f"{f['oracle']:.3f}"]
@@ -315,6 +381,7 @@ def render_html(results: Results, plots: list[str], summary: str) -> str:
 def main(cfg: Config) -> int:
     from rlhfkit.data.annotators import VaderSentiment, vader_annotator
     from rlhfkit.data.corpora import chatterbot_prompts, split_prompts
+    from rlhfkit.generation.decoding import decoding_copy
     from rlhfkit.models.loading import load_policy
     from rlhfkit.recipes import rm as rm_recipe
     from rlhfkit.rl.rewards import load_reward
@@ -337,24 +404,39 @@ def main(cfg: Config) -> int:
     write_jsonl(out / "data" / "prompts_train.jsonl", [{"prompt": p} for p in train_prompts])
     write_jsonl(out / "data" / "prompts_heldout.jsonl", [{"prompt": p} for p in held_out])
     initial, tokenizer = load_policy(cfg.model)
+    sampler = decoding_copy(initial, cfg.sample_dtype)  # preference and baseline replies
+    results.prompts["sample_dtype"] = str(next(sampler.parameters()).dtype).removeprefix("torch.")
     _phase("prompts and model", results, t)
 
     # 2. preference collection -------------------------------------------------------------
     t = time.time()
     oracle = VaderSentiment()
     annotator = vader_annotator(cfg.annotator_temperature, cfg.seed)
-    pairs = collect_preferences(initial, tokenizer, pref_prompts, annotator, preset, cfg.seed)
+    pairs = collect_preferences(sampler, tokenizer, pref_prompts, annotator, preset, cfg.seed)
     if len(pairs) < 4:
         raise InputError("the demo collected fewer than 4 usable preference pairs")
     labels = oracle_agreement(oracle, pairs)
     results.preferences = {"pairs": len(pairs), "oracle_agreement": labels["oracle_agreement"],
                            "ties_by_oracle": len(pairs) - labels["oracle_pairs"]}
-    train_pairs, held_out_pairs = split_pairs_by_prompt(pairs, 1 / 8)
-    if not train_pairs or not held_out_pairs:
-        raise InputError("the demo needs preference pairs from at least two prompts")
-    pairs_train = write_jsonl(out / "data" / "pairs_train.jsonl", train_pairs)
-    pairs_eval = write_jsonl(out / "data" / "pairs_heldout.jsonl", held_out_pairs)
+    pairs_train = write_jsonl(out / "data" / "pairs_train.jsonl", pairs)
     _phase("preference collection", results, t)
+
+    # the initial policy's replies to the held-out prompts: the baseline of every win rate and,
+    # judged pairwise by the same annotator, the reward model's held-out pairs (so the reward
+    # model trains on every preference prompt and is tested on prompts it never saw)
+    t = time.time()
+    _, _, flat = sample_policy(sampler, tokenizer, held_out, preset, cfg.seed + 1, n=preset.baseline_samples,
+                               progress="held-out replies")
+    del sampler
+    baselines = [flat[i:i + preset.baseline_samples] for i in range(0, len(flat), preset.baseline_samples)]
+    baseline_oracle = [oracle(replies) for replies in baselines]
+    held_out_pairs = [pair for prompt, replies in zip(held_out, baselines)
+                      for pair in judge_all_pairs(prompt, replies, annotator)]
+    if not held_out_pairs:
+        raise InputError("the initial policy's held-out replies gave no pair to judge")
+    pairs_eval = write_jsonl(out / "data" / "pairs_heldout.jsonl", held_out_pairs)
+    results.prompts["baseline_samples"] = preset.baseline_samples
+    _phase("held-out initial replies", results, t)
 
     # 3. reward model ----------------------------------------------------------------------
     t = time.time()
@@ -379,13 +461,18 @@ def main(cfg: Config) -> int:
 
     # 5-6. evaluation ------------------------------------------------------------------------
     t = time.time()
-    _, _, baseline_texts = sample_policy(initial, tokenizer, held_out, preset, cfg.seed + 1)
-    results.methods["initial"] = _method_row(baseline_texts, baseline_texts, held_out, oracle, reward, 0.0)
+    from rlhfkit.generation.best_of_n import score_completions
+
+    baseline_rm = score_completions(reward, held_out, baselines)
+    results.methods["initial"] = {"win_rate": 0.5, "win_rate_stderr": 0.0, "kl": 0.0,  # itself, by symmetry
+                                  "oracle_mean": mean(s for row in baseline_oracle for s in row),
+                                  "rm_mean": mean(s for row in baseline_rm for s in row),
+                                  "mean_words": mean(len(reply.split()) for reply in flat)}
     policy = load_ppo_policy(ppo_dir)
-    ppo_texts = evaluate_method("ppo", policy, initial, tokenizer, held_out, baseline_texts, oracle, reward,
-                                preset, cfg.seed + 2, results)
+    ppo_texts = evaluate_method("ppo", policy, initial, tokenizer, held_out, baseline_oracle, oracle, reward,
+                                preset, cfg.seed + 2, results, cfg.sample_dtype)
     results.samples = [{"prompt": p, "initial": a, "ppo": b} for p, a, b in
-                       list(zip(held_out, baseline_texts, ppo_texts))[:8]]
+                       list(zip(held_out, (b[0] for b in baselines), ppo_texts))[:8]]
     from rlhfkit.data.annotators import vader_reward
     from rlhfkit.evaluation.frontier import frontier_point, load_run_policy, run_policies
 
@@ -397,9 +484,11 @@ def main(cfg: Config) -> int:
     results.frontier.append(measured(0, results.methods["initial"]))
     for step, path in run_policies(ppo_dir):
         if 0 < step < ppo_steps:
-            results.frontier.append(frontier_point(step, load_run_policy(path, cfg.model), initial, tokenizer,
-                                                   held_out, reward, vader_reward, preset.temperature,
-                                                   preset.max_new_tokens, cfg.seed + 3))
+            snapshot = load_run_policy(path, cfg.model)
+            results.frontier.append(frontier_point(step, snapshot, initial, tokenizer, held_out, reward, vader_reward,
+                                                   preset.temperature, preset.max_new_tokens, cfg.seed + 3,
+                                                   sampler=decoding_copy(snapshot, cfg.sample_dtype),
+                                                   progress=f"ppo iteration {step} replies"))
     results.frontier.append(measured(ppo_steps, results.methods["ppo"]))
     _phase("ppo evaluation", results, t)
 
@@ -408,18 +497,21 @@ def main(cfg: Config) -> int:
         dpo_dir = out / "dpo"
         # the DPO steps see dpo_steps x 8 pairs: give it just those (a seeded sample across prompts),
         # so it precomputes reference log-probs for 64 pairs rather than all ~500
-        dpo_pairs = random.Random(cfg.seed).sample(train_pairs, min(len(train_pairs), preset.dpo_steps * 8))
+        dpo_pairs = random.Random(cfg.seed).sample(pairs, min(len(pairs), preset.dpo_steps * 8))
         run_dpo(cfg, preset, write_jsonl(out / "data" / "pairs_dpo.jsonl", dpo_pairs), dpo_dir)
         dpo_policy, _ = load_policy(str(dpo_dir))
-        evaluate_method("dpo", dpo_policy, initial, tokenizer, held_out, baseline_texts, oracle, reward,
-                        preset, cfg.seed + 4, results)
+        evaluate_method("dpo", dpo_policy, initial, tokenizer, held_out, baseline_oracle, oracle, reward,
+                        preset, cfg.seed + 4, results, cfg.sample_dtype)
         _phase("dpo", results, t)
         t = time.time()
-        bon_texts = best_of_n_texts(initial, tokenizer, held_out, reward, preset, cfg.seed + 5)
         from rlhfkit.evaluation.divergence import best_of_n_kl
 
-        results.methods[f"best-of-{preset.best_of}"] = _method_row(bon_texts, baseline_texts, held_out, oracle,
-                                                                   reward, best_of_n_kl(preset.best_of))
+        bon = leave_one_out_best_of_n(baseline_rm, baseline_oracle)
+        results.methods[f"best-of-{preset.best_of}"] = {
+            "win_rate": bon["win_rate"].win_rate, "win_rate_stderr": bon["win_rate"].stderr,
+            "kl": best_of_n_kl(preset.best_of), "oracle_mean": bon["oracle_mean"],
+            "rm_mean": bon["rm_mean"],
+            "mean_words": mean(len(replies[i].split()) for replies, i in zip(baselines, bon["picks"]))}
         _phase("best-of-n", results, t)
 
     # 7. report -----------------------------------------------------------------------------
@@ -466,11 +558,3 @@ def run_dpo(cfg: Config, preset: Preset, pairs: str, dpo_dir: Path) -> None:
                          max_steps=preset.dpo_steps, lr=5e-6, beta=0.1, seed=cfg.seed, max_length=256)
     dpo.main(dpo_cfg)
 
-
-def best_of_n_texts(model, tokenizer, prompts, reward, preset: Preset, seed: int) -> list[str]:
-    from rlhfkit.generation.best_of_n import best_of_n
-    from rlhfkit.generation.decoding import SamplingParams
-
-    params = SamplingParams(strategy="sample", temperature=preset.temperature, max_new_tokens=preset.max_new_tokens,
-                            n=preset.best_of, seed=seed)
-    return [r.best for r in best_of_n(model, tokenizer, prompts, reward, preset.best_of, params, batch_size=16)]

@@ -103,3 +103,27 @@ def test_top_p_and_min_p_near_their_limits_are_greedy(policy):
     for kw in ({"top_p": 1e-6}, {"min_p": 0.999}):
         params = SamplingParams(strategy="sample", n=2, seed=0, max_new_tokens=6, **kw)
         assert [rows[0] for rows in generate_ids(model, tokenizer, prompt_ids, params)] == expected, kw
+
+
+def test_decoding_copy_is_a_bfloat16_twin_that_leaves_the_model_alone(policy, monkeypatch):
+    from rlhfkit.generation import decoding
+    from rlhfkit.generation.decoding import decoding_copy
+
+    model, tokenizer, prompt_ids = policy
+    assert decoding_copy(model, "float32") is model
+    twin = decoding_copy(model, "bfloat16")
+    assert twin is not model and next(twin.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the original is untouched
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a.detach().to(torch.bfloat16), b.detach()), name
+    # it decodes: greedy on the twin gives token ids in the vocabulary, cut at EOS like the original
+    rows = greedy(twin, tokenizer, prompt_ids)
+    assert len(rows) == len(prompt_ids) and all(0 <= t < model.config.vocab_size for r in rows for t in r)
+    # auto: a copy only where the CPU multiplies bfloat16 natively
+    monkeypatch.setattr(decoding, "cpu_has_native_bf16", lambda: False)
+    assert decoding_copy(model, "auto") is model
+    monkeypatch.setattr(decoding, "cpu_has_native_bf16", lambda: True)
+    assert next(decoding_copy(model, "auto").parameters()).dtype == torch.bfloat16
+    assert decoding_copy(twin, "auto") is twin  # already bfloat16
+    with pytest.raises(ValueError, match="unknown decoding dtype"):
+        decoding_copy(model, "float16")
