@@ -44,7 +44,7 @@ class Config:
     skip_dpo: bool = arg(False, "Skip the DPO and best-of-N comparison.")
     sample_dtype: str = arg("auto", "Precision of the copy that preference and evaluation replies are sampled from: "
                             "auto (bfloat16 on a CPU with native bfloat16, about twice as fast), float32 or "
-                            "bfloat16. Log-probs and KL are always float32; PPO's rollouts are always the policy's own.")
+                            "bfloat16. Log-probs and KL are always float32; PPO's rollouts are the policy's own.")
 
     def validate(self) -> list[str]:
         problems = []
@@ -128,8 +128,9 @@ def _phase(name: str, results: Results, started: float) -> None:
 
 def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset: Preset, seed: int) -> list[dict]:
     """``preset.responses_per_prompt`` replies per prompt sampled from ``model`` (the initial policy
-    or its decoding copy) and every pair of them judged by the annotator (InstructGPT's K-wise comparisons: K replies give K(K-1)/2 pairs for the cost of
-    generating K); identical or empty replies are not compared. Pairs of one prompt are consecutive."""
+    or its decoding copy) and every pair of them judged by the annotator (InstructGPT's K-wise
+    comparisons: K replies give K(K-1)/2 pairs for the cost of generating K); identical or empty
+    replies are not compared. Pairs of one prompt are consecutive."""
     from tqdm.auto import tqdm
 
     from rlhfkit.generation.decoding import SamplingParams, generate_chat
