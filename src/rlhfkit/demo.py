@@ -24,6 +24,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 from rlhfkit.config import arg
 from rlhfkit.errors import InputError
@@ -229,7 +230,7 @@ def leave_one_out_best_of_n(rm_scores: list[list[float]], oracle_scores: list[li
             if j == 0:
                 picks.append(pick)
         per_prompt.append(wins / len(rm))
-    return {"win_rate": win_rate(per_prompt), "oracle_mean": mean(oracle_picked), "rm_mean": mean(rm_picked),
+    return {"win_rate": win_rate(per_prompt), "oracle_mean": fmean(oracle_picked), "rm_mean": fmean(rm_picked),
             "picks": picks}
 
 
@@ -255,11 +256,6 @@ def _method_row(texts, baseline_oracle, prompts, oracle, reward, kl) -> dict:
             "oracle_mean": sum(oracle_scores) / len(oracle_scores),
             "rm_mean": sum(reward(prompts, texts)) / len(texts),
             "mean_words": sum(len(t.split()) for t in texts) / len(texts)}
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -466,9 +462,9 @@ def main(cfg: Config) -> int:
 
     baseline_rm = score_completions(reward, held_out, baselines)
     results.methods["initial"] = {"win_rate": 0.5, "win_rate_stderr": 0.0, "kl": 0.0,  # itself, by symmetry
-                                  "oracle_mean": mean(s for row in baseline_oracle for s in row),
-                                  "rm_mean": mean(s for row in baseline_rm for s in row),
-                                  "mean_words": mean(len(reply.split()) for reply in flat)}
+                                  "oracle_mean": fmean(s for row in baseline_oracle for s in row),
+                                  "rm_mean": fmean(s for row in baseline_rm for s in row),
+                                  "mean_words": fmean(len(reply.split()) for reply in flat)}
     policy = load_ppo_policy(ppo_dir)
     ppo_texts = evaluate_method("ppo", policy, initial, tokenizer, held_out, baseline_oracle, oracle, reward,
                                 preset, cfg.seed + 2, results, cfg.sample_dtype)
@@ -512,7 +508,7 @@ def main(cfg: Config) -> int:
             "win_rate": bon["win_rate"].win_rate, "win_rate_stderr": bon["win_rate"].stderr,
             "kl": best_of_n_kl(preset.best_of), "oracle_mean": bon["oracle_mean"],
             "rm_mean": bon["rm_mean"],
-            "mean_words": mean(len(replies[i].split()) for replies, i in zip(baselines, bon["picks"]))}
+            "mean_words": fmean(len(replies[i].split()) for replies, i in zip(baselines, bon["picks"]))}
         _phase("best-of-n", results, t)
 
     # 7. report -----------------------------------------------------------------------------
