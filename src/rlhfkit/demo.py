@@ -49,7 +49,9 @@ class Config:
 
     def validate(self) -> list[str]:
         problems = []
-        if self.sample_dtype not in ("auto", "float32", "bfloat16"):
+        from rlhfkit.generation.decoding import DECODING_DTYPES
+
+        if self.sample_dtype not in DECODING_DTYPES:
             problems.append(f"--sample-dtype must be auto, float32 or bfloat16 (got {self.sample_dtype})")
         if self.annotator_temperature <= 0:
             problems.append("--annotator-temperature must be > 0")

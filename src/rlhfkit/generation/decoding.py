@@ -145,6 +145,10 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: Sampling
     return out
 
 
+DECODING_DTYPES = ("auto", "float32", "bfloat16")
+"""The values :func:`decoding_copy` accepts."""
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX on x86, BF16 on Arm)."""
@@ -166,7 +170,7 @@ def decoding_copy(model, dtype: str = "auto"):
     ``dtype``: ``"float32"`` (no copy), ``"bfloat16"``, or ``"auto"`` (bfloat16 for a float32 model
     on a CPU with native bfloat16 instructions, else no copy).
     """
-    if dtype not in ("auto", "float32", "bfloat16"):
+    if dtype not in DECODING_DTYPES:
         raise ValueError(f"unknown decoding dtype {dtype!r} (auto, float32 or bfloat16)")
     current = next(model.parameters()).dtype
     on_cpu = next(model.parameters()).device.type == "cpu"
