@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/rlhfkit demo $(DEMO_ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	bash scripts/ensure_browser.sh || true
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))  # core_helpers, for every test folder
 
-from core_helpers import (PAIRS_EVAL, PAIRS_TRAIN, RANKINGS, SFT_TOY, write_jsonl)  # noqa: E402
+from core_helpers import PAIRS_EVAL, PAIRS_TRAIN, RANKINGS, SFT_TOY, write_jsonl  # noqa: E402
 
 
 class CliResult(NamedTuple):

@@ -229,9 +229,9 @@ def build_config(cls: type, values: dict[str, Any], config_file: str | None = No
         try:
             loaded = yaml.safe_load(Path(config_file).read_text()) or {}
         except FileNotFoundError:
-            raise InputError(f"--config: no such file: {config_file}")
+            raise InputError(f"--config: no such file: {config_file}") from None
         except yaml.YAMLError as e:
-            raise InputError(f"{config_file}: invalid YAML: {str(e).splitlines()[0]}")
+            raise InputError(f"{config_file}: invalid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise InputError(f"{config_file}: expected a mapping of option names to values")
         for key, value in loaded.items():

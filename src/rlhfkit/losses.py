@@ -23,7 +23,7 @@ here too, and only here: ``rlhfkit.rl`` imports them from this module.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -14,10 +14,11 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ class Run:
 
     accelerator: Any
     output: Path
-    metrics: "MetricsLogger"
+    metrics: MetricsLogger
     started: float = field(default_factory=time.time)
 
     @property
@@ -104,7 +105,7 @@ class StepPlan:
     total_steps: int
 
     @classmethod
-    def from_config(cls, cfg, num_examples: int, world_size: int) -> "StepPlan":
+    def from_config(cls, cfg, num_examples: int, world_size: int) -> StepPlan:
         g = cfg.batch_size * cfg.grad_accum * world_size
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_examples / g))
         return cls(num_examples, cfg.batch_size, cfg.grad_accum, world_size, cfg.seed, total)

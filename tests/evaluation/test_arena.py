@@ -10,8 +10,15 @@ import pytest
 
 from rlhfkit.cli import main as cli_main
 from rlhfkit.errors import InputError
-from rlhfkit.evaluation.arena import (Battle, compute_elo, fit_bradley_terry, load_battles, rate,
-                                      theta_to_rating, win_counts)
+from rlhfkit.evaluation.arena import (
+    Battle,
+    compute_elo,
+    fit_bradley_terry,
+    load_battles,
+    rate,
+    theta_to_rating,
+    win_counts,
+)
 
 
 def test_elo_matches_hand_calculation():

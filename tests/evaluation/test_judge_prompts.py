@@ -9,9 +9,14 @@ import pytest
 from rlhfkit.errors import InputError
 from rlhfkit.evaluation.judging.data import builtin_path, load_answers, load_questions
 from rlhfkit.evaluation.judging.pairwise import PairOutcome, combine_verdicts, summarize
-from rlhfkit.evaluation.judging.prompts import (JUDGE_SYSTEM, answer_messages, chatbench_messages,
-                                                pairwise_messages, quote,
-                                                single_grading_messages)
+from rlhfkit.evaluation.judging.prompts import (
+    JUDGE_SYSTEM,
+    answer_messages,
+    chatbench_messages,
+    pairwise_messages,
+    quote,
+    single_grading_messages,
+)
 from rlhfkit.evaluation.report import md_code_block, md_escape, md_table
 
 # ---------------------------------------------------------------------------- prompts

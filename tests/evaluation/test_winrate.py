@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhfkit.evaluation.winrate import (fit_logistic, length_controlled_win_rate, length_feature,
-                                        win_rate)
+from rlhfkit.evaluation.winrate import fit_logistic, length_controlled_win_rate, length_feature, win_rate
 
 
 def test_raw_win_rate_counts_ties_half():

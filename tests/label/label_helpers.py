@@ -9,7 +9,6 @@ from rlhfkit.label import service
 from rlhfkit.label.db import Database
 from rlhfkit.label.importer import Pair, import_pairs  # noqa: F401  (re-exported)
 
-
 # --------------------------------------------------------------------------------------------
 
 

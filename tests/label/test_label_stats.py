@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 
 from rlhfkit.label.export import strength
-from rlhfkit.label.stats import (Vote, agreement_summary, annotator_stats, item_stats,
-                                 krippendorff_alpha_nominal, majority, pairwise_agreement,
-                                 position_bias, throughput, wilson_interval)
+from rlhfkit.label.stats import (
+    Vote,
+    agreement_summary,
+    annotator_stats,
+    item_stats,
+    krippendorff_alpha_nominal,
+    majority,
+    pairwise_agreement,
+    position_bias,
+    throughput,
+    wilson_interval,
+)
 
 
 def test_alpha_hand_worked():

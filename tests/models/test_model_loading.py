@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from rlhfkit.errors import InputError
-from rlhfkit.models.loading import (cache_dir, is_adapter_dir, load_causal_lm, load_policy, load_tokenizer,
-                                    resolve_model, set_distinct_pad_token)
+from rlhfkit.models.loading import (
+    cache_dir,
+    is_adapter_dir,
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+    resolve_model,
+    set_distinct_pad_token,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

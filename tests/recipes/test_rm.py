@@ -79,7 +79,8 @@ def test_normalisation_makes_the_mean_training_reward_zero(rm_run):
 
     rm = rlhfkit.load_reward_model(str(rm_run))
     prompts = [p["prompt"] for p in PAIRS_TRAIN]
-    scores = rm.score(prompts, [p["chosen"] for p in PAIRS_TRAIN]) + rm.score(prompts, [p["rejected"] for p in PAIRS_TRAIN])
+    scores = (rm.score(prompts, [p["chosen"] for p in PAIRS_TRAIN])
+              + rm.score(prompts, [p["rejected"] for p in PAIRS_TRAIN]))
     assert abs(rm.offset) > 1e-3  # there was something to remove
     assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-4)
 

@@ -5,8 +5,7 @@ import queue
 import pytest
 
 from rlhfkit.data.chat import encode_prompt
-from rlhfkit.generation.decoding import (SamplingParams, describe_response, generate_chat,
-                                         generate_completions)
+from rlhfkit.generation.decoding import SamplingParams, describe_response, generate_chat, generate_completions
 from rlhfkit.serve.engine import Engine, EngineClosed, Job, stream_safe_text
 
 

@@ -114,7 +114,7 @@ def test_body_is_read_as_json_whatever_the_content_type(server):
 def test_non_finite_numbers_are_rejected(server):
     # Python's json module (and so the server) reads NaN and Infinity; they must not reach torch
     for value in ("NaN", "Infinity", "-Infinity"):
-        raw = '{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": %s}' % value
+        raw = '{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": ' + f"{value}}}"
         _assert_openai_error(_post(server, "/v1/chat/completions", raw, raw=True), 400, "temperature")
 
 

@@ -88,7 +88,8 @@ class Encoded:
         return self.trained.index(True) if True in self.trained else len(self.trained)
 
 
-def encode(tokenizer, prompt, completion, max_length: int | None = None, truncation: str = "truncate") -> Encoded | None:
+def encode(tokenizer, prompt, completion, max_length: int | None = None,
+           truncation: str = "truncate") -> Encoded | None:
     """Tokenise prompt + completion with the trained-token mask.
 
     Truncation policy when longer than ``max_length``: ``truncate`` removes prompt tokens from

@@ -89,7 +89,7 @@ def main(cfg: Config) -> int:
         try:
             enc = encode(tokenizer, prompt, completion, cfg.max_length)
         except ValueError as e:
-            raise InputError(f"{label}: {e}")
+            raise InputError(f"{label}: {e}") from None
         ids, trained, truncated = enc.input_ids, enc.trained, enc.truncated
     color = cfg.color and sys.stdout.isatty()
     print(f"example {cfg.index} of {len(sequences)}: {label}")

@@ -53,7 +53,8 @@ def _read_jsonl(path: str) -> list[Record]:
                 problems.append(record_problem(path, number, None, f"invalid JSON ({e.msg} at column {e.colno})"))
                 continue
             if not isinstance(value, dict):
-                problems.append(record_problem(path, number, None, f"expected a JSON object, got {type(value).__name__}"))
+                problems.append(record_problem(path, number, None,
+                                               f"expected a JSON object, got {type(value).__name__}"))
                 continue
             records.append(Record(value, path, number))
     if problems:
@@ -66,7 +67,7 @@ def _read_json(path: str) -> list[Record]:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except json.JSONDecodeError as e:
-        raise InputError(record_problem(path, e.lineno, None, f"invalid JSON ({e.msg})"))
+        raise InputError(record_problem(path, e.lineno, None, f"invalid JSON ({e.msg})")) from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -84,7 +85,7 @@ def _read_parquet(path: str) -> list[Record]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
-        raise InputError(f"{path}: cannot read Parquet ({e})")
+        raise InputError(f"{path}: cannot read Parquet ({e})") from None
     return [Record(r, path, i) for i, r in enumerate(rows, start=1)]
 
 
@@ -94,7 +95,7 @@ def _read_datasets_dir(path: str) -> list[Record]:
     try:
         ds = load_from_disk(path)
     except Exception as e:
-        raise InputError(f"{path}: not a saved `datasets` folder ({e})")
+        raise InputError(f"{path}: not a saved `datasets` folder ({e})") from None
     if isinstance(ds, DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     return [Record(dict(r), path, i) for i, r in enumerate(ds, start=1)]

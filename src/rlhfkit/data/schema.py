@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from rlhfkit.data.io import Record, read_records
 from rlhfkit.errors import InputError
 
 Message = dict
-Prompt = Union[str, list]  # str or list[Message]
+Prompt = str | list  # str or list[Message]
 ROLES = {"system", "user", "assistant", "tool"}
 
 

@@ -34,16 +34,27 @@ The mathematics (see also ``docs/evaluation.md``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from rlhfkit.config import arg, save_config
 from rlhfkit.errors import InputError, record_problem
-from rlhfkit.evaluation.report import (cap_problems, fmt_num, fmt_pct, md_escape, md_table, new_figure,
-                                       read_json_records, save_figure, write_json, write_text)
+from rlhfkit.evaluation.report import (
+    cap_problems,
+    fmt_num,
+    fmt_pct,
+    md_escape,
+    md_table,
+    new_figure,
+    read_json_records,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
 LN10_OVER_400 = math.log(10) / 400.0

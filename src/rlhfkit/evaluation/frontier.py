@@ -145,7 +145,8 @@ def load_run_policy(path: str, reference_name: str):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise InputError(f"{path}: not a full-model checkpoint of {reference_name} (a LoRA run? use its policy folders)")
+        raise InputError(f"{path}: not a full-model checkpoint of {reference_name} "
+                         "(a LoRA run? use its policy folders)")
     return model
 
 

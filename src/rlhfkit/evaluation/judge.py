@@ -31,25 +31,36 @@ import os
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from rlhfkit.config import arg, save_config
 from rlhfkit.errors import InputError
-from rlhfkit.evaluation.judging.backends import (BackendError, JudgeBackend, LocalBackend,
-                                                 OpenAIChatBackend, redact_url)
-from rlhfkit.evaluation.judging.data import (Question, answer_records, builtin_path,
-                                             load_answers, load_questions)
-from rlhfkit.evaluation.judging.pairwise import (PairOutcome, battle_winner, combine_verdicts,
-                                                 summarize)
-from rlhfkit.evaluation.judging.parsing import (Parsed, parse_pairwise, parse_pass_fail,
-                                                parse_rating)
-from rlhfkit.evaluation.judging.prompts import (answer_messages, chatbench_messages,
-                                                pairwise_messages, single_grading_messages)
-from rlhfkit.evaluation.report import (JsonlWriter, fmt_num, fmt_pct, md_code_block, md_escape,
-                                       md_table, new_figure, save_figure, write_json, write_jsonl,
-                                       write_text)
+from rlhfkit.evaluation.judging.backends import BackendError, JudgeBackend, LocalBackend, OpenAIChatBackend, redact_url
+from rlhfkit.evaluation.judging.data import Question, answer_records, builtin_path, load_answers, load_questions
+from rlhfkit.evaluation.judging.pairwise import PairOutcome, battle_winner, combine_verdicts, summarize
+from rlhfkit.evaluation.judging.parsing import Parsed, parse_pairwise, parse_pass_fail, parse_rating
+from rlhfkit.evaluation.judging.prompts import (
+    answer_messages,
+    chatbench_messages,
+    pairwise_messages,
+    single_grading_messages,
+)
+from rlhfkit.evaluation.report import (
+    JsonlWriter,
+    fmt_num,
+    fmt_pct,
+    md_code_block,
+    md_escape,
+    md_table,
+    new_figure,
+    save_figure,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 from rlhfkit.evaluation.winrate import length_controlled_win_rate, win_rate
 
 Mode = Literal["single", "pairwise", "winrate", "chat-bench"]

@@ -20,8 +20,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from rlhfkit.errors import InputError, record_problem
 
@@ -104,7 +105,7 @@ class JsonlWriter:
         if not self._fh.closed:
             self._fh.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -127,15 +128,15 @@ def read_json_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason})")
+        raise InputError(f"{path}: not UTF-8 text ({e.reason})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg}")
+            raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         return list(enumerate(data, start=1))
     records: list[tuple[int, Any]] = []
     problems: list[str] = []

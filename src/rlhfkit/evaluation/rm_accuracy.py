@@ -21,7 +21,7 @@ def agreement(chosen: list[float], rejected: list[float]) -> dict[str, float]:
     """accuracy (strictly higher; ties wrong), mean margin, and the mean/std of all rewards."""
     n = len(chosen)
     if n == 0:
-        return {"accuracy": float("nan"), "margin": float("nan"), "reward_mean": float("nan"), "reward_std": float("nan")}
+        return dict.fromkeys(("accuracy", "margin", "reward_mean", "reward_std"), float("nan"))
     correct = sum(c > r for c, r in zip(chosen, rejected))
     both = list(chosen) + list(rejected)
     mean = sum(both) / len(both)
@@ -107,7 +107,8 @@ def main(cfg: Config) -> int:
 
     examples = load_preferences(cfg.data)
     if cfg.ref:
-        chosen, rejected = implicit_reward_scores(cfg.reward, cfg.ref, examples, cfg.beta, cfg.batch_size, cfg.max_length)
+        chosen, rejected = implicit_reward_scores(cfg.reward, cfg.ref, examples, cfg.beta, cfg.batch_size,
+                                                  cfg.max_length)
     else:
         from rlhfkit.rl.rewards import load_reward
 

@@ -24,8 +24,8 @@ Hessian by the delta method: ``SE = σ(a)(1 - σ(a)) · sqrt(Var(a))``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 

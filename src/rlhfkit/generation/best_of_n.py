@@ -9,8 +9,9 @@ Sampling goes through :mod:`rlhfkit.generation.decoding`; the reward is any
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from rlhfkit.generation.decoding import SamplingParams, generate_chat
 

@@ -75,7 +75,8 @@ class Config:
             if not self.reward:
                 problems.append("--best-of needs --reward")
             if self.n not in (1, self.best_of):
-                problems.append(f"--best-of {self.best_of} sets the completions per prompt; --n {self.n} contradicts it")
+                problems.append(f"--best-of {self.best_of} sets the completions per prompt; "
+                                f"--n {self.n} contradicts it")
             if self.strategy == "greedy" and self.best_of > 1:
                 problems.append("--best-of with --strategy greedy would score N identical completions; "
                                 "use --strategy sample (or beam)")

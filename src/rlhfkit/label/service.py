@@ -29,8 +29,19 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from rlhfkit.label.db import (FLAGS, SIDES, Assignment, Database, Item, Judgment, User,
-                              WebSession, hash_token, new_token, now)
+from rlhfkit.label.db import (
+    FLAGS,
+    SIDES,
+    Assignment,
+    Database,
+    Item,
+    Judgment,
+    User,
+    WebSession,
+    hash_token,
+    new_token,
+    now,
+)
 
 DEFAULT_LEASE_SECONDS = 30 * 60
 CANDIDATES = 20  # items considered per claim attempt

@@ -28,13 +28,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Sequence
 
 from sqlalchemy import func, select
 
 from rlhfkit.label.db import Assignment, Database, Item, Judgment, User, now
-
 
 WORK_CAP_SECONDS = 600.0  # longer than this on one item: a break, counted as 10 minutes
 MIN_SPAN_SECONDS = 300.0  # an overall rate over less than 5 minutes says little

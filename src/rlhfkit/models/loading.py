@@ -130,7 +130,7 @@ def load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # no such folder / hub id, or a folder without a tokenizer
-        raise InputError(f"--model {name}: cannot load a tokenizer from it ({_first_line(e)})")
+        raise InputError(f"--model {name}: cannot load a tokenizer from it ({_first_line(e)})") from None
     set_distinct_pad_token(tokenizer)
     return tokenizer
 
@@ -162,7 +162,7 @@ def load_causal_lm(name: str, dtype: str = "float32"):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as e:  # ValueError: a folder whose config.json names no model type
-        raise InputError(f"--model {name}: cannot load a model from it ({_first_line(e)})")
+        raise InputError(f"--model {name}: cannot load a model from it ({_first_line(e)})") from None
 
 
 def _first_line(e: Exception) -> str:

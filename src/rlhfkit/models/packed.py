@@ -50,7 +50,8 @@ class Group:
 
     def __post_init__(self):
         if not self.prompt:
-            raise ValueError("a group needs at least one prompt token (the first completion token is predicted from it)")
+            raise ValueError("a group needs at least one prompt token "
+                             "(the first completion token is predicted from it)")
         if not self.completions:
             raise ValueError("a group needs at least one completion")
         if self.scored is None:
@@ -67,7 +68,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor      # [1, T]
     position_ids: torch.Tensor   # [1, T]
-    layout: "GroupLayout"        # how attention sees the groups
+    layout: GroupLayout        # how attention sees the groups
     predict_at: torch.Tensor     # [n] packed positions whose hidden state predicts a scored token
     targets: torch.Tensor        # [n] the scored tokens
     sequence: torch.Tensor       # [n] completion index (group-major) of each scored token
@@ -93,7 +94,7 @@ class GroupLayout:
     index: torch.Tensor   # [num_sequences, S]
     owner: torch.Tensor   # [T]
 
-    def to(self, device) -> "GroupLayout":
+    def to(self, device) -> GroupLayout:
         return GroupLayout(self.index.to(device), self.owner.to(device))
 
 

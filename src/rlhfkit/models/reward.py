@@ -33,7 +33,7 @@ def load_reward_backbone(name: str, tokenizer, dtype: str = "float32"):
             resolve_model(name), num_labels=1, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as e:  # no such model, or one with no sequence-classification head
         raise InputError(f"--model {name}: cannot load a reward-model backbone from it "
-                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
+                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

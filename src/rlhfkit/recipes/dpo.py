@@ -38,8 +38,19 @@ from rlhfkit.errors import InputError
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models.packed import Group, completion_logps, supports_packing
 from rlhfkit.recipes.sft import build_model
-from rlhfkit.training import (step_row, Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
-                              resume_if_requested, save_checkpoint, save_final_model, start_run)
+from rlhfkit.training import (
+    Run,
+    StepPlan,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    progress,
+    resume_if_requested,
+    save_checkpoint,
+    save_final_model,
+    start_run,
+    step_row,
+)
 
 LossName = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "apo_zero", "bco_pair"]
 MARGIN_LOSSES = {"sigmoid", "robust", "hinge"}        # act on βΔ: the margin is an offset there

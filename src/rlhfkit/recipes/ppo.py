@@ -43,9 +43,19 @@ from rlhfkit.rl.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.rl.metrics import kl_by_estimator, repeated_ngram_rate
 from rlhfkit.rl.rollout import Rollout, forward_response, rollout, score
 from rlhfkit.rl.value import ActorCritic
-from rlhfkit.training import (Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
-                              resume_if_requested, save_checkpoint, save_final_model, seed_everything,
-                              start_run)
+from rlhfkit.training import (
+    Run,
+    StepPlan,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    progress,
+    resume_if_requested,
+    save_checkpoint,
+    save_final_model,
+    seed_everything,
+    start_run,
+)
 
 DEFAULT_POLICY = "smollm2-135m"
 ALGOS = ("ppo", "rloo", "grpo")

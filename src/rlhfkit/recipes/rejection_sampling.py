@@ -155,7 +155,6 @@ def main(cfg: Config) -> int:
         run.metrics.truncate_after(done)
     current = cfg.policy if done == 0 else str(run.output / f"round-{done}")
     policy = initial if done == 0 else load_policy(current, cfg.dtype)[0].to(device)
-    t0 = time.time()
     samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(done), cfg.gen_batch_size)
     if done == 0:
         run.metrics.log({"step": 0, "round": 0, "reward/mean_policy": samples.mean(), "objective/kl": 0.0,

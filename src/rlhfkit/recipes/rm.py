@@ -23,8 +23,19 @@ from rlhfkit.errors import InputError
 from rlhfkit.evaluation.rm_accuracy import agreement
 from rlhfkit.losses import bradley_terry_loss, listwise_loss, plackett_luce_loss
 from rlhfkit.models.reward import OFFSET_KEY, forward_rewards, reward_inputs
-from rlhfkit.training import (step_row, Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
-                              resume_if_requested, save_checkpoint, save_final_model, start_run)
+from rlhfkit.training import (
+    Run,
+    StepPlan,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    progress,
+    resume_if_requested,
+    save_checkpoint,
+    save_final_model,
+    start_run,
+    step_row,
+)
 
 
 @dataclass
@@ -178,8 +189,8 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
                "train/accuracy": stats["correct"] / plan.global_batch,
                "train/margin": stats["margin"] / plan.global_batch}
         if eval_data and step + 1 == plan.total_steps:
-            row.update({f"eval/{k}": v for k, v in
-                        agreement(*score_pairs(model, tokenizer, eval_data, cfg.max_length, cfg.eval_batch_size)).items()})
+            scores = score_pairs(model, tokenizer, eval_data, cfg.max_length, cfg.eval_batch_size)
+            row.update({f"eval/{k}": v for k, v in agreement(*scores).items()})
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
             run.metrics.log(row)
             last = row

@@ -19,8 +19,19 @@ from rlhfkit.data.chat import Encoded, encode
 from rlhfkit.data.schema import load_sft
 from rlhfkit.errors import InputError
 from rlhfkit.losses import sft_loss
-from rlhfkit.training import (step_row, Run, StepPlan, make_optimizer, make_scheduler, optimizer_step, progress,
-                              resume_if_requested, save_checkpoint, save_final_model, start_run)
+from rlhfkit.training import (
+    Run,
+    StepPlan,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    progress,
+    resume_if_requested,
+    save_checkpoint,
+    save_final_model,
+    start_run,
+    step_row,
+)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from rlhfkit.data.chat import prompt_text
 from rlhfkit.errors import InputError
@@ -54,7 +54,7 @@ class RewardSource:
         try:
             scores = [float(s) for s in scores]
         except (TypeError, ValueError):
-            raise InputError(f"reward {self.name}: expected a list of numbers, got {scores!r:.200}")
+            raise InputError(f"reward {self.name}: expected a list of numbers, got {scores!r:.200}") from None
         if len(scores) != len(completions):
             raise InputError(f"reward {self.name}: returned {len(scores)} scores for {len(completions)} completions")
         return scores
@@ -72,7 +72,7 @@ def _load_python(spec: str) -> RewardFn:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise InputError(f"--reward {spec}: cannot import {target} ({e})")
+            raise InputError(f"--reward {spec}: cannot import {target} ({e})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise InputError(f"--reward {spec}: {target} has no function {fn_name}")
@@ -87,7 +87,7 @@ def _http(url: str) -> RewardFn:
             r = httpx.post(url, json={"prompts": prompts, "completions": completions}, timeout=120)
             r.raise_for_status()
         except httpx.HTTPError as e:
-            raise InputError(f"--reward {url}: request failed ({e})")
+            raise InputError(f"--reward {url}: request failed ({e})") from None
         body = r.json()
         return body["scores"] if isinstance(body, dict) else body
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class Rollout:
         """Real response tokens per sample ``[N]``."""
         return self.response_mask.sum(dim=1)
 
-    def select(self, index: Tensor | Sequence[int]) -> "Rollout":
+    def select(self, index: Tensor | Sequence[int]) -> Rollout:
         """The samples at ``index`` (a minibatch), as a new record."""
         index = torch.as_tensor(index, dtype=torch.long)
         picked = {}

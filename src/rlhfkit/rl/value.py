@@ -69,7 +69,7 @@ def load_critic(name: str, policy_tokenizer, dtype: str = "float32") -> Critic:
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as e:
-        raise InputError(f"--value-model {name}: cannot load it ({str(e).splitlines()[0]})")
+        raise InputError(f"--value-model {name}: cannot load it ({str(e).splitlines()[0]})") from None
     head = getattr(model, "score", None)
     if not isinstance(head, nn.Linear) or not hasattr(model, "base_model"):
         raise InputError(f"--value-model {name}: expected a decoder model (a trunk with a `score` head), "

@@ -25,14 +25,14 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import StoppingCriteria
 
-from rlhfkit.generation.decoding import (Completion, SamplingParams, apply_stop, describe_response,
-                                         generate_ids)
+from rlhfkit.generation.decoding import Completion, SamplingParams, apply_stop, describe_response, generate_ids
 
 log = logging.getLogger("rlhfkit.serve")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -52,7 +52,7 @@ class TextPart(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
     name: str | None = None
 
 
@@ -66,7 +66,7 @@ class _SamplingRequest(_Strict):
     top_p: float | None = None
     max_tokens: int | None = None
     n: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -93,7 +93,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     echo: bool | None = None
     logprobs: int | None = None
     suffix: str | None = None

@@ -176,7 +176,7 @@ def create_app(engine, served_model_name: str, *, max_n: int = 16, default_max_t
         try:
             engine.submit(job)
         except EngineClosed as e:
-            raise P.APIError(503, str(e), None, "shutting_down", "server_error")
+            raise P.APIError(503, str(e), None, "shutting_down", "server_error") from None
         return job, events
 
     async def _wait(job, events: asyncio.Queue):
@@ -233,7 +233,7 @@ def create_app(engine, served_model_name: str, *, max_n: int = 16, default_max_t
             prompt = await run_in_threadpool(_encode_chat, messages)
         except Exception as e:  # the chat template refused the conversation
             raise P.APIError(400, f"cannot apply the chat template to 'messages': {e}", "messages",
-                             "invalid_value")
+                             "invalid_value") from None
         job, events = await _submit(req, [prompt], strip=True)
         rid, created = P.new_id("chatcmpl"), P.now()
         if not req.stream:
@@ -356,7 +356,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock

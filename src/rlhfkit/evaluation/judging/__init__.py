@@ -8,11 +8,9 @@
 * :mod:`.data`: question sets (built-in and MT-Bench format) and answer files
 """
 
-from rlhfkit.evaluation.judging.backends import (BackendError, JudgeBackend, LocalBackend,
-                                                 OpenAIChatBackend)
+from rlhfkit.evaluation.judging.backends import BackendError, JudgeBackend, LocalBackend, OpenAIChatBackend
 from rlhfkit.evaluation.judging.pairwise import PairOutcome, combine_verdicts, summarize
-from rlhfkit.evaluation.judging.parsing import (Parsed, parse_pairwise, parse_pass_fail,
-                                                parse_rating)
+from rlhfkit.evaluation.judging.parsing import Parsed, parse_pairwise, parse_pass_fail, parse_rating
 
 __all__ = ["BackendError", "JudgeBackend", "LocalBackend", "OpenAIChatBackend", "PairOutcome",
            "Parsed", "combine_verdicts", "parse_pairwise", "parse_pass_fail", "parse_rating",

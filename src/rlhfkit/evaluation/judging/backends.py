@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 Message = dict[str, str]
 
@@ -137,7 +138,7 @@ class OpenAIChatBackend:
                 content = data["choices"][0]["message"].get("content")
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 raise BackendError(f"{self._where()}: unexpected response (not an OpenAI chat "
-                                   f"completion): {response.text[:200]!r}")
+                                   f"completion): {response.text[:200]!r}") from None
             return content if isinstance(content, str) else ""
         raise BackendError(last + f" (after {self.retries + 1} attempts)")
 

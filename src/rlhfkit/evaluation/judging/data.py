@@ -74,7 +74,7 @@ def load_questions(path: str | Path, require_checks: bool = False) -> list[Quest
     questions: list[Question] = []
     seen: dict[str, int] = {}
     for line, rec in read_json_records(path):
-        def bad(fld: str | None, msg: str) -> None:
+        def bad(fld: str | None, msg: str, line: int = line) -> None:
             problems.append(record_problem(src, line, fld, msg))
 
         if not isinstance(rec, dict):

@@ -25,8 +25,8 @@ verdicts agree once translated to the same point of view.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 _FIRST = {"A": "win", "B": "loss", "C": "tie"}   # game 1: X shown as A
 _SECOND = {"A": "loss", "B": "win", "C": "tie"}  # game 2: X shown as B

@@ -21,8 +21,9 @@ Rules common to all three parsers:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 _NUM = r"(\d+(?:\.\d+)?)"
 

@@ -25,7 +25,7 @@ with MT-Bench and Chatbot Arena".
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 Message = dict[str, str]
 
