@@ -13,8 +13,6 @@ NOT_YET_SPLIT = {
     ("demo.py", "main"),
     ("evaluation/judge.py", "render_report"),
     ("evaluation/judge.py", "run"),
-    ("serve/server.py", "create_app"),
-    ("label/app.py", "create_app"),
     ("rl/rollout.py", "rollout"),
 }
 

@@ -20,6 +20,10 @@ JSON API (``Authorization: Bearer TOKEN``, or the page's session cookie):
   ``GET  /api/admin/export``       the preference-pair JSONL (``?keep_ties=true``)
   ``POST /api/admin/escalate``     ``{"extra": N}``: disagreeing complete items get N more annotators
 
+The routes are three routers, ``pages``, ``annotator_api`` (``/api/*``) and ``admin_api``
+(``/api/admin/*``), that :func:`create_app` includes; what they share (the database, the lease,
+the cookie flag, the templates) is one :class:`LabelState` on ``app.state.label``.
+
 Everything shown is autoescaped by Jinja2 and the Content-Security-Policy allows only the
 app's own script file, so model output containing ``<script>`` is shown as text and runs nothing.
 """
@@ -28,9 +32,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -94,196 +99,246 @@ def _templates() -> Environment:
     return env
 
 
+@dataclass(frozen=True)
+class LabelState:
+    """What the routes share, kept on ``app.state.label`` and handed out by :func:`label_state`."""
+
+    db: Database
+    lease_seconds: float
+    secure_cookies: bool
+    templates: Environment
+
+    def render(self, name: str, status: int = 200, **ctx) -> HTMLResponse:
+        ctx.setdefault("user", None)
+        return HTMLResponse(self.templates.get_template(name).render(**ctx), status_code=status)
+
+
 def create_app(db: Database | str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                secure_cookies: bool = False) -> FastAPI:
     """The app over ``db`` (a :class:`Database`, a SQLAlchemy URL or a SQLite path)."""
     if not isinstance(db, Database):
         db = Database(db)
-    env = _templates()
     app = FastAPI(title="rlhfkit label", docs_url=None, redoc_url=None)
     app.state.db = db
+    app.state.label = LabelState(db, lease_seconds, secure_cookies, _templates())
     app.add_middleware(SecurityHeaders)
+    app.add_exception_handler(LabelError, _label_error)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-
-    def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
-        ctx.setdefault("user", None)
-        return HTMLResponse(env.get_template(name).render(**ctx), status_code=status)
-
-    @app.exception_handler(LabelError)
-    async def _label_error(_request: Request, exc: LabelError):
-        return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status)
-
-    # ---------------------------------------------------------------- authentication
-
-    def _bearer(request: Request) -> str | None:
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            return value.strip()
-        return None
-
-    def _user(request: Request) -> User | None:
-        token = _bearer(request)
-        if token is not None:  # a bearer header is decisive, even next to a cookie
-            return service.user_for_token(db, token)
-        return service.user_for_session(db, request.cookies.get(COOKIE))
-
-    def api_user(request: Request) -> User:
-        user = _user(request)
-        if user is None:
-            raise HTTPException(401, "missing or invalid token: send 'Authorization: Bearer TOKEN' "
-                                     "(or sign in with /?token=TOKEN)",
-                                headers={"WWW-Authenticate": "Bearer"})
-        return user
-
-    def api_admin(user: User = Depends(api_user)) -> User:
-        if not user.is_admin:
-            raise HTTPException(403, "admins only")
-        return user
-
-    # ---------------------------------------------------------------- pages
-
-    @app.get("/healthz", include_in_schema=False)
-    def healthz():
-        return {"ok": True}
-
-    @app.get("/", response_class=HTMLResponse)
-    def index(request: Request, token: str | None = None):
-        if token is not None:
-            user = service.user_for_token(db, token)
-            if user is None:
-                return render("signin.html", 401, problem="This sign-in link is not valid: the "
-                              "token is unknown or has been replaced. Ask an admin for a new one.")
-            resp = RedirectResponse("/", status_code=303)  # drop the token from the address bar
-            resp.set_cookie(COOKIE, service.start_web_session(db, user.id), max_age=COOKIE_MAX_AGE,
-                            httponly=True, samesite="lax", secure=secure_cookies, path="/")
-            return resp
-        user = _user(request)
-        if user is None:
-            return render("signin.html", 401, problem=None)
-        served = service.next_item(db, user.id, lease_seconds)
-        remaining = service.queue_remaining(db, user.id, lease_seconds)
-        judged = service.count_judgments(db, user.id)
-        if served is None:
-            return render("judge.html", user=user, served=None, judged=judged, remaining=0)
-        a, item = served.assignment, served.item
-        right = "response_b" if a.left_side == "response_a" else "response_a"
-        return render("judge.html", user=user, served=served, item=item,
-                      conversation=item.conversation(), left_text=item.text(a.left_side),
-                      right_text=item.text(right), flags=FLAGS, scale=SCALE,
-                      judged=judged, remaining=remaining)
-
-    @app.get("/mine", response_class=HTMLResponse)
-    def mine(request: Request):
-        user = _user(request)
-        if user is None:
-            return render("signin.html", 401, problem=None)
-        return render("mine.html", user=user, judgments=service.judgments_of(db, user.id),
-                      scale=SCALE, flag_names=FLAGS)
-
-    @app.get("/admin", response_class=HTMLResponse)
-    def admin(request: Request, escalated: int | None = None):
-        user = _user(request)
-        if user is None:
-            return render("signin.html", 401, problem=None)
-        if not user.is_admin:
-            return render("signin.html", 403, user=user,
-                          problem="The admin pages are for admins; you are signed in as an annotator.")
-        return render("admin.html", user=user, s=stats.summary(db), escalated=escalated)
-
-    @app.post("/admin/escalate")
-    def admin_escalate(request: Request, extra: int = Form(...)):
-        user = _user(request)
-        if user is None or not user.is_admin:
-            raise HTTPException(403, "admins only")
-        ids = service.escalate(db, extra)
-        return RedirectResponse(f"/admin?escalated={len(ids)}", status_code=303)
-
-    @app.get("/logout")
-    def logout(request: Request):
-        service.end_web_session(db, request.cookies.get(COOKIE))
-        resp = render("signin.html", 200, problem=None, signed_out=True)
-        resp.delete_cookie(COOKIE, path="/")
-        return resp
-
-    # ---------------------------------------------------------------- annotator API
-
-    @app.get("/api/me")
-    def api_me(user: User = Depends(api_user)):
-        return {"id": user.id, "name": user.name, "role": user.role,
-                "judgments": service.count_judgments(db, user.id),
-                "queue_remaining": service.queue_remaining(db, user.id, lease_seconds)}
-
-    @app.get("/api/next")
-    def api_next(user: User = Depends(api_user)):
-        served = service.next_item(db, user.id, lease_seconds)
-        if served is None:
-            return Response(status_code=204)
-        return served.to_json(service.queue_remaining(db, user.id, lease_seconds))
-
-    async def _json_body(request: Request):
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise LabelError(415, "send the body as JSON with 'Content-Type: application/json'")
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise LabelError(422, f"the body is not valid JSON: {e}") from None
-
-    @app.post("/api/judgments", status_code=201)
-    async def api_post_judgment(request: Request, user: User = Depends(api_user)):
-        judgment = service.parse_judgment(await _json_body(request))
-        status, data = await run_in_threadpool(service.record_judgment, db, user.id, judgment)
-        return JSONResponse(data, status_code=status)
-
-    @app.get("/api/judgments")
-    def api_my_judgments(user: User = Depends(api_user)):
-        return {"judgments": service.judgments_of(db, user.id, limit=100_000)}
-
-    @app.post("/api/skip")
-    async def api_skip(request: Request, user: User = Depends(api_user)):
-        body = await _json_body(request)
-        item_id = body.get("item_id") if isinstance(body, dict) else None
-        if isinstance(item_id, bool) or not isinstance(item_id, int):
-            raise LabelError(422, f"item_id: must be an integer (got {item_id!r})")
-        await run_in_threadpool(service.skip, db, user.id, item_id)
-        return {"skipped": item_id}
-
-    # ---------------------------------------------------------------- admin API
-
-    @app.get("/api/admin/stats")
-    def api_stats(_admin: User = Depends(api_admin)):
-        return stats.summary(db)
-
-    @app.get("/api/admin/items")
-    def api_items(_admin: User = Depends(api_admin)):
-        return {"items": stats.items_agreement(db)}
-
-    @app.get("/api/admin/judgments")
-    def api_all_judgments(_admin: User = Depends(api_admin)):
-        from sqlalchemy import select
-
-        from rlhfkit.label.db import Judgment
-        with db.reading() as s:
-            rows = s.scalars(select(Judgment).order_by(Judgment.id)).all()
-            return {"judgments": [service.judgment_to_json(j) for j in rows]}
-
-    @app.get("/api/admin/export")
-    def api_export(keep_ties: bool = False, _admin: User = Depends(api_admin)):
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in iter_rows(db, keep_ties))
-        return Response(body, media_type="application/x-ndjson",
-                        headers={"Content-Disposition": 'attachment; filename="pairs.jsonl"'})
-
-    @app.post("/api/admin/escalate")
-    async def api_escalate(request: Request, _admin: User = Depends(api_admin)):
-        body = await _json_body(request)
-        extra = body.get("extra") if isinstance(body, dict) else None
-        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 1:
-            raise LabelError(422, f"extra: must be an integer >= 1 (got {extra!r})")
-        max_agreement = body.get("max_agreement", 0.999)
-        if isinstance(max_agreement, bool) or not isinstance(max_agreement, (int, float)):
-            raise LabelError(422, "max_agreement: must be a number")
-        ids = await run_in_threadpool(service.escalate, db, extra, float(max_agreement))
-        return {"escalated": ids}
-
+    for router in (pages, annotator_api, admin_api):
+        app.include_router(router)
     return app
+
+
+async def _label_error(_request: Request, exc: LabelError):
+    return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status)
+
+
+# ---------------------------------------------------------------- shared state and authentication
+
+async def label_state(request: Request) -> LabelState:
+    """The dependency that hands a route its app's :class:`LabelState` (async: no thread hop)."""
+    return request.app.state.label
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    return None
+
+
+def _user(db: Database, request: Request) -> User | None:
+    token = _bearer(request)
+    if token is not None:  # a bearer header is decisive, even next to a cookie
+        return service.user_for_token(db, token)
+    return service.user_for_session(db, request.cookies.get(COOKIE))
+
+
+def api_user(request: Request, st: LabelState = Depends(label_state)) -> User:
+    user = _user(st.db, request)
+    if user is None:
+        raise HTTPException(401, "missing or invalid token: send 'Authorization: Bearer TOKEN' "
+                                 "(or sign in with /?token=TOKEN)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+def api_admin(user: User = Depends(api_user)) -> User:
+    if not user.is_admin:
+        raise HTTPException(403, "admins only")
+    return user
+
+
+async def _json_body(request: Request):
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise LabelError(415, "send the body as JSON with 'Content-Type: application/json'")
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise LabelError(422, f"the body is not valid JSON: {e}") from None
+
+
+# ---------------------------------------------------------------- pages
+pages = APIRouter()
+
+
+@pages.get("/healthz", include_in_schema=False)
+def healthz():
+    return {"ok": True}
+
+
+@pages.get("/", response_class=HTMLResponse)
+def index(request: Request, token: str | None = None, st: LabelState = Depends(label_state)):
+    if token is not None:
+        return _sign_in(st, token)
+    user = _user(st.db, request)
+    if user is None:
+        return st.render("signin.html", 401, problem=None)
+    served = service.next_item(st.db, user.id, st.lease_seconds)
+    remaining = service.queue_remaining(st.db, user.id, st.lease_seconds)
+    judged = service.count_judgments(st.db, user.id)
+    if served is None:
+        return st.render("judge.html", user=user, served=None, judged=judged, remaining=0)
+    a, item = served.assignment, served.item
+    right = "response_b" if a.left_side == "response_a" else "response_a"
+    return st.render("judge.html", user=user, served=served, item=item,
+                     conversation=item.conversation(), left_text=item.text(a.left_side),
+                     right_text=item.text(right), flags=FLAGS, scale=SCALE,
+                     judged=judged, remaining=remaining)
+
+
+def _sign_in(st: LabelState, token: str) -> Response:
+    """``/?token=TOKEN``: start a browser session and drop the token from the address bar."""
+    user = service.user_for_token(st.db, token)
+    if user is None:
+        return st.render("signin.html", 401, problem="This sign-in link is not valid: the "
+                         "token is unknown or has been replaced. Ask an admin for a new one.")
+    resp = RedirectResponse("/", status_code=303)
+    resp.set_cookie(COOKIE, service.start_web_session(st.db, user.id), max_age=COOKIE_MAX_AGE,
+                    httponly=True, samesite="lax", secure=st.secure_cookies, path="/")
+    return resp
+
+
+@pages.get("/mine", response_class=HTMLResponse)
+def mine(request: Request, st: LabelState = Depends(label_state)):
+    user = _user(st.db, request)
+    if user is None:
+        return st.render("signin.html", 401, problem=None)
+    return st.render("mine.html", user=user, judgments=service.judgments_of(st.db, user.id),
+                     scale=SCALE, flag_names=FLAGS)
+
+
+@pages.get("/admin", response_class=HTMLResponse)
+def admin(request: Request, escalated: int | None = None, st: LabelState = Depends(label_state)):
+    user = _user(st.db, request)
+    if user is None:
+        return st.render("signin.html", 401, problem=None)
+    if not user.is_admin:
+        return st.render("signin.html", 403, user=user,
+                         problem="The admin pages are for admins; you are signed in as an annotator.")
+    return st.render("admin.html", user=user, s=stats.summary(st.db), escalated=escalated)
+
+
+@pages.post("/admin/escalate")
+def admin_escalate(request: Request, extra: int = Form(...), st: LabelState = Depends(label_state)):
+    user = _user(st.db, request)
+    if user is None or not user.is_admin:
+        raise HTTPException(403, "admins only")
+    ids = service.escalate(st.db, extra)
+    return RedirectResponse(f"/admin?escalated={len(ids)}", status_code=303)
+
+
+@pages.get("/logout")
+def logout(request: Request, st: LabelState = Depends(label_state)):
+    service.end_web_session(st.db, request.cookies.get(COOKIE))
+    resp = st.render("signin.html", 200, problem=None, signed_out=True)
+    resp.delete_cookie(COOKIE, path="/")
+    return resp
+
+
+# ---------------------------------------------------------------- annotator API
+annotator_api = APIRouter()
+
+
+@annotator_api.get("/api/me")
+def api_me(user: User = Depends(api_user), st: LabelState = Depends(label_state)):
+    return {"id": user.id, "name": user.name, "role": user.role,
+            "judgments": service.count_judgments(st.db, user.id),
+            "queue_remaining": service.queue_remaining(st.db, user.id, st.lease_seconds)}
+
+
+@annotator_api.get("/api/next")
+def api_next(user: User = Depends(api_user), st: LabelState = Depends(label_state)):
+    served = service.next_item(st.db, user.id, st.lease_seconds)
+    if served is None:
+        return Response(status_code=204)
+    return served.to_json(service.queue_remaining(st.db, user.id, st.lease_seconds))
+
+
+@annotator_api.post("/api/judgments", status_code=201)
+async def api_post_judgment(request: Request, user: User = Depends(api_user),
+                            st: LabelState = Depends(label_state)):
+    judgment = service.parse_judgment(await _json_body(request))
+    status, data = await run_in_threadpool(service.record_judgment, st.db, user.id, judgment)
+    return JSONResponse(data, status_code=status)
+
+
+@annotator_api.get("/api/judgments")
+def api_my_judgments(user: User = Depends(api_user), st: LabelState = Depends(label_state)):
+    return {"judgments": service.judgments_of(st.db, user.id, limit=100_000)}
+
+
+@annotator_api.post("/api/skip")
+async def api_skip(request: Request, user: User = Depends(api_user), st: LabelState = Depends(label_state)):
+    body = await _json_body(request)
+    item_id = body.get("item_id") if isinstance(body, dict) else None
+    if isinstance(item_id, bool) or not isinstance(item_id, int):
+        raise LabelError(422, f"item_id: must be an integer (got {item_id!r})")
+    await run_in_threadpool(service.skip, st.db, user.id, item_id)
+    return {"skipped": item_id}
+
+
+# ---------------------------------------------------------------- admin API
+admin_api = APIRouter()
+
+
+@admin_api.get("/api/admin/stats")
+def api_stats(_admin: User = Depends(api_admin), st: LabelState = Depends(label_state)):
+    return stats.summary(st.db)
+
+
+@admin_api.get("/api/admin/items")
+def api_items(_admin: User = Depends(api_admin), st: LabelState = Depends(label_state)):
+    return {"items": stats.items_agreement(st.db)}
+
+
+@admin_api.get("/api/admin/judgments")
+def api_all_judgments(_admin: User = Depends(api_admin), st: LabelState = Depends(label_state)):
+    from sqlalchemy import select
+
+    from rlhfkit.label.db import Judgment
+    with st.db.reading() as s:
+        rows = s.scalars(select(Judgment).order_by(Judgment.id)).all()
+        return {"judgments": [service.judgment_to_json(j) for j in rows]}
+
+
+@admin_api.get("/api/admin/export")
+def api_export(keep_ties: bool = False, _admin: User = Depends(api_admin), st: LabelState = Depends(label_state)):
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in iter_rows(st.db, keep_ties))
+    return Response(body, media_type="application/x-ndjson",
+                    headers={"Content-Disposition": 'attachment; filename="pairs.jsonl"'})
+
+
+@admin_api.post("/api/admin/escalate")
+async def api_escalate(request: Request, _admin: User = Depends(api_admin), st: LabelState = Depends(label_state)):
+    body = await _json_body(request)
+    extra = body.get("extra") if isinstance(body, dict) else None
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 1:
+        raise LabelError(422, f"extra: must be an integer >= 1 (got {extra!r})")
+    max_agreement = body.get("max_agreement", 0.999)
+    if isinstance(max_agreement, bool) or not isinstance(max_agreement, (int, float)):
+        raise LabelError(422, "max_agreement: must be a number")
+    ids = await run_in_threadpool(service.escalate, st.db, extra, float(max_agreement))
+    return {"escalated": ids}

@@ -16,9 +16,7 @@ Python use (tests, judges, arenas)::
 """
 
 
-import asyncio
 import hmac
-import json
 import logging
 import os
 import socket
@@ -77,208 +75,54 @@ class Config:
 # ------------------------------------------------------------------------------ the app
 def create_app(engine, served_model_name: str, *, max_n: int = 16, default_max_tokens: int = 256,
                api_key: str | None = None):
-    """The FastAPI application answering with ``engine`` under the id ``served_model_name``."""
+    """The FastAPI application answering with ``engine`` under the id ``served_model_name``.
+
+    The routes live in :mod:`rlhfkit.serve.routes` and read what they share from ``app.state.serve``.
+    """
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from rlhfkit.serve import protocol as P
-    from rlhfkit.serve.engine import EngineClosed, Job
+    from rlhfkit.serve.routes import ServeState, chat_router, completions_router, models_router
 
-    created_at = P.now()
     app = FastAPI(title="rlhfkit serve", version="1", docs_url=None, redoc_url=None)
-    app.state.engine = engine
-    app.state.served_model_name = served_model_name
+    app.state.serve = ServeState(engine, served_model_name, P.now(), max_n, default_max_tokens)
+    app.state.engine, app.state.served_model_name = engine, served_model_name  # for code embedding the app
+    _add_error_handlers(app)
+    app.add_middleware(_Guard, api_key=api_key)
+    for router in (models_router, chat_router, completions_router):
+        app.include_router(router)
+    return app
 
-    def error(status: int, message: str, param=None, code=None, type="invalid_request_error"):
-        return JSONResponse(P.error_body(message, type, param, code), status_code=status)
 
-    @app.exception_handler(P.APIError)
-    async def _api_error(request, exc: P.APIError):
+def _add_error_handlers(app) -> None:
+    """Every error as OpenAI's JSON error object, never FastAPI's default bodies or HTML."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from rlhfkit.serve.protocol import APIError, error_body
+
+    async def api_error(request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc: RequestValidationError):
+    async def validation_error(request, exc: RequestValidationError):
         return _validation_response(exc.errors())
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
+    async def http_error(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path}"
-        return error(exc.status_code, message, None, code)
+        return JSONResponse(error_body(message, "invalid_request_error", None, code), status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc: Exception):  # a bug: still a JSON error, never HTML
+    async def unexpected(request, exc: Exception):  # a bug: still a JSON error, never HTML
         log.exception("unexpected error")
-        return error(500, f"internal error: {type(exc).__name__}", None, None, "server_error")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
-    app.add_middleware(_Guard, api_key=api_key)
-
-    def model_card() -> dict:
-        return {"id": served_model_name, "object": "model", "created": created_at, "owned_by": "rlhfkit",
-                "max_model_len": engine.context_length}
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok" if engine.alive else "stopped"}
-
-    @app.get("/stats")
-    async def stats():
-        return engine.stats()
-
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str):
-        if model_id != served_model_name:
-            raise _unknown_model(model_id)
-        return model_card()
-
-    def _unknown_model(name: str) -> P.APIError:
-        return P.APIError(404, f"the model '{name}' does not exist; this server serves '{served_model_name}'",
-                          "model", "model_not_found")
-
-    def _encode_chat(messages: list[dict]) -> list[int]:
-        from rlhfkit.data.chat import encode_prompt
-
-        with engine.tokenizer_lock:
-            return encode_prompt(engine.tokenizer, messages)
-
-    def _encode_raw(prompts: list[str]) -> list[list[int]]:
-        tok = engine.tokenizer
-        out = []
-        with engine.tokenizer_lock:
-            for text in prompts:
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-                if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
-                    ids = [tok.bos_token_id] + ids
-                if not ids:  # an empty prompt starts from the document boundary
-                    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-                    if start is None:
-                        raise P.APIError(400, "'prompt' must not be empty", "prompt", "invalid_value")
-                    ids = [start]
-                out.append(ids)
-        return out
-
-    async def _submit(req, prompts: list[list[int]], strip: bool):
-        params = P.sampling_params(req, [len(p) for p in prompts], engine.context_length,
-                                   default_max_tokens, max_n)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(prompts, params, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                  stream=bool(req.stream), strip=strip)
-        try:
-            engine.submit(job)
-        except EngineClosed as e:
-            raise P.APIError(503, str(e), None, "shutting_down", "server_error") from None
-        return job, events
-
-    async def _wait(job, events: asyncio.Queue):
-        try:
-            while True:
-                event = await events.get()
-                if event[0] == "done":
-                    return event[1]
-                if event[0] == "error":
-                    _, status, message, type_ = event
-                    raise P.APIError(status, message, None, None, type_)
-        finally:
-            job.cancelled = True  # no-op when finished; stops the rows if the handler is cancelled
-
-    def _sse(payload: dict | str) -> str:
-        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
-                                                                    separators=(",", ":"))
-        return f"data: {data}\n\n"
-
-    def _stream(job, events: asyncio.Queue, first: list[dict], chunk, usage_obj: str | None):
-        async def gen():
-            try:
-                for payload in first:
-                    yield _sse(payload)
-                while True:
-                    event = await events.get()
-                    kind = event[0]
-                    if kind == "delta":
-                        yield _sse(chunk(event[1], event[2], None))
-                    elif kind == "finish":
-                        yield _sse(chunk(event[1], None, event[2].finish_reason))
-                    elif kind == "done":
-                        if usage_obj is not None:
-                            yield _sse(usage_obj(event[1]))
-                        break
-                    elif kind == "error":
-                        _, status, message, type_ = event
-                        yield _sse(P.error_body(message, type_, None, None))
-                        break
-                yield _sse("[DONE]")
-            finally:
-                job.cancelled = True  # the client went away: its rows stop at the next step
-
-        return StreamingResponse(gen(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: P.ChatCompletionRequest):
-        if req.model != served_model_name:
-            raise _unknown_model(req.model)
-        P.check_unsupported(req)
-        messages = P.chat_messages(req)
-        try:
-            prompt = await run_in_threadpool(_encode_chat, messages)
-        except Exception as e:  # the chat template refused the conversation
-            raise P.APIError(400, f"cannot apply the chat template to 'messages': {e}", "messages",
-                             "invalid_value") from None
-        job, events = await _submit(req, [prompt], strip=True)
-        rid, created = P.new_id("chatcmpl"), P.now()
-        if not req.stream:
-            completions = await _wait(job, events)
-            return P.chat_response(rid, created, served_model_name, completions, job.prompt_tokens)
-
-        def chunk(index, text, finish_reason):
-            delta = {} if text is None else {"content": text}
-            return P.chat_chunk(rid, created, served_model_name, index, delta, finish_reason)
-
-        first = [P.chat_chunk(rid, created, served_model_name, i, {"role": "assistant", "content": ""})
-                 for i in range(job.num_choices)]
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        usage_obj = ((lambda cs: P.usage_chunk(rid, created, served_model_name, "chat.completion.chunk",
-                                               job.prompt_tokens, cs)) if include_usage else None)
-        return _stream(job, events, first, chunk, usage_obj)
-
-    @app.post("/v1/completions")
-    async def completions(req: P.CompletionRequest):
-        if req.model != served_model_name:
-            raise _unknown_model(req.model)
-        P.check_unsupported(req)
-        texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not texts:
-            raise P.APIError(400, "'prompt' must be a string or a non-empty list of strings", "prompt",
-                             "invalid_value")
-        if len(texts) > P.MAX_PROMPTS:
-            raise P.APIError(400, f"at most {P.MAX_PROMPTS} prompts per request (got {len(texts)})", "prompt",
-                             "invalid_value")
-        prompts = await run_in_threadpool(_encode_raw, texts)
-        job, events = await _submit(req, prompts, strip=False)
-        rid, created = P.new_id("cmpl"), P.now()
-        if not req.stream:
-            completions_ = await _wait(job, events)
-            return P.completion_response(rid, created, served_model_name, completions_, job.prompt_tokens)
-
-        def chunk(index, text, finish_reason):
-            return P.completion_chunk(rid, created, served_model_name, index, text or "", finish_reason)
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        usage_obj = ((lambda cs: P.usage_chunk(rid, created, served_model_name, "text_completion",
-                                               job.prompt_tokens, cs)) if include_usage else None)
-        return _stream(job, events, [], chunk, usage_obj)
-
-    return app
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
 
 
 class _Guard:
