@@ -2,10 +2,17 @@
 
 * :mod:`.prompts`: judge prompt rendering (single, pairwise, chat-bench; multi-turn; references)
 * :mod:`.parsing`: robust verdict parsing (``[[7]]``, ``[[A]]``, ``[[PASS]]`` and fallbacks)
-* :mod:`.pairwise`: both-order judging: combining verdicts, consistency, win rate
+* :mod:`.pairwise`: both-order judging: the two games, combining verdicts, consistency,
+  win rate, Arena battles
 * :mod:`.backends`: the ``complete(chats, temperature, max_tokens)`` interface; an
   OpenAI-compatible endpoint and a local model
 * :mod:`.data`: question sets (built-in and MT-Bench format) and answer files
+* :mod:`.candidates`: candidate answers generated turn by turn, saved next to the report
+* :mod:`.calls`: judge calls sent in chunks, replies parsed and streamed to ``judgments.jsonl``;
+  the judge's reliability counts
+* :mod:`.modes`: one module per ``--mode`` behind the ``MODES`` registry, each with a typed
+  summary that writes its part of ``results.json``, ``report.md`` and the plots
+* :mod:`.report`: the report's header and reliability section, the bar plot the modes share
 """
 
 from rlhfkit.evaluation.judging.backends import BackendError, JudgeBackend, LocalBackend, OpenAIChatBackend

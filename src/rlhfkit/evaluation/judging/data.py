@@ -38,6 +38,7 @@ from rlhfkit.errors import InputError, record_problem
 from rlhfkit.evaluation.report import cap_problems, read_json_records
 
 BUILTIN_SETS = {"mt": "mt_two_turn.jsonl", "chat-bench": "chat_bench.jsonl"}
+Answers = dict[str, dict[str, list[str]]]  # model -> question key -> its reply to each turn
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _answer_turns(rec: dict) -> tuple[list[str] | None, str | None]:
     return None, "choices"
 
 
-def load_answers(paths: list[str]) -> dict[str, dict[str, list[str]]]:
+def load_answers(paths: list[str]) -> Answers:
     """``{model: {question key: [reply per turn]}}`` from answer files (format above)."""
     answers: dict[str, dict[str, list[str]]] = {}
     problems: list[str] = []

@@ -21,12 +21,22 @@ does not quietly become a source of ties.
 
 The *position-consistency rate* is the share of pairs (both verdicts valid) whose two
 verdicts agree once translated to the same point of view.
+
+The pairwise and win-rate modes (:mod:`rlhfkit.evaluation.judging.modes`) both judge this way:
+:func:`pairwise_calls` makes the two games of every comparison, :func:`combine_games` matches
+them again, and :func:`battles_from` writes the combined verdicts as Chatbot Arena battles.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
+
+from rlhfkit.evaluation.judging.calls import Call, Judged, available_turns, has_reference
+from rlhfkit.evaluation.judging.data import Question
+from rlhfkit.evaluation.judging.prompts import pairwise_messages
 
 _FIRST = {"A": "win", "B": "loss", "C": "tie"}   # game 1: X shown as A
 _SECOND = {"A": "loss", "B": "win", "C": "tie"}  # game 2: X shown as B
@@ -97,3 +107,61 @@ def summarize(outcomes: Iterable[PairOutcome]) -> PairSummary:
         win_rate=(wins + 0.5 * ties) / decided if decided else nan,
         consistency=(decided - inconsistent) / decided if decided else nan,
     )
+
+
+def pairwise_calls(questions: Sequence[Question], answers: dict[str, dict[str, list[str]]],
+                   pairs: Sequence[tuple[str, str]]) -> list[Call]:
+    """Two calls per (pair, question, turn): game 1 shows X as A, game 2 shows X as B."""
+    calls = []
+    for x, y in pairs:
+        for q in questions:
+            n = min(available_turns(answers[x], q), available_turns(answers[y], q))
+            ax, ay = answers[x].get(q.key, []), answers[y].get(q.key, [])
+            for t in range(1, n + 1):
+                base = {"question_id": q.question_id, "category": q.category, "turn": t,
+                        "model_x": x, "model_y": y, "reference_guided": has_reference(q, t)}
+                calls.append(Call("pairwise", {**base, "game": 1, "model_a": x, "model_b": y},
+                                  pairwise_messages(q.turns, ax, ay, t, q.reference)))
+                calls.append(Call("pairwise", {**base, "game": 2, "model_a": y, "model_b": x},
+                                  pairwise_messages(q.turns, ay, ax, t, q.reference)))
+    return calls
+
+
+@dataclass
+class PairRecord:
+    """One comparison of X with Y on one question and turn, both games combined."""
+
+    question_id: Any
+    category: str
+    turn: int
+    x: str
+    y: str
+    outcome: PairOutcome
+    verdicts: tuple[Any, Any]   # game 1's and game 2's parsed verdicts (None: malformed or missing)
+
+
+def combine_games(judged: Sequence[Judged]) -> list[PairRecord]:
+    """Match game 1 and game 2 of each comparison and combine their verdicts."""
+    games: dict[tuple, dict[int, Judged]] = defaultdict(dict)
+    for j in judged:
+        m = j.call.meta
+        games[(str(m["question_id"]), m["turn"], m["model_x"], m["model_y"])][m["game"]] = j
+    records = []
+    for (_, turn, x, y), g in games.items():
+        v1 = g[1].parsed.value if 1 in g else None
+        v2 = g[2].parsed.value if 2 in g else None
+        meta = (g.get(1) or g[2]).call.meta
+        records.append(PairRecord(meta["question_id"], meta["category"], turn, x, y,
+                                  combine_verdicts(v1, v2), (v1, v2)))
+    return records
+
+
+def battles_from(records: Sequence[PairRecord], judge_name: str) -> list[dict[str, Any]]:
+    """Combined verdicts as Chatbot Arena battles (malformed pairs are left out)."""
+    out = []
+    for r in records:
+        winner = battle_winner(r.outcome.outcome)
+        if winner:
+            out.append({"model_a": r.x, "model_b": r.y, "winner": winner,
+                        "question_id": r.question_id, "turn": r.turn, "judge": judge_name})
+    return out
