@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from rlhfkit.data.io import data_spec_problems
 from rlhfkit.errors import InputError
 
 
@@ -39,6 +40,9 @@ def arg(default: Any = dataclasses.MISSING, help: str = "", *, positional: bool 
 # Shared pieces: the flags every training command has.
 # --------------------------------------------------------------------------------------------
 
+DATA_CONFIG_HELP = ("Configuration (subset) of the Hugging Face dataset ids in this command's data flags "
+                    "(datasets.load_dataset's `name`); local files ignore it.")
+
 
 @dataclass
 class TrainConfig:
@@ -46,8 +50,11 @@ class TrainConfig:
 
     model: str = arg("smollm2-135m", "Model: a local path, a hub id, or an embedded name "
                      "(smollm2-135m, minilm-l6).")
-    data: str = arg("", "Training data: a .jsonl/.json/.parquet file or a saved `datasets` directory.")
-    eval_data: str = arg("", "Held-out data in the same format (optional).")
+    data: str = arg("", "Training data: a .jsonl/.json/.parquet file, a saved `datasets` directory, a Hugging Face "
+                    "dataset id (name or org/name, :split, default train), or a mixture a.jsonl:0.7,org/b:0.3 "
+                    "(docs/data.md).")
+    eval_data: str = arg("", "Held-out data in the same forms (optional).")
+    data_config: str = arg("", DATA_CONFIG_HELP)
     output: str = arg("", "Output directory (config.yaml, metrics.jsonl, checkpoints, final model).")
     epochs: float = arg(1.0, "Number of passes over the training data (ignored when --max-steps > 0).")
     max_steps: int = arg(0, "Number of optimizer steps; 0 means derive it from --epochs.")
@@ -103,10 +110,8 @@ class TrainConfig:
             problems.append("--merge-lora needs --lora-r > 0")
         if _looks_local(self.model) and not os.path.exists(os.path.expanduser(self.model)):
             problems.append(f"--model: no such file or directory: {self.model}")
-        for path_flag in ("data", "eval_data"):
-            value = getattr(self, path_flag)
-            if value and not _looks_remote(value) and not os.path.exists(value):
-                problems.append(f"--{flag(path_flag)}: no such file or directory: {value}")
+        problems += check_data_flag("data", self.data, required=False)  # required: checked first
+        problems += check_data_flag("eval_data", self.eval_data, required=False)
         return problems
 
 
@@ -115,8 +120,13 @@ def _looks_local(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
 
 
-def _looks_remote(value: str) -> bool:
-    return value.startswith(("http://", "https://", "hf://"))
+def check_data_flag(name: str, value: str, *, required: bool = True) -> list[str]:
+    """Problems of a data flag (--data, --eval-data, --prompts) found without loading anything:
+    missing when required, the grammar of dataset ids and mixtures, local parts that do not exist.
+    Every config that reads data checks its data flags with this."""
+    if not value:
+        return [f"--{flag(name)} is required"] if required else []
+    return [f"--{flag(name)}: {problem}" for problem in data_spec_problems(value)]
 
 
 # --------------------------------------------------------------------------------------------

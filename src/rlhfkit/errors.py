@@ -11,7 +11,8 @@ class InputError(Exception):
     """
 
     def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        # identical lines once: a record drawn twice into a mixture has its problems once
+        self.problems = [problems] if isinstance(problems, str) else list(dict.fromkeys(problems))
         super().__init__("\n".join(self.problems))
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from rlhfkit.config import arg
+from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
 from rlhfkit.errors import InputError
 
 
@@ -19,29 +18,27 @@ class Config:
     """Show one example token by token with the trained (completion) tokens marked."""
 
     model: str = arg("smollm2-135m", "The model whose tokenizer and chat template to use.")
-    data: str = arg("", "A data file (SFT, preference or prompt records).")
+    data: str = arg("", "SFT, preference or prompt records: a file, a Hugging Face dataset id or a mixture "
+                    "(docs/data.md; a mixture is drawn with seed 0).")
+    data_config: str = arg("", DATA_CONFIG_HELP)
     index: int = arg(0, "Which example (0-based, after ranking expansion).")
     max_length: int = arg(512, "Maximum tokens; longer examples are shown truncated as training would.")
     color: bool = arg(True, "Colour the trained tokens when writing to a terminal.")
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.data:
-            problems.append("--data is required")
-        elif not Path(self.data).exists():
-            problems.append(f"--data: no such file: {self.data}")
+        problems = check_data_flag("data", self.data)
         if self.index < 0:
             problems.append("--index must be >= 0")
         return problems
 
 
-def example_sequences(data: str) -> list[tuple[str, object, object]]:
+def example_sequences(data: str, config: str = "") -> list[tuple[str, object, object]]:
     """(label, prompt, completion) for every training sequence of the file, whatever its schema."""
     from rlhfkit.data.io import read_records
     from rlhfkit.data.schema import parse_preference, parse_prompt, parse_sft
 
     out, problems = [], []
-    for rec in read_records(data):
+    for rec in read_records(data, config=config):
         d = rec.data
         if "chosen" in d or "completions" in d:
             for p in parse_preference(rec, problems):
@@ -76,7 +73,7 @@ def main(cfg: Config) -> int:
     from rlhfkit.data.chat import encode, encode_prompt
     from rlhfkit.models.loading import load_tokenizer
 
-    sequences = example_sequences(cfg.data)
+    sequences = example_sequences(cfg.data, cfg.data_config)
     if cfg.index >= len(sequences):
         raise InputError(f"--index {cfg.index}: the file has {len(sequences)} example(s)")
     label, prompt, completion = sequences[cfg.index]

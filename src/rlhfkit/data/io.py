@@ -1,13 +1,35 @@
-"""Reading records from JSONL, JSON, Parquet or a saved `datasets` folder, keeping line numbers."""
+"""Reading records from where users keep data, keeping where each record came from.
+
+A data value (``--data``, ``--eval-data``, ``--prompts``) names one source or a mixture of several
+(the grammar and the mixing rule are in docs/data.md):
+
+- a local ``.jsonl`` / ``.json`` / ``.parquet`` file or a saved ``datasets`` folder;
+- a Hugging Face dataset id, ``name`` or ``org/name``, optionally ``:split`` (default ``train``),
+  loaded with ``datasets.load_dataset`` (offline, ``HF_DATASETS_OFFLINE=1``, from the datasets cache);
+- ``source:ratio,source:ratio,...``: a seeded mixture (:func:`mix`).
+
+Every record keeps its origin (file and line; for a dataset id, ``id:split`` and the row number),
+so every problem names it the same way, whatever the source.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from rlhfkit.errors import InputError, record_problem
+
+DEFAULT_SPLIT = "train"
+# A Hub dataset id: `name` or `org/name` (letters, digits, `_`, `.`, `-`).
+DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# A missing name ending like this is a file the user meant, not a dataset id.
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst", ".zip")
+RATIO = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -22,14 +44,118 @@ class Record:
         return record_problem(self.file, self.line, field, message)
 
 
-def read_records(path: str) -> list[Record]:
-    """All records of ``path``; every unreadable record is reported at once (InputError)."""
-    if not path:
+@dataclass(frozen=True)
+class DataSource:
+    """One source of a data value: a local file or folder, or a Hugging Face dataset id."""
+
+    location: str              # the path, or the dataset id
+    dataset_id: bool           # True: loaded with datasets.load_dataset
+    split: str | None = None   # of a dataset id (default train) or a saved DatasetDict folder
+    ratio: float | None = None  # its share of a mixture, when given
+
+    @property
+    def label(self) -> str:
+        """The source as problems name it (the "file" of ``file:line``)."""
+        return f"{self.location}:{self.split}" if self.split else self.location
+
+
+def parse_data_spec(spec: str) -> list[DataSource]:
+    """The sources a data value names; InputError lists every problem of its grammar.
+
+    ``spec := source ("," source)*`` and ``source := location [":" split] [":" ratio]``. A text that
+    exists as a path is a local source whole (commas and colons included). Otherwise a ratio is
+    a number after the last colon, and a split is everything after the first colon that remains
+    (dataset ids have no colon; ``train[:10%]`` is one split). A location that does not exist is a
+    dataset id if it is one by its form (``name`` or ``org/name``) and has no data-file suffix; else
+    it is a missing local path. Ratios: all sources or none, each > 0, and only in a mixture.
+    """
+    if os.path.exists(spec):
+        return [DataSource(spec, dataset_id=False)]
+    sources, problems = [], []
+    for text in spec.split(","):
+        try:
+            if not text.strip():
+                raise InputError(f"{spec}: an empty source (two commas in a row, or a comma at an end)")
+            sources.append(_parse_source(text.strip()))
+        except InputError as e:
+            problems += e.problems
+    if not problems:
+        given = [s.ratio is not None for s in sources]
+        if len(sources) == 1 and given[0]:
+            problems.append(f"{spec}: a ratio is a share of a mixture of two or more sources "
+                            "(e.g. a.jsonl:0.7,org/name:0.3)")
+        elif any(given) and not all(given):
+            problems.append(f"{spec}: give every source of a mixture a ratio, or none")
+    if problems:
+        raise InputError(problems)
+    return sources
+
+
+def _parse_source(text: str) -> DataSource:
+    if os.path.exists(text):
+        return DataSource(text, dataset_id=False)
+    if "://" in text:
+        raise InputError(f"{text}: URLs are not read: download the file, or give the Hugging Face dataset id")
+    ratio = None
+    head, colon, tail = text.rpartition(":")
+    if colon and RATIO.fullmatch(tail):
+        ratio = float(tail)
+        if not (ratio > 0 and math.isfinite(ratio)):
+            raise InputError(f"{text}: the ratio must be a finite number > 0 (got {tail})")
+        text = head
+        if os.path.exists(text):
+            return DataSource(text, dataset_id=False, ratio=ratio)
+    location, colon, split = text.partition(":")
+    if colon and not (location and split):
+        raise InputError(f"{text}: expected name:split (one of them is empty)")
+    if colon and os.path.isdir(location):  # a saved DatasetDict folder and one of its splits
+        return DataSource(location, dataset_id=False, split=split, ratio=ratio)
+    if colon and os.path.exists(location):
+        raise InputError(f"{text}: a split (:{split}) belongs to a dataset id or a saved `datasets` folder, "
+                         f"and {location} is a file")
+    if DATASET_ID.fullmatch(location) and not location.lower().endswith(FILE_SUFFIXES):
+        return DataSource(location, dataset_id=True, split=split or DEFAULT_SPLIT, ratio=ratio)
+    return DataSource(location, dataset_id=False, split=split or None, ratio=ratio)
+
+
+def data_spec_problems(spec: str) -> list[str]:
+    """What is wrong with a data value before anything is loaded: its grammar, and local parts
+    that do not exist (a dataset id is only checked when it is loaded)."""
+    try:
+        sources = parse_data_spec(spec)
+    except InputError as e:
+        return e.problems
+    return [f"no such file or directory: {s.location}" for s in sources
+            if not s.dataset_id and not os.path.exists(s.location)]
+
+
+def read_records(spec: str, *, config: str = "", seed: int = 0) -> list[Record]:
+    """All records of a data value (one source, or a mixture drawn with ``seed``); ``config`` is
+    the configuration of its dataset ids. Every problem of every source is reported at once."""
+    if not spec:
         raise InputError("no data file given")
-    if not os.path.exists(path):
+    sources = parse_data_spec(spec)
+    tables, problems = [], []
+    for source in sources:
+        try:
+            tables.append(_read_source(source, config))
+        except InputError as e:
+            problems += e.problems
+    if problems:
+        raise InputError(problems)
+    if len(sources) == 1:
+        return tables[0]
+    return mix(tables, [s.ratio for s in sources], seed)
+
+
+def _read_source(source: DataSource, config: str) -> list[Record]:
+    path = source.location
+    if source.dataset_id:
+        records = _read_dataset_id(path, source.split, config)
+    elif not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory")
-    if os.path.isdir(path):
-        records = _read_datasets_dir(path)
+    elif os.path.isdir(path):
+        records = _read_datasets_dir(path, source.split)
     elif path.endswith(".parquet"):
         records = _read_parquet(path)
     elif path.endswith(".json"):
@@ -37,8 +163,57 @@ def read_records(path: str) -> list[Record]:
     else:
         records = _read_jsonl(path)
     if not records:
-        raise InputError(f"{path}: the file is empty (no records)")
+        raise InputError(f"{source.label}: " + ("the split is empty (no records)" if source.split
+                                                 else "the file is empty (no records)"))
     return records
+
+
+def mixture_counts(sizes: list[int], ratios: list[float]) -> list[int]:
+    """Records each source gives a mixture of ``sum(sizes)`` records: source i's share is
+    ``ratio_i / sum(ratios)``; the fractions go to the largest remainders (ties: the earlier source)
+    so the counts add up exactly."""
+    total, weight = sum(sizes), sum(ratios)
+    exact = [total * r / weight for r in ratios]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mix(tables: list[list[Record]], ratios: list[float | None], seed: int) -> list[Record]:
+    """A mixture of the sources' records, shuffled; which records and their order are a pure
+    function of ``seed`` and the sources.
+
+    With ratios, source i gives ``mixture_counts`` records: fewer than it has, a seeded sample
+    without repetition; more, every record ``count // size`` times plus a sample of the rest.
+    Without ratios every record is taken once.
+    """
+    sizes = [len(t) for t in tables]
+    counts = sizes if ratios[0] is None else mixture_counts(sizes, ratios)
+    mixed = []
+    for index, (table, count) in enumerate(zip(tables, counts)):
+        rng = random.Random(f"rlhfkit-mixture:{seed}:{index}")
+        whole, rest = divmod(count, len(table))
+        mixed += [table[i] for i in sorted(list(range(len(table))) * whole + rng.sample(range(len(table)), rest))]
+    random.Random(f"rlhfkit-mixture:{seed}").shuffle(mixed)
+    return mixed
+
+
+def _read_dataset_id(name: str, split: str, config: str) -> list[Record]:
+    import datasets
+
+    label = f"{name}:{split}"
+    try:
+        dataset = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # the Hub, the cache and the builders raise many types: each becomes one line
+        reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        offline = " (offline: only datasets already in the datasets cache load)" \
+            if datasets.config.HF_HUB_OFFLINE else ""
+        raise InputError(f"{label}: no such local file or folder, and the Hugging Face dataset "
+                         f"{name!r}{f' (config {config!r})' if config else ''} did not load{offline}: "
+                         f"{type(e).__name__}: {reason}") from None
+    return [Record(row, label, i) for i, row in enumerate(dataset.to_list(), start=1)]
 
 
 def _read_jsonl(path: str) -> list[Record]:
@@ -89,7 +264,7 @@ def _read_parquet(path: str) -> list[Record]:
     return [Record(r, path, i) for i, r in enumerate(rows, start=1)]
 
 
-def _read_datasets_dir(path: str) -> list[Record]:
+def _read_datasets_dir(path: str, split: str | None) -> list[Record]:
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -97,8 +272,13 @@ def _read_datasets_dir(path: str) -> list[Record]:
     except Exception as e:
         raise InputError(f"{path}: not a saved `datasets` folder ({e})") from None
     if isinstance(ds, DatasetDict):
-        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    return [Record(dict(r), path, i) for i, r in enumerate(ds, start=1)]
+        if split is not None and split not in ds:
+            raise InputError(f"{path}:{split}: no such split (the folder has {', '.join(ds)})")
+        ds = ds[split or (DEFAULT_SPLIT if DEFAULT_SPLIT in ds else next(iter(ds)))]
+    elif split is not None:
+        raise InputError(f"{path}:{split}: the folder holds one dataset, not splits")
+    label = f"{path}:{split}" if split else path
+    return [Record(dict(r), label, i) for i, r in enumerate(ds, start=1)]
 
 
 def write_jsonl(path: str, rows) -> None:

@@ -200,10 +200,10 @@ def parse_prompt(rec: Record, problems: list[str]) -> PromptExample | None:
     return PromptExample(prompt, extra, rec)
 
 
-def _load(path: str, parse) -> list:
+def _load(spec: str, parse, config: str, seed: int) -> list:
     problems: list[str] = []
     out = []
-    for rec in read_records(path):
+    for rec in read_records(spec, config=config, seed=seed):
         result = parse(rec, problems)
         if isinstance(result, list):
             out.extend(result)
@@ -214,18 +214,22 @@ def _load(path: str, parse) -> list:
     return out
 
 
-def load_sft(path: str) -> list[SFTExample]:
-    return _load(path, parse_sft)
+# Each loader takes a data value (a file, a dataset id, a mixture: rlhfkit.data.io), the
+# configuration of its dataset ids and the seed of its mixture.
 
 
-def load_preferences(path: str) -> list[PreferenceExample]:
+def load_sft(spec: str, *, config: str = "", seed: int = 0) -> list[SFTExample]:
+    return _load(spec, parse_sft, config, seed)
+
+
+def load_preferences(spec: str, *, config: str = "", seed: int = 0) -> list[PreferenceExample]:
     """Preference pairs; ranking records are expanded into all their pairs."""
-    return _load(path, parse_preference)
+    return _load(spec, parse_preference, config, seed)
 
 
-def load_rankings(path: str) -> list[RankingExample]:
-    return _load(path, parse_ranking)
+def load_rankings(spec: str, *, config: str = "", seed: int = 0) -> list[RankingExample]:
+    return _load(spec, parse_ranking, config, seed)
 
 
-def load_prompts(path: str) -> list[PromptExample]:
-    return _load(path, parse_prompt)
+def load_prompts(spec: str, *, config: str = "", seed: int = 0) -> list[PromptExample]:
+    return _load(spec, parse_prompt, config, seed)

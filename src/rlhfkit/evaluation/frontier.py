@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhfkit.config import arg
+from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
 from rlhfkit.errors import InputError
 
 
@@ -24,7 +24,9 @@ class Config:
     """Reward (and an optional oracle) against KL to the reference, for every checkpoint of a run."""
 
     run: str = arg("", "A run folder of rlhfkit ppo, dpo, sft or rejection-sampling.")
-    prompts: str = arg("", "Held-out prompts (default: the run's own prompts file).")
+    prompts: str = arg("", "Held-out prompts: a file, a Hugging Face dataset id or a mixture, drawn with --seed "
+                       "(docs/data.md; default: the run's own prompts and --data-config).")
+    data_config: str = arg("", DATA_CONFIG_HELP)
     reward: str = arg("", "Reward for the y axis (default: the run's --reward; required for dpo/sft runs).")
     oracle: str = arg("", "An optional second reward or oracle function (e.g. file.py:function).")
     reference: str = arg("", "The reference policy (default: the run's initial policy).")
@@ -41,6 +43,7 @@ class Config:
             problems.append("--run is required")
         elif not (Path(self.run) / "config.yaml").exists():
             problems.append(f"--run {self.run}: not an rlhfkit run folder (no config.yaml)")
+        problems += check_data_flag("prompts", self.prompts, required=False)
         if self.limit < 1 or self.n < 1 or self.max_new_tokens < 1:
             problems.append("--limit, --n and --max-new-tokens must be >= 1")
         if self.temperature <= 0:
@@ -160,12 +163,13 @@ def main(cfg: Config) -> int:
     run_cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     reference_name = cfg.reference or run_cfg.get("policy") or run_cfg.get("model")
     prompts_file = cfg.prompts or run_cfg.get("prompts") or ""
+    data_config = cfg.data_config if cfg.prompts else run_cfg.get("data_config") or ""
     reward_spec = cfg.reward or run_cfg.get("reward") or ""
     if not prompts_file:
         raise InputError("--prompts is required (the run has no prompts file)")
     if not reward_spec:
         raise InputError("--reward is required (the run has no reward)")
-    prompts = [p.prompt for p in load_prompts(prompts_file)][:cfg.limit]
+    prompts = [p.prompt for p in load_prompts(prompts_file, config=data_config, seed=cfg.seed)][:cfg.limit]
     reward = load_reward(reward_spec)
     oracle = load_reward(cfg.oracle) if cfg.oracle else None
     reference, tokenizer = load_policy(reference_name)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhfkit.config import arg
+from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
 
 
 def agreement(chosen: list[float], rejected: list[float]) -> dict[str, float]:
@@ -36,7 +36,9 @@ class Config:
 
     reward: str = arg("", "The scorer: a reward-model folder, file.py:function, module:function, an http URL, "
                       "or a DPO policy (with --ref).")
-    data: str = arg("", "Preference pairs (prompt/chosen/rejected, optional `subset`).")
+    data: str = arg("", "Preference pairs (prompt/chosen/rejected, optional `subset`): a file, a Hugging Face dataset "
+                    "id or a mixture (docs/data.md; a mixture is drawn with seed 0).")
+    data_config: str = arg("", DATA_CONFIG_HELP)
     ref: str = arg("", "Reference model: score with the implicit reward beta*(log pi - log pi_ref) of --reward.")
     beta: float = arg(0.1, "beta of the implicit DPO reward (only scales the margins).")
     output: str = arg("", "Folder for results.json and report.md (optional).")
@@ -46,11 +48,7 @@ class Config:
     def validate(self) -> list[str]:
         from rlhfkit.rl.rewards import check_reward_spec
 
-        problems = []
-        if not self.data:
-            problems.append("--data is required")
-        elif not Path(self.data).exists():
-            problems.append(f"--data: no such file: {self.data}")
+        problems = check_data_flag("data", self.data)
         if self.ref:
             if not self.reward:
                 problems.append("--reward (the policy) is required")
@@ -105,7 +103,7 @@ def implicit_reward_scores(policy: str, ref: str, examples, beta: float, batch_s
 def main(cfg: Config) -> int:
     from rlhfkit.data.schema import load_preferences
 
-    examples = load_preferences(cfg.data)
+    examples = load_preferences(cfg.data, config=cfg.data_config)
     if cfg.ref:
         chosen, rejected = implicit_reward_scores(cfg.reward, cfg.ref, examples, cfg.beta, cfg.batch_size,
                                                   cfg.max_length)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhfkit.config import arg
+from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
 from rlhfkit.generation.decoding import SamplingParams, generate_chat
 
 Strategy = Literal["greedy", "beam", "sample"]
@@ -23,8 +23,9 @@ Strategy = Literal["greedy", "beam", "sample"]
 class Config:
     """Decode completions (greedy, beam search, sampling) and best-of-N."""
 
-    prompts: str = arg("", "Prompts: JSONL/JSON/Parquet records with `prompt` (a string or messages) or "
-                       "`messages`; other fields are copied to the output.")
+    prompts: str = arg("", "Prompts: records with `prompt` (a string or messages) or `messages` in a file, a Hugging "
+                       "Face dataset id or a mixture (docs/data.md); other fields are copied to the output.")
+    data_config: str = arg("", DATA_CONFIG_HELP)
     output: str = arg("", "Output JSONL file: each input record plus `completions` (and `scores`, `best`).")
     model: str = arg("smollm2-135m", "Policy: a local path, LoRA adapter folder, hub id, or embedded name.")
     strategy: Strategy = arg("sample", "greedy (argmax), beam (beam search), or sample.")
@@ -54,15 +55,9 @@ class Config:
                               seed=self.seed)
 
     def validate(self) -> list[str]:
-        import os
-
         from rlhfkit.rl.rewards import check_reward_spec
 
-        problems = []
-        if not self.prompts:
-            problems.append("--prompts is required")
-        elif not os.path.exists(self.prompts):
-            problems.append(f"--prompts: no such file or directory: {self.prompts}")
+        problems = check_data_flag("prompts", self.prompts)
         if not self.output:
             problems.append("--output is required")
         if self.batch_size < 1:
@@ -111,7 +106,7 @@ def main(cfg: Config) -> int:
     problems = cfg.validate()
     if problems:
         raise InputError(problems)
-    examples = load_prompts(cfg.prompts)
+    examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
     reward = load_reward(cfg.reward) if cfg.reward else None
     model, tokenizer = load_policy(cfg.model, cfg.dtype)
     if torch.cuda.is_available():

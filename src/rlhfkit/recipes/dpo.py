@@ -375,9 +375,10 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
     acc = run.accelerator
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id
-    train_pairs = encode_pairs(tokenizer, load_preferences(cfg.data), cfg, cfg.data, run)
-    eval_pairs = encode_pairs(tokenizer, load_preferences(cfg.eval_data), cfg, cfg.eval_data, run) \
-        if cfg.eval_data else []
+    train_pairs = encode_pairs(tokenizer, load_preferences(cfg.data, config=cfg.data_config, seed=cfg.seed),
+                               cfg, cfg.data, run)
+    eval_pairs = encode_pairs(tokenizer, load_preferences(cfg.eval_data, config=cfg.data_config, seed=cfg.seed),
+                              cfg, cfg.eval_data, run) if cfg.eval_data else []
     if cfg.use_margin and cfg.loss not in MARGIN_LOSSES and any(p.margin for p in train_pairs):
         run.print(f"note: --loss {cfg.loss} ignores the records' margin field")
 

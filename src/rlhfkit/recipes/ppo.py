@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlhfkit.config import TrainConfig, arg
+from rlhfkit.config import TrainConfig, arg, check_data_flag
 from rlhfkit.errors import InputError
 from rlhfkit.generation.decoding import SamplingParams
 from rlhfkit.losses import KL_ESTIMATORS, masked_mean, masked_whiten, ppo_policy_loss, value_loss
@@ -150,10 +150,7 @@ class Config(TrainConfig):
             problems.append(f"--model {self.model} and --policy {self.policy} disagree (they are one option)")
         if self.data and self.data != self.prompts:
             problems.append(f"--data {self.data} and --prompts {self.prompts} disagree (they are one option)")
-        if not self.prompts:
-            problems.append("--prompts is required")
-        elif not os.path.exists(self.prompts):
-            problems.append(f"--prompts: no such file or directory: {self.prompts}")
+        problems += check_data_flag("prompts", self.prompts)
         if self.eval_data:
             problems.append("--eval-data is not used by ppo")
         problems += check_reward_spec(self.reward)
@@ -220,7 +217,7 @@ def load_prompt_data(cfg: Config, tokenizer, run: Run) -> list:
 
     limit = cfg.max_length - cfg.max_new_tokens
     kept, long = [], 0
-    for ex in load_prompts(cfg.prompts):
+    for ex in load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed):
         too_long = len(encode_prompt(tokenizer, ex.prompt)) > limit
         long += too_long
         if not (too_long and cfg.truncation == "drop"):

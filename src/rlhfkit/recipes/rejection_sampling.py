@@ -141,7 +141,7 @@ def main(cfg: Config) -> int:
     if problems:
         raise InputError(problems)
     run = start_run(cfg)
-    examples = load_prompts(cfg.prompts)
+    examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
     prompts = [ex.prompt for ex in examples]
     reward = load_reward(cfg.reward)
     device = run.accelerator.device

@@ -68,10 +68,10 @@ class Comparison:
     margin: float | None = None
 
 
-def load_comparisons(path: str, ranking_loss: str) -> list[Comparison]:
+def load_comparisons(spec: str, ranking_loss: str, *, config: str = "", seed: int = 0) -> list[Comparison]:
     problems: list[str] = []
     out: list[Comparison] = []
-    for rec in read_records(path):
+    for rec in read_records(spec, config=config, seed=seed):
         if ranking_loss != "pairs" and ("completions" in rec.data or "ranking" in rec.data):
             r = parse_ranking(rec, problems)
             if r:
@@ -156,8 +156,10 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
 
     acc = run.accelerator
     tokenizer = load_tokenizer(cfg.model)
-    data = apply_length_policy(tokenizer, load_comparisons(cfg.data, cfg.ranking_loss), cfg, run)
-    eval_data = load_comparisons(cfg.eval_data, "pairs") if cfg.eval_data else []
+    data = apply_length_policy(tokenizer, load_comparisons(cfg.data, cfg.ranking_loss, config=cfg.data_config,
+                                                           seed=cfg.seed), cfg, run)
+    eval_data = load_comparisons(cfg.eval_data, "pairs", config=cfg.data_config, seed=cfg.seed) \
+        if cfg.eval_data else []
 
     model = load_reward_backbone(cfg.model, tokenizer, cfg.dtype)
     if cfg.lora_r:

@@ -161,8 +161,9 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
 
     acc = run.accelerator
     tokenizer = load_tokenizer(cfg.model)
-    train_rows = encode_examples(tokenizer, load_sft(cfg.data), cfg, run)
-    eval_rows = encode_examples(tokenizer, load_sft(cfg.eval_data), cfg) if cfg.eval_data else []
+    train_rows = encode_examples(tokenizer, load_sft(cfg.data, config=cfg.data_config, seed=cfg.seed), cfg, run)
+    eval_rows = encode_examples(tokenizer, load_sft(cfg.eval_data, config=cfg.data_config, seed=cfg.seed), cfg) \
+        if cfg.eval_data else []
     rows = pack(train_rows, cfg.max_length) if cfg.packing else [[e] for e in train_rows]
     eval_rows = [[e] for e in eval_rows]
 
