@@ -11,8 +11,8 @@ import pytest
 from rlhfkit.cli import main as cli_main
 from rlhfkit.config import build_config
 from rlhfkit.evaluation.judge import Config, run
-from rlhfkit.evaluation.judging.backends import BackendError, OpenAIChatBackend, chat_completions_url
 from rlhfkit.evaluation.judging.prompts import JUDGE_SYSTEM
+from rlhfkit.models.backends import BackendError, OpenAIChatBackend, chat_completions_url
 
 # ---------------------------------------------------------------------------- the stub endpoint
 

@@ -30,7 +30,6 @@ Chatbot Arena battles for ``rlhfkit arena``.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,13 +38,13 @@ from typing import Any, Literal
 
 from rlhfkit.config import arg, save_config
 from rlhfkit.errors import InputError
-from rlhfkit.evaluation.judging.backends import BackendError, JudgeBackend, LocalBackend, OpenAIChatBackend, redact_url
 from rlhfkit.evaluation.judging.calls import JudgeHealth, available_turns, backend_name, execute, judge_health
 from rlhfkit.evaluation.judging.candidates import Factory, gather_answers
 from rlhfkit.evaluation.judging.data import Question, builtin_path, load_answers, load_questions
 from rlhfkit.evaluation.judging.modes import MODES, JudgedRun, Summary
 from rlhfkit.evaluation.judging.report import render_report
 from rlhfkit.evaluation.report import JsonlWriter, write_json, write_jsonl, write_text
+from rlhfkit.models.backends import BackendError, JudgeBackend, make_backend, redact_url
 
 Mode = Literal["single", "pairwise", "winrate", "chat-bench"]  # the keys of MODES (a test keeps them equal)
 DEFAULT_LOCAL_JUDGE = "smollm2-135m"
@@ -245,25 +244,18 @@ def run(cfg: Config, judge: JudgeBackend, candidates: Sequence[tuple[str, Factor
 
 
 def make_judge(cfg: Config) -> JudgeBackend:
-    if cfg.judge_url:
-        return OpenAIChatBackend(cfg.judge_url, cfg.judge_model,
-                                 api_key=os.environ.get(cfg.judge_api_key_env) or None,
-                                 timeout=cfg.request_timeout, concurrency=cfg.concurrency,
-                                 role="judge", key_env=cfg.judge_api_key_env)
-    return LocalBackend(cfg.judge_model or DEFAULT_LOCAL_JUDGE, dtype=cfg.dtype,
-                        batch_size=cfg.batch_size, seed=cfg.seed)
+    return make_backend(cfg.judge_model or DEFAULT_LOCAL_JUDGE, cfg.judge_url, cfg.judge_model,
+                        cfg.judge_api_key_env, role="judge", concurrency=cfg.concurrency,
+                        timeout=cfg.request_timeout, dtype=cfg.dtype, batch_size=cfg.batch_size, seed=cfg.seed)
 
 
 def candidate_factories(cfg: Config) -> list[tuple[str, Factory]]:
     out: list[tuple[str, Factory]] = []
-    for name in cfg.model:
-        out.append((name, lambda name=name: LocalBackend(name, dtype=cfg.dtype,
-                                                         batch_size=cfg.batch_size, seed=cfg.seed)))
-    key = os.environ.get(cfg.model_api_key_env) or None
-    for name in cfg.model_name:
-        out.append((name, lambda name=name: OpenAIChatBackend(
-            cfg.model_url, name, api_key=key, timeout=cfg.request_timeout,
-            concurrency=cfg.concurrency, role="candidate", key_env=cfg.model_api_key_env)))
+    endpoints = [(name, "", name) for name in cfg.model] + [("", cfg.model_url, name) for name in cfg.model_name]
+    for local, url, name in endpoints:
+        out.append((name, lambda local=local, url=url, name=name: make_backend(
+            local, url, name, cfg.model_api_key_env, role="candidate", concurrency=cfg.concurrency,
+            timeout=cfg.request_timeout, dtype=cfg.dtype, batch_size=cfg.batch_size, seed=cfg.seed)))
     return out
 
 

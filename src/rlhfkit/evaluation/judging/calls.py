@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rlhfkit.evaluation.judging.backends import BackendError, JudgeBackend
 from rlhfkit.evaluation.judging.data import Question
 from rlhfkit.evaluation.judging.parsing import Parsed, parse_pairwise, parse_pass_fail, parse_rating
 from rlhfkit.evaluation.report import JsonlWriter
+from rlhfkit.models.backends import BackendError, JudgeBackend
 
 CHUNK = 32  # judge calls per backend request batch (and per progress line)
 
