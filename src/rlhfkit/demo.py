@@ -151,19 +151,19 @@ def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset:
 
 def judge_all_pairs(prompt: str, replies: list[str], annotator) -> list[dict]:
     """Every pair of ``replies`` judged by the annotator, as preference records (chosen, rejected,
-    the Likert value and its strength as ``margin``); identical or empty replies are not compared."""
+    the Likert value and its margin, ``rlhfkit.data.likert``); identical or empty replies are not compared."""
     from itertools import combinations
 
-    from rlhfkit.data.annotators import likert_to_preference
+    from rlhfkit.data.likert import to_preference
 
     pairs = []
     for a, b in combinations(replies, 2):
         if not a or not b or a == b:
             continue
         likert = annotator.judge(prompt, a, b)
-        a_preferred, strength = likert_to_preference(likert)
+        a_preferred, margin = to_preference(likert)
         chosen, rejected = (a, b) if a_preferred else (b, a)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": strength,
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin,
                       "likert": likert, "response_a": a, "response_b": b})
     return pairs
 

@@ -10,6 +10,7 @@ from label_helpers import write_jsonl
 from sqlalchemy import select
 
 from rlhfkit.cli import main
+from rlhfkit.data.schema import load_preferences
 from rlhfkit.label import service
 from rlhfkit.label.db import Database, Item
 
@@ -140,7 +141,8 @@ def _judge(db, uid, item_id, likert, left="response_a", rating=None, flags=None)
 
 
 def test_export_aggregation_rule(tmp_path, capsys, db_url):
-    """Majority direction; margin = mean strength on the majority side; ties dropped or kept."""
+    """Majority direction; margin = mean Likert margin (rlhfkit.data.likert: 0, 1/3, 2/3, 1) on the
+    majority side; ties dropped or kept."""
     data = write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": "p1", "response_a": "a1", "response_b": "b1", "tag": "one"},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},
@@ -151,13 +153,13 @@ def test_export_aggregation_rule(tmp_path, capsys, db_url):
     assert run(capsys, "label", "import", str(data), "--db", db_url, "--overlap", "3")[0] == 0
     d = Database(db_url)
     uids = [service.add_user(d, f"u{i}")[0].id for i in range(3)]
-    # item 1: stored likerts 1, 3 (A) and 7 (B): majority A, margin mean(3, 1) = 2, agreement 2/3.
+    # item 1: stored likerts 1, 3 (A) and 7 (B): majority A, margin mean(1, 1/3) = 2/3, agreement 2/3.
     # Annotator 2 saw B on the left: shown 8 ("B much better") means response_a -> stored 1.
     _judge(d, uids[0], 1, 3, flags={"A": ["hallucination"]})
     _judge(d, uids[1], 1, 8, left="response_b", rating="good")
     _judge(d, uids[2], 1, 7, flags={"B": ["harmful"], "A": ["hallucination"]})
-    # item 2: B by two (6 -> strength 1, 8 -> 3): margin 2; shown on the left as B once.
-    _judge(d, uids[0], 2, 6)
+    # item 2: B by two (7 -> margin 2/3, 8 -> 1): margin 5/6; shown on the left as B once.
+    _judge(d, uids[0], 2, 7)
     _judge(d, uids[1], 2, 1, left="response_b")
     # item 3: split 1 vs 1 -> a tie.
     _judge(d, uids[0], 3, 4)
@@ -171,7 +173,7 @@ def test_export_aggregation_rule(tmp_path, capsys, db_url):
     assert len(rows) == 2
     r1, r2 = rows
     assert (r1["prompt"], r1["chosen"], r1["rejected"]) == ("p1", "a1", "b1")
-    assert r1["margin"] == 2.0 and r1["n_judgments"] == 3 and r1["agreement"] == pytest.approx(0.6667)
+    assert r1["margin"] == 0.6667 and r1["n_judgments"] == 3 and r1["agreement"] == pytest.approx(0.6667)
     assert r1["annotator_ids"] == sorted(uids) and r1["tie"] is False
     assert r1["likerts"] == [3, 1, 7] and r1["votes"] == {"response_a": 2, "response_b": 1}
     assert r1["flags"] == {"chosen": {"hallucination": 2}, "rejected": {"harmful": 1}}
@@ -180,7 +182,7 @@ def test_export_aggregation_rule(tmp_path, capsys, db_url):
     # response_b on the left and chose the right one; annotator 2 chose the right one.
     assert r1["left_wins"] == 1
     assert r2["prompt"][-1] == {"role": "user", "content": "p2"} and isinstance(r2["prompt"], list)
-    assert (r2["chosen"], r2["rejected"], r2["margin"], r2["agreement"]) == ("b2", "a2", 2.0, 1.0)
+    assert (r2["chosen"], r2["rejected"], r2["margin"], r2["agreement"]) == ("b2", "a2", 0.8333, 1.0)
 
     code, stdout, _ = run(capsys, "label", "export", "--db", db_url, "--output", str(out), "--keep-ties")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -191,9 +193,8 @@ def test_export_aggregation_rule(tmp_path, capsys, db_url):
 
     # The export reads back as preference data with the project's own loader; kept ties carry
     # no preferred side, so the loader skips them (2 of the 3 rows train rm/dpo).
-    schema = pytest.importorskip("rlhfkit.data.schema")
-    pairs = schema.load_preferences(str(out))
-    assert len(pairs) == 2 and pairs[0].margin == 2.0
+    pairs = load_preferences(str(out))
+    assert len(pairs) == 2 and pairs[0].margin == 0.6667
     assert all(p.source.data.get("tie") is False for p in pairs)
 
 

@@ -1,10 +1,9 @@
-"""The statistics and the export rule, checked against values worked out by hand."""
+"""The statistics, checked against values worked out by hand (the Likert rule: tests/data/test_likert.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from rlhfkit.label.export import strength
 from rlhfkit.label.stats import (
     Vote,
     agreement_summary,
@@ -47,13 +46,11 @@ def test_alpha_extremes():
     assert krippendorff_alpha_nominal([]) is None
 
 
-def test_majority_and_strength():
+def test_majority():
     assert majority(["response_a", "response_b", "response_a"]) == "response_a"
     assert majority(["response_b"]) == "response_b"
     assert majority(["response_a", "response_b"]) is None
     assert majority([]) is None
-    # The Likert strength: 0 for the close calls (4, 5) up to 3 for "much better" (1, 8).
-    assert [strength(k) for k in range(1, 9)] == [3, 2, 1, 0, 0, 1, 2, 3]
 
 
 def test_wilson_interval():

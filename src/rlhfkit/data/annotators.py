@@ -1,7 +1,7 @@
 """Simulated annotators: AI feedback standing in for people in the demo (pluggable).
 
-An annotator judges a pair the way the label app records a person: an 8-point Likert value
-(1 = "A is much better" ... 8 = "B is much better"; 4 and 5 are close calls). The default
+An annotator judges a pair the way the label app records a person: a point of the 8-point
+Likert scale (``rlhfkit.data.likert``, documented in docs/data.md). The default
 annotator prefers the warmer, more positive reply by the VADER sentiment lexicon, with
 Bradley–Terry label noise: it prefers A with probability σ((s_A − s_B) / τ), so near-equal
 replies are coin flips and clear differences are judged consistently, like human labellers.
@@ -16,17 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from rlhfkit.data import likert
+
 
 class Annotator(Protocol):
     def judge(self, prompt: str, response_a: str, response_b: str) -> int:
         """The Likert value 1..8 (1: A much better, 8: B much better)."""
-
-
-def likert_to_preference(likert: int) -> tuple[bool, float]:
-    """(A preferred, strength 0..1): 1/8 -> strength 1, 4/5 -> strength 0 (Llama 2 style margin)."""
-    a_preferred = likert <= 4
-    strength = (4 - likert) if a_preferred else (likert - 5)
-    return a_preferred, strength / 3.0
 
 
 class VaderSentiment:
@@ -72,8 +67,8 @@ class NoisyBradleyTerryAnnotator:
         p_a = 1.0 / (1.0 + math.exp(-(s_a - s_b) / self.temperature))
         a_preferred = self._rng.random() < p_a
         confidence = p_a if a_preferred else 1.0 - p_a   # how sure the annotator was of its choice
-        strength = 0 if confidence < 0.6 else 1 if confidence < 0.75 else 2 if confidence < 0.9 else 3
-        return 4 - strength if a_preferred else 5 + strength
+        steps = 0 if confidence < 0.6 else 1 if confidence < 0.75 else 2 if confidence < 0.9 else 3
+        return likert.from_preference(a_preferred, steps)
 
 
 def vader_annotator(temperature: float = 0.25, seed: int = 0) -> NoisyBradleyTerryAnnotator:

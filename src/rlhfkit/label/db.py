@@ -170,11 +170,6 @@ class Judgment(Base):
     def left_won(self) -> bool:
         return self.preferred == self.left_side
 
-    @property
-    def strength(self) -> float:
-        """0 (4 or 5: a close call) to 3 (1 or 8: much better)."""
-        return abs(self.likert - 4.5) - 0.5
-
 
 # --------------------------------------------------------------------------------------------
 # Engine and sessions

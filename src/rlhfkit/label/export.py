@@ -5,9 +5,9 @@ The aggregation rule, per item with at least one judgment:
 1. Each judgment votes for a direction: the stored response it prefers (Likert 1-4 prefer the
    response shown as A, 5-8 the one shown as B; the display order is undone first).
 2. The majority direction wins: ``chosen`` is that response, ``rejected`` the other.
-3. ``margin`` is the mean Likert strength of the judgments on the majority side, where the
-   strength of a point is ``|likert - 4.5| - 0.5``: 0 for 4 and 5 (a close call), 1 for 3 and 6,
-   2 for 2 and 7, 3 for 1 and 8 (much better). So 0 <= margin <= 3.
+3. ``margin`` is the mean margin of the judgments on the majority side, each judgment's from
+   ``rlhfkit.data.likert.to_preference``: 0 for 4 and 5 (a close call), 1/3 for 3 and 6, 2/3 for
+   2 and 7, 1 for 1 and 8 (much better). So 0 <= margin <= 1.
 4. ``agreement`` is the share of the item's judgments on the majority side.
 5. An item split evenly (as many votes each way) has no majority: it is dropped, or with
    ``--keep-ties`` written with ``"tie": true``, ``margin`` 0 and the responses in their stored
@@ -21,8 +21,6 @@ multi-turn conversation; ``chosen``/``rejected`` are strings.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,13 +28,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from rlhfkit.data.io import write_jsonl
+from rlhfkit.data.likert import to_preference
 from rlhfkit.label.db import Database, Item, Judgment
 from rlhfkit.label.stats import majority
-
-
-def strength(likert: int) -> float:
-    """0 (4 or 5) ... 3 (1 or 8)."""
-    return abs(likert - 4.5) - 0.5
 
 
 def aggregate(item: Item, judgments: list[Judgment], keep_ties: bool = False) -> dict | None:
@@ -51,7 +46,7 @@ def aggregate(item: Item, judgments: list[Judgment], keep_ties: bool = False) ->
     chosen_side = side or "response_a"
     rejected_side = "response_b" if chosen_side == "response_a" else "response_a"
     winners = [j for j in judgments if j.preferred == chosen_side]
-    margin = 0.0 if tie else sum(strength(j.likert) for j in winners) / len(winners)
+    margin = 0.0 if tie else sum(to_preference(j.likert)[1] for j in winners) / len(winners)
     flags = {"chosen": Counter(), "rejected": Counter()}
     for j in judgments:
         for f in (j.flags or {}).get(chosen_side, []):
@@ -113,12 +108,6 @@ def iter_rows(db: Database, keep_ties: bool = False, counts: dict | None = None,
 
 def write_export(db: Database, output: str | Path, keep_ties: bool = False) -> ExportResult:
     """Write the JSONL atomically (a temporary file renamed into place)."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
     counts: dict = {}
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in iter_rows(db, keep_ties, counts):
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, output)
+    write_jsonl(output, iter_rows(db, keep_ties, counts))
     return ExportResult(**counts)

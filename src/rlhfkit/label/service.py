@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
+from rlhfkit.data import likert as likert_scale
 from rlhfkit.label.db import (
     FLAGS,
     SIDES,
@@ -281,8 +282,11 @@ def parse_judgment(body: Any) -> JudgmentIn:
     likert = body.get("likert")
     if "likert" not in body:
         problems.append("likert: required (1 = A much better ... 8 = B much better)")
-    elif isinstance(likert, bool) or not isinstance(likert, int) or not 1 <= likert <= 8:
-        problems.append(f"likert: must be an integer from 1 to 8 (got {likert!r})")
+    else:
+        try:
+            likert_scale.check(likert)
+        except ValueError as e:
+            problems.append(f"likert: {e}")
     flags_in = body.get("flags")
     flags: dict[str, list[str]] = {"A": [], "B": []}
     if flags_in is not None:
@@ -326,7 +330,7 @@ def _stored_orientation(j: JudgmentIn, left_side: str) -> tuple[int, str, dict[s
     """Display orientation -> stored: (likert with 1 = response_a much better, preferred, flags)."""
     right_side = "response_b" if left_side == "response_a" else "response_a"
     likert = j.likert if left_side == "response_a" else 9 - j.likert
-    preferred = "response_a" if likert <= 4 else "response_b"
+    preferred = "response_a" if likert_scale.to_preference(likert)[0] else "response_b"
     flags = {left_side: j.flags["A"], right_side: j.flags["B"]}
     return likert, preferred, {side: flags[side] for side in SIDES}
 
