@@ -320,11 +320,9 @@ def test_judge_flag_problems_exit_2(tmp_path, capsys, argv, message):
 
 
 def test_local_tiny_model_as_judge_and_candidate(tmp_path, capsys):
-    tiny = pytest.importorskip("rlhfkit.models.tiny")
-    if not hasattr(tiny, "make_tiny_causal_lm"):
-        pytest.skip("rlhfkit.models.tiny.make_tiny_causal_lm not available")
-    pytest.importorskip("rlhfkit.generation.decoding")
-    path = tiny.make_tiny_causal_lm(tmp_path / "tiny")
+    from rlhfkit.models.tiny import make_tiny_causal_lm
+
+    path = make_tiny_causal_lm(tmp_path / "tiny")
     out = tmp_path / "out"
     code = cli_main(["judge", "--judge-model", str(path), "--model", str(path), "--limit", "1",
                      "--max-new-tokens", "4", "--judge-max-tokens", "6", "--output", str(out)])

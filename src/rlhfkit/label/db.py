@@ -183,10 +183,6 @@ def database_url(db: str) -> str:
     return "sqlite:///" + os.path.abspath(os.path.expanduser(db))
 
 
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def make_engine(db: str, create: bool = True) -> Engine:
     """Open (and by default create the tables of) the label database named by ``db``."""
     url = make_url(database_url(db))

@@ -244,8 +244,3 @@ def import_pairs(db: Database, pairs: list[Pair], overlap: int = 3,
         added = [r.id for r in rows]
     return ImportResult(added=len(added), already_present=skipped, item_ids=added,
                         identical=identical)
-
-
-def import_file(db: Database, path: str | Path, overlap: int = 3,
-                extra_on_disagreement: int = 0) -> ImportResult:
-    return import_pairs(db, read_pairs(path), overlap, extra_on_disagreement)

@@ -34,9 +34,4 @@ def repeated_ngram_rate(texts: list[str], n: int = 3) -> float:
     return sum(rates) / len(rates) if rates else 0.0
 
 
-def masked_total(x: Tensor, mask: Tensor) -> Tensor:
-    """Σ over the real tokens of each row ``[N]``."""
-    return masked_sum(x, mask, dim=1)
-
-
-__all__ = ["sequence_kl", "kl_by_estimator", "repeated_ngram_rate", "masked_total"]
+__all__ = ["sequence_kl", "kl_by_estimator", "repeated_ngram_rate"]
