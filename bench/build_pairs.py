@@ -10,7 +10,6 @@ every prompt+answer fits in 128 tokens, so neither trainer truncates anything.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ def build(out: Path, num_prompts: int = 200, seed: int = 0, max_length: int = 12
 
     from rlhfkit.data.chat import encode
     from rlhfkit.data.corpora import chatterbot_prompts
+    from rlhfkit.data.io import write_jsonl
     from rlhfkit.generation.decoding import SamplingParams, generate_chat
     from rlhfkit.models.loading import load_policy
 
@@ -55,7 +55,7 @@ def build(out: Path, num_prompts: int = 200, seed: int = 0, max_length: int = 12
                 continue
             chosen, rejected = (a, b) if sa > sb else (b, a)
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_jsonl(out, rows)
         print(f"{start + len(chunk)} prompts sampled, {len(rows)} pairs kept ({time.time() - t0:.0f} s)",
               flush=True)
         if len(rows) >= target:

@@ -52,6 +52,7 @@ def win_rate(candidate, baseline) -> float:
 
 def samples() -> None:
     from rlhfkit.data.corpora import chatterbot_prompts, split_prompts
+    from rlhfkit.data.io import write_jsonl
     from rlhfkit.generation.decoding import SamplingParams, generate_chat
     from rlhfkit.models.loading import load_policy
 
@@ -67,13 +68,13 @@ def samples() -> None:
     out = {"train": train, "held": held, "base": [o[0] for o in generate(held, 1, 1, 32)],
            "held8": generate(held, 8, 5, 8), "pref_prompts": train[:384], "pref4": generate(train[:384], 4, 0, 16)}
     (WORK / "samples.json").write_text(json.dumps(out))
-    with open(WORK / "prompts_train.jsonl", "w") as f:
-        f.writelines(json.dumps({"prompt": p}) + "\n" for p in train)
+    write_jsonl(WORK / "prompts_train.jsonl", [{"prompt": p} for p in train])
     print(f"samples written to {WORK} in {time.time() - started:.0f} s")
 
 
 def reward_model(name: str, prompts: int, which: str, epochs: int, start: int = 0) -> None:
     from rlhfkit.data.annotators import VaderSentiment, vader_annotator
+    from rlhfkit.data.io import write_jsonl
     from rlhfkit.demo import judge_all_pairs
     from rlhfkit.models.reward import load_reward_model
     from rlhfkit.recipes import rm as rm_recipe
@@ -85,7 +86,7 @@ def reward_model(name: str, prompts: int, which: str, epochs: int, start: int = 
         pairs += judge_all_pairs(prompt, replies[:2] if which == "one" else replies, annotator)
     random.Random(0).shuffle(pairs)
     path = WORK / f"pairs_{name}.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    write_jsonl(path, pairs)
     started = time.time()
     rm_recipe.main(rm_recipe.Config(model="minilm-l6", data=str(path), output=str(WORK / f"rm_{name}"), epochs=epochs,
                                     batch_size=8, lr=1e-4, max_length=192, seed=0, warmup_ratio=0.1, progress=False))

@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--losses", default="", help="comma-separated subset (default: all)")
     args = parser.parse_args()
 
+    from rlhfkit.data.io import write_jsonl
     from rlhfkit.losses import DPO_LOSSES
 
     losses = args.losses.split(",") if args.losses else list(DPO_LOSSES)
@@ -48,7 +49,7 @@ def main() -> int:
     failed = []
     with tempfile.TemporaryDirectory(prefix="dpo-each-loss-") as tmp:
         data = Path(tmp) / "pairs.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(data, rows)
         for name in losses:
             extra = ["--beta", "2.0", "--simpo-gamma", "0.5"] if name == "simpo" else ["--beta", "0.1"]
             if name == "robust":

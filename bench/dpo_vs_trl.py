@@ -140,11 +140,12 @@ def run_trl(model_path: str, pairs: list[dict], steps: int, workdir: str) -> dic
 
 
 def run_rlhfkit(model_path: str, pairs: list[dict], steps: int, workdir: str) -> dict:
+    from rlhfkit.data.io import write_jsonl
     from rlhfkit.recipes import dpo
     from rlhfkit.training import read_metrics
 
     data = Path(workdir) / "pairs.jsonl"
-    data.write_text("".join(json.dumps(conversational(p)) + "\n" for p in pairs))
+    write_jsonl(data, [conversational(p) for p in pairs])
     timed = {}
     original = dpo.precompute_reference
 

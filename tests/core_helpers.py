@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlhfkit.data.io import write_jsonl  # noqa: F401  (re-exported: the project's one JSONL writer)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Four examples a tiny model memorises in a few dozen steps; one in the messages form.
@@ -29,13 +31,6 @@ PAIRS_EVAL = [{"prompt": f"another question {i}", "chosen": f"good reply {i}", "
 # Rankings of K = 3 completions (best first), the completions listed in a shuffled order.
 RANKINGS = [{"prompt": f"rank {i}", "completions": [f"ok {i}", f"bad {i}", f"good {i}"], "ranking": [2, 0, 1]}
             for i in range(6)]
-
-
-def write_jsonl(path, rows) -> str:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def write_text(path, text: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from statistics import fmean
 
 from rlhfkit.config import arg
+from rlhfkit.data.io import write_jsonl
 from rlhfkit.errors import InputError
 
 
@@ -166,13 +167,6 @@ def judge_all_pairs(prompt: str, replies: list[str], annotator) -> list[dict]:
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin,
                       "likert": likert, "response_a": a, "response_b": b})
     return pairs
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    from rlhfkit.data.io import write_jsonl as _write
-
-    _write(str(path), rows)
-    return str(path)
 
 
 def sample_policy(model, tokenizer, prompts: list[str], preset: Preset, seed: int, n: int = 1, progress=None):

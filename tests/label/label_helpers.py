@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from rlhfkit.data.io import write_jsonl  # noqa: F401  (re-exported)
 from rlhfkit.label import service
 from rlhfkit.label.db import Database
 from rlhfkit.label.importer import Pair, import_pairs  # noqa: F401  (re-exported)
@@ -27,8 +25,3 @@ def add_users(db: Database, n: int, role: str = "annotator", prefix: str = "ann"
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path

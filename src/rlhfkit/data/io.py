@@ -1,4 +1,5 @@
-"""Reading records from where users keep data, keeping where each record came from.
+"""Reading records from where users keep data, keeping where each record came from; writing JSONL
+atomically (:func:`write_jsonl`, the project's one JSONL writer).
 
 A data value (``--data``, ``--eval-data``, ``--prompts``) names one source or a mixture of several
 (the grammar and the mixing rule are in docs/data.md):
@@ -14,13 +15,17 @@ so every problem names it the same way, whatever the source.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 import re
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 from rlhfkit.errors import InputError, record_problem
 
@@ -281,11 +286,55 @@ def _read_datasets_dir(path: str, split: str | None) -> list[Record]:
     return [Record(dict(r), label, i) for i, r in enumerate(ds, start=1)]
 
 
-def write_jsonl(path: str, rows) -> None:
-    """Write rows atomically (temporary name, then rename)."""
-    tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` as strict-JSON values: NaN/inf -> None, numpy scalars/arrays -> Python, Path -> str,
+    dataclasses -> dicts."""
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    # numpy scalars and arrays without importing numpy here
+    if hasattr(obj, "tolist"):
+        return to_jsonable(obj.tolist())
+    if hasattr(obj, "item"):
+        return to_jsonable(obj.item())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    return str(obj)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
+    """A text file that appears at ``path`` only once it is complete.
+
+    It is written under a temporary name in the same folder (so the rename stays on one file
+    system) and moved over ``path`` with ``os.replace``: a reader sees the old file or the new
+    one, never half of one; on an error the temporary file is removed and ``path`` is untouched.
+    """
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # A name of its own (two writers of one path do not share it), created with the usual mode.
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> str:
+    """Write one strict-JSON object per line (:func:`to_jsonable`), atomically (:func:`atomic_open`);
+    ``rows`` may be a generator, written as it goes. Returns the path as a string."""
+    with atomic_open(path) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+            f.write(json.dumps(to_jsonable(row), ensure_ascii=False, allow_nan=False) + "\n")
+    return os.fspath(path)

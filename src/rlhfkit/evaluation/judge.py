@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit.config import arg, save_config
+from rlhfkit.data.io import write_jsonl
 from rlhfkit.errors import InputError
 from rlhfkit.evaluation.judging.calls import JudgeHealth, available_turns, backend_name, execute, judge_health
 from rlhfkit.evaluation.judging.candidates import Factory, gather_answers
 from rlhfkit.evaluation.judging.data import Question, builtin_path, load_answers, load_questions
 from rlhfkit.evaluation.judging.modes import MODES, JudgedRun, Summary
 from rlhfkit.evaluation.judging.report import render_report
-from rlhfkit.evaluation.report import JsonlWriter, write_json, write_jsonl, write_text
+from rlhfkit.evaluation.report import JsonlWriter, write_json, write_text
 from rlhfkit.models.backends import BackendError, JudgeBackend, make_backend, redact_url
 
 Mode = Literal["single", "pairwise", "winrate", "chat-bench"]  # the keys of MODES (a test keeps them equal)

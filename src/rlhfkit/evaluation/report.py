@@ -4,8 +4,9 @@ Every evaluation command writes a machine-readable JSON file and a human-readabl
 report, plus a PNG where a picture says more than a table. These helpers keep the outputs
 uniform across commands:
 
-* :func:`write_json` / :func:`write_jsonl` / :class:`JsonlWriter`: atomic writes; ``NaN`` and
-  infinities become ``null`` (strict JSON), numpy scalars become plain numbers.
+* :func:`write_json` / :func:`write_text`: atomic writes (and ``rlhfkit.data.io.write_jsonl``);
+  :class:`JsonlWriter` appends as it goes. ``NaN`` and infinities become ``null`` (strict
+  JSON), numpy scalars become plain numbers (``rlhfkit.data.io.to_jsonable``).
 * :func:`read_json_records`: a JSON list or a JSONL file as (record number, value) pairs, for
   validation messages that name ``file:record``.
 * :func:`md_escape`, :func:`md_table`, :func:`md_code_block`: markdown that cannot be broken
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.data.io import atomic_open, to_jsonable
 from rlhfkit.errors import InputError, record_problem
 
 # --------------------------------------------------------------------------------------------
@@ -31,51 +33,16 @@ from rlhfkit.errors import InputError, record_problem
 # --------------------------------------------------------------------------------------------
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Recursively convert ``obj`` to strict-JSON values (NaN/inf -> None, numpy -> Python)."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    # numpy scalars and arrays without importing numpy here
-    if hasattr(obj, "tolist"):
-        return to_jsonable(obj.tolist())
-    if hasattr(obj, "item"):
-        return to_jsonable(obj.item())
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return to_jsonable(dataclasses.asdict(obj))
-    return str(obj)
-
-
 def _atomic_write(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    with atomic_open(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Write ``obj`` as strict JSON (atomically)."""
     return _atomic_write(path, json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False,
                                           allow_nan=False) + "\n")
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
-    """Write one strict-JSON object per line (atomically)."""
-    lines = [json.dumps(to_jsonable(r), ensure_ascii=False, allow_nan=False) for r in records]
-    return _atomic_write(path, "".join(line + "\n" for line in lines))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -6,10 +6,10 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from rlhfkit.data.io import write_jsonl
 from rlhfkit.errors import InputError
 from rlhfkit.evaluation.judging.data import Answers, Question, answer_records
 from rlhfkit.evaluation.judging.prompts import answer_messages
-from rlhfkit.evaluation.report import write_jsonl
 from rlhfkit.models.backends import BackendError, JudgeBackend
 
 Factory = Callable[[], JudgeBackend]       # builds a candidate's backend when its turn comes
