@@ -239,3 +239,117 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error(run_cli, monkeypatch, 
     assert "checkpoint-1: cannot write the checkpoint" in result.err and "--resume" in result.err
     assert "Traceback" not in result.err
     assert not list(out.glob(".tmp-*")) and not list(out.glob("checkpoint-*"))
+
+
+# ------------------------------------------------------------------ the step loop (training.fit) on a toy model
+
+# y = 3x - 1 on ten points; the model is a zero-initialised linear map of (x, 1)
+TOY_X = [[i / 10, 1.0] for i in range(10)]
+TOY_Y = [3 * x - 1 for x, _ in TOY_X]
+
+
+def _toy_fit(output: Path, stop_before_step: int = 0, **overrides):
+    """fit() on the toy regression: 7 steps of 2 x 2 examples, rows every 3 steps, checkpoints every 2.
+    ``stop_before_step`` (1-based) kills the run as that step starts. Returns (rows, evaluations, model)."""
+    import torch
+
+    from rlhfkit.config import TrainConfig
+    from rlhfkit.training import fit, setup_training, start_run
+
+    settings = dict(data="toy", output=str(output), max_steps=7, batch_size=2, grad_accum=2, lr=0.1,
+                    lr_schedule="constant", logging_steps=3, save_steps=2, save_total_limit=0, seed=0, progress=False)
+    cfg = TrainConfig(**{**settings, **overrides})
+    x, y = torch.tensor(TOY_X), torch.tensor(TOY_Y)
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    calls, evaluations = [], []
+    with start_run(cfg) as run:
+        training = setup_training(run, cfg, model, len(TOY_X))
+
+        def loss_fn(indices):
+            calls.append(indices)
+            if stop_before_step and len(calls) > (stop_before_step - 1 - training.start) * cfg.grad_accum:
+                raise KeyboardInterrupt
+            err = training.model(x[indices]).squeeze(-1) - y[indices]
+            return (err ** 2).sum(), {"tokens": len(indices), "abs_err": err.detach().abs().sum()}
+
+        def evaluate():
+            evaluations.append(len(calls))
+            with torch.no_grad():
+                return {"eval/mse": float(((training.model(x).squeeze(-1) - y) ** 2).mean())}
+
+        rows = fit(run, cfg, training, loss_fn, desc="toy", per_example=("abs_err",), evaluate=evaluate)
+    return rows, evaluations, training.model
+
+
+def test_fit_logs_evaluates_and_checkpoints_on_schedule(tmp_path):
+    """Rows every --logging-steps (3) and at the last step (7); one evaluation, at the end, in the
+    last row; checkpoints every --save-steps (2) and at the end; the rows returned are the file's."""
+    rows, evaluations, _ = _toy_fit(tmp_path / "o")
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    assert evaluations == [7 * 2]  # once, after the 14 micro-batches of the 7 steps
+    assert [sorted(k for k in r if k.startswith("eval/")) for r in rows] == [[], [], ["eval/mse"]]
+    assert [p.name for p in list_checkpoints(tmp_path / "o")] == [f"checkpoint-{n}" for n in (2, 4, 6, 7)]
+    assert read_metrics(tmp_path / "o") == rows
+    assert rows[0]["epoch"] == pytest.approx(3 * 4 / 10)
+
+
+def test_fit_row_of_the_first_step_hand_worked(tmp_path):
+    """At w = 0 every prediction is 0: loss = mean y² over the step's 4 examples, abs_err = mean |y|,
+    and the gradient of Σ(w·x − y)² / 4 is −(2/4) Σ y·x (its norm is logged before clipping)."""
+    from rlhfkit.training import StepPlan
+
+    rows, _, _ = _toy_fit(tmp_path / "o", max_steps=1, logging_steps=1)
+    batch = StepPlan(10, 2, 2, 1, 0, 1).global_indices(0)
+    ys, xs = [TOY_Y[i] for i in batch], [TOY_X[i] for i in batch]
+    grad = [-0.5 * sum(y * x[j] for x, y in zip(xs, ys)) for j in range(2)]
+    (row,) = rows
+    assert row["step"] == 1 and row["epoch"] == pytest.approx(0.4)
+    assert row["loss"] == pytest.approx(sum(y * y for y in ys) / 4, rel=1e-6)
+    assert row["abs_err"] == pytest.approx(sum(abs(y) for y in ys) / 4, rel=1e-6)
+    assert row["grad_norm"] == pytest.approx((grad[0] ** 2 + grad[1] ** 2) ** 0.5, rel=1e-6)
+    assert row["learning_rate"] == 0.1
+
+
+def test_fit_resumed_run_logs_the_rows_of_the_uninterrupted_run(tmp_path):
+    import torch
+
+    whole, _, whole_model = _toy_fit(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        _toy_fit(tmp_path / "broken", stop_before_step=6)  # steps 1-5 done: rows of step 3, checkpoints 2 and 4
+    assert [r["step"] for r in read_metrics(tmp_path / "broken")] == [3]
+    resumed, evaluations, resumed_model = _toy_fit(tmp_path / "broken", resume=True)
+    assert [r["step"] for r in resumed] == [6, 7] and evaluations == [3 * 2]  # steps 5-7 run again
+    timing = {"tokens_per_second", "elapsed_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in whole[1:]]
+    assert torch.equal(whole_model.weight, resumed_model.weight)
+    kept, *relogged = read_metrics(tmp_path / "broken")
+    assert kept["step"] == 3 and relogged == resumed  # the rows after checkpoint-4 dropped, then logged once
+
+
+# ------------------------------------------------------------------ what the recipes' train() returns
+
+
+@pytest.mark.parametrize("recipe", ["sft", "rm", "dpo"])
+def test_train_returns_the_final_metrics_and_the_paths(recipe, tiny_lm, sft_toy, pairs_train, pairs_eval, tmp_path):
+    import importlib
+
+    from rlhfkit.training import start_run
+
+    module = importlib.import_module(f"rlhfkit.recipes.{recipe}")
+    data, eval_data = (sft_toy, sft_toy) if recipe == "sft" else (pairs_train, pairs_eval)
+    out = tmp_path / "o"
+    cfg = module.Config(model=tiny_lm, data=data, eval_data=eval_data, output=str(out), max_steps=3, save_steps=2,
+                        batch_size=4, progress=False)
+    with start_run(cfg) as run:
+        result = module.train(cfg, run)
+    assert result.output == out and result.final_model == out and (out / "config.json").exists()
+    assert result.checkpoints == [out / "checkpoint-2", out / "checkpoint-3"]  # --save-total-limit 2
+    assert [r["step"] for r in result.history] == [1, 2, 3]
+    assert result.history == read_metrics(out) and result.metrics == result.history[-1]
+    assert "eval/loss" in result.metrics or "eval/accuracy" in result.metrics
+    if recipe == "rm":
+        from rlhfkit.models.reward import OFFSET_KEY
+
+        assert result.reward_offset == json.loads((out / "config.json").read_text())[OFFSET_KEY]

@@ -1,5 +1,5 @@
-"""The shared core of every training recipe: run setup, data order, the optimizer step,
-metrics, checkpoints and exact resume. Recipes call these; none copies them.
+"""The shared core of every training recipe: run setup, data order, the optimizer step, the
+step loop (:func:`fit`), metrics, checkpoints and exact resume. Recipes call these; none copies them.
 
 Scale-out is ``accelerate``'s: the same code runs in one process or under ``accelerate launch``
 / ``torchrun`` (DDP, FSDP, DeepSpeed). The data order is a pure function of (seed, step), so a
@@ -68,9 +68,16 @@ class Run:
         if self.is_main:
             print(*args, flush=True)
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.metrics.close()
+
 
 def start_run(cfg) -> Run:
-    """Accelerator, seeds, output folder, resolved config saved as config.yaml."""
+    """Accelerator, seeds, output folder, resolved config saved as config.yaml. Use it as
+    ``with start_run(cfg) as run:`` to close the metrics sinks at the end."""
     accelerator = make_accelerator()
     seed_everything(cfg.seed, accelerator.process_index)
     output = Path(cfg.output)
@@ -105,10 +112,13 @@ class StepPlan:
     total_steps: int
 
     @classmethod
-    def from_config(cls, cfg, num_examples: int, world_size: int) -> StepPlan:
-        g = cfg.batch_size * cfg.grad_accum * world_size
+    def from_config(cls, cfg, num_examples: int, world_size: int, grad_accum: int | None = None) -> StepPlan:
+        """--batch-size, --grad-accum (unless ``grad_accum`` is given), --seed; --max-steps, else
+        enough steps for --epochs passes."""
+        grad_accum = cfg.grad_accum if grad_accum is None else grad_accum
+        g = cfg.batch_size * grad_accum * world_size
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * num_examples / g))
-        return cls(num_examples, cfg.batch_size, cfg.grad_accum, world_size, cfg.seed, total)
+        return cls(num_examples, cfg.batch_size, grad_accum, world_size, cfg.seed, total)
 
     @property
     def global_batch(self) -> int:
@@ -252,10 +262,11 @@ class MetricsLogger:
         kept = [r for r in rows if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    def log(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
+    def log(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Write ``row`` (on the main process); returns it as written (tensors and numpy numbers as floats)."""
         clean = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in row.items()}
+        if not self.enabled:
+            return clean
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
         step = clean.get("step", 0)
@@ -265,6 +276,7 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
+        return clean
 
     def close(self) -> None:
         if self._tb is not None:
@@ -377,3 +389,115 @@ def save_final_model(run: Run, model, tokenizer, merge_lora: bool = False, subdi
             tokenizer.save_pretrained(target)
     run.accelerator.wait_for_everyone()
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# The loop: setup, the step loop, the result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Training:
+    """What :func:`setup_training` prepared: model, optimizer and schedule (wrapped by accelerate),
+    the data order, and the first step to run (the resumed checkpoint's, else 0)."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    plan: StepPlan
+    start: int = 0
+
+
+def setup_training(run: Run, cfg, model, num_examples: int, *, grad_accum: int | None = None,
+                   updates_per_step: int = 1, lr_by_prefix: dict[str, float] | None = None,
+                   checkpointed: tuple = ()) -> Training:
+    """The setup every recipe shares: the StepPlan over ``num_examples``, AdamW (``lr_by_prefix``:
+    see :func:`make_optimizer`), the schedule over ``total_steps × updates_per_step`` optimizer
+    steps (PPO makes several per iteration), ``accelerator.prepare``, and --resume.
+    ``checkpointed``: objects saved and restored with every checkpoint (e.g. PPO's KL controller)."""
+    acc = run.accelerator
+    plan = StepPlan.from_config(cfg, num_examples, acc.num_processes, grad_accum)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, lr_by_prefix)
+    scheduler = make_scheduler(optimizer, cfg.lr_schedule, plan.total_steps * updates_per_step, cfg.warmup_ratio)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    for obj in checkpointed:
+        acc.register_for_checkpointing(obj)
+    start = resume_if_requested(run, cfg)["step"]
+    return Training(model, optimizer, scheduler, plan, start)
+
+
+@dataclass
+class TrainResult:
+    """What a recipe's ``train(cfg, run)`` returns: its final metrics and where it wrote what.
+    Recipes that write more (policy snapshots, rounds) extend it."""
+
+    output: Path             # --output: config.yaml, metrics.jsonl
+    final_model: Path        # loadable by transformers (with LoRA, unmerged: an adapter folder)
+    metrics: dict[str, Any]  # the last row logged (the final evaluation included); {} if no step ran
+    # every row this call logged, as in metrics.jsonl (after --resume: from the resumed step on)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)  # checkpoint-N/ folders kept in output
+
+    @classmethod
+    def of(cls, run: Run, rows: list[dict[str, Any]], final_model: Path, **extra):
+        """The record of a finished run from the rows it logged (``extra``: a subclass's fields)."""
+        return cls(output=run.output, final_model=final_model, metrics=rows[-1] if rows else {}, history=rows,
+                   checkpoints=list_checkpoints(run.output), **extra)
+
+
+def run_steps(run: Run, cfg, training: Training, step_fn: Callable[[int], dict[str, Any]], *, desc: str,
+              postfix: dict[str, str], evaluate: Callable[[], dict[str, float]] | None = None,
+              save: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    """The schedule every recipe's loop shares, around ``step_fn(step) -> metrics row`` (0-based).
+
+    From ``training.start`` to the plan's last step: a row is logged every --logging-steps steps
+    and at the last step, which also holds the final evaluation (``evaluate()``, when given);
+    ``save(n)`` (default: checkpoint-n/) runs every --save-steps steps and once after the last
+    step; the progress bar shows the row keys ``postfix`` names. Returns the rows logged.
+    """
+    total = training.plan.total_steps
+    save = save or (lambda done: save_checkpoint(run, done, {}, cfg.save_total_limit))
+    bar = progress(run, total, training.start, desc, cfg.progress)
+    logged: list[dict[str, Any]] = []
+    for step in range(training.start, total):
+        row, done = step_fn(step), step + 1
+        if done == total and evaluate is not None:
+            row.update(evaluate())
+        if done % cfg.logging_steps == 0 or done == total:
+            logged.append(run.metrics.log(row))
+        if cfg.save_steps and done % cfg.save_steps == 0 and done < total:
+            save(done)
+        bar.set_postfix({label: f"{row[key]:.3f}" if abs(row[key]) < 100 else f"{row[key]:.0f}"
+                         for label, key in postfix.items()})
+        bar.update(1)
+    bar.close()
+    save(total)
+    return logged
+
+
+def fit(run: Run, cfg, training: Training, loss_fn: Callable, *, desc: str,
+        normalizer: Callable[[list[int]], float] | None = None, per_example: tuple[str, ...] = (),
+        postfix: dict[str, str] | None = None, evaluate: Callable[[], dict[str, float]] | None = None
+        ) -> list[dict[str, Any]]:
+    """The step loop of step-based recipes (sft, rm, dpo): each step is one :func:`optimizer_step`
+    over this rank's micro-batches of the StepPlan, scheduled by :func:`run_steps`.
+
+    ``loss_fn(indices) -> (loss_sum, stats)`` sums over the examples ``indices`` (one micro-batch);
+    ``normalizer(global_indices)`` is the count that sum is divided by (default: the examples of
+    the global batch; SFT: its trained tokens). A row is :func:`step_row` plus the summed ``stats``
+    named in ``per_example``, as means over the global batch. Returns the rows logged.
+    """
+    acc, plan = run.accelerator, training.plan
+
+    def step_fn(step: int) -> dict[str, Any]:
+        t0 = time.time()
+        batch = plan.global_indices(step)
+        stats = optimizer_step(run, training.model, training.optimizer, training.scheduler,
+                               plan.local_microbatches(step, acc.process_index), loss_fn,
+                               normalizer=normalizer(batch) if normalizer else len(batch),
+                               max_grad_norm=cfg.max_grad_norm)
+        row = step_row(run, plan, step, stats, training.scheduler, time.time() - t0)
+        return {**row, **{k: stats[k] / plan.global_batch for k in per_example}}
+
+    return run_steps(run, cfg, training, step_fn, desc=desc, evaluate=evaluate,
+                     postfix={"loss": "loss", **(postfix or {})})

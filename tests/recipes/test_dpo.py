@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core_helpers import read_metrics
 from rlhfkit.cli import main as cli
 from rlhfkit.data.schema import PreferenceExample
 from rlhfkit.losses import DPO_LOSSES
@@ -19,7 +20,6 @@ from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.packed import Group, packed_forward, padded_forward, supports_packing
 from rlhfkit.models.tiny import make_tiny_causal_lm
 from rlhfkit.recipes import dpo
-from rlhfkit.training import read_metrics
 
 PAIRS = [
     {"prompt": "Say something nice.", "chosen": "You are wonderful.", "rejected": "Go away."},

@@ -122,6 +122,22 @@ def test_every_algorithm_runs(run_cli, tiny_lm, reward_fn, prompts, tmp_path, al
         assert (out / "policy-3" / "adapter_config.json").exists()
 
 
+def test_train_returns_the_rows_checkpoints_and_policy_snapshots(tiny_lm, reward_fn, prompts, tmp_path):
+    from rlhfkit.recipes import ppo
+    from rlhfkit.training import start_run
+
+    out = tmp_path / "run"
+    cfg = ppo.Config(model=tiny_lm, reward=reward_fn, prompts=prompts, output=str(out), max_steps=3, batch_size=4,
+                     max_new_tokens=8, save_steps=2, save_total_limit=1, logging_steps=2, progress=False)
+    with start_run(cfg) as run:
+        result = ppo.train(cfg, run)
+    assert result.output == out and result.final_model == out and (out / "config.json").exists()
+    assert [r["step"] for r in result.history] == [2, 3] and result.metrics == result.history[-1]
+    assert result.history == read_metrics(out)
+    assert result.checkpoints == [out / "checkpoint-3"]  # --save-total-limit 1
+    assert result.snapshots == [(2, out / "policy-2"), (3, out / "policy-3")]  # snapshots are all kept
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora-r", 4, "--algo", "rloo", "--samples-per-prompt", 2]])
 def test_resume_reproduces_the_uninterrupted_run(run_cli, tiny_lm, reward_fn, prompts, tmp_path, extra):
     """4 iterations in one go == 2 iterations, then --resume for the other 2: same parameters,

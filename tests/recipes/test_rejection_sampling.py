@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from core_helpers import read_metrics
 from rlhfkit.cli import main as cli
 from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.models.tiny import make_tiny_causal_lm
 from rlhfkit.recipes.rejection_sampling import Samples, keep_best
-from rlhfkit.training import read_metrics
 
 REWARD = '''
 def lowercase(prompts, completions):
@@ -45,3 +45,23 @@ def test_a_round_raises_the_mean_reward(tmp_path):
     assert len((folder / "sft.jsonl").read_text().splitlines()) == 8
     assert not list(folder.glob("checkpoint-*"))
     assert load_causal_lm(str(folder)).config.model_type == "llama"
+
+
+def test_train_returns_the_rounds_and_the_final_policy(tmp_path):
+    from rlhfkit.recipes import rejection_sampling
+    from rlhfkit.training import start_run
+
+    tiny = make_tiny_causal_lm(tmp_path / "tiny", seed=0)
+    (tmp_path / "reward.py").write_text(REWARD)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    cfg = rejection_sampling.Config(policy=tiny, reward=f"{tmp_path / 'reward.py'}:lowercase",
+                                    prompts=str(tmp_path / "prompts.jsonl"), rounds=2, output=str(out),
+                                    max_new_tokens=4, batch_size=4, progress=False)
+    with start_run(cfg) as run:
+        result = rejection_sampling.train(cfg, run)
+    assert result.rounds == [out / "round-1", out / "round-2"] and result.final_model == out / "round-2"
+    assert result.final_samples == out / "final_samples.jsonl" and result.final_samples.exists()
+    assert [r["round"] for r in result.history] == [0, 1, 2] and result.history == read_metrics(out)
+    assert result.metrics["sft/loss"] == read_metrics(out / "round-2")[-1]["loss"]
+    assert result.checkpoints == []

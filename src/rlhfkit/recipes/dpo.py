@@ -9,7 +9,7 @@
     3. for each optimizer step: the step's pairs -> one padding-free forward for all chosen and
        rejected completions (prompt encoded once per pair, logits only on completion tokens;
        see rlhfkit.models.packed) -> losses.dpo_loss -> AdamW step; log rewards/* and logps/*;
-       checkpoint
+       checkpoint (training.fit)
     4. evaluate on --eval-data; save the final model
 
 The `margin` field of a pair (how much better chosen is) enters the losses that act on the
@@ -38,19 +38,7 @@ from rlhfkit.errors import InputError
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models.packed import Group, completion_logps, supports_packing
 from rlhfkit.recipes.sft import build_model
-from rlhfkit.training import (
-    Run,
-    StepPlan,
-    make_optimizer,
-    make_scheduler,
-    optimizer_step,
-    progress,
-    resume_if_requested,
-    save_checkpoint,
-    save_final_model,
-    start_run,
-    step_row,
-)
+from rlhfkit.training import Run, TrainResult, fit, progress, save_final_model, setup_training, start_run
 
 LossName = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "apo_zero", "bco_pair"]
 MARGIN_LOSSES = {"sigmoid", "robust", "hinge"}        # act on βΔ: the margin is an offset there
@@ -369,7 +357,7 @@ def evaluate(model, pairs: list[EncodedPair], reference: Reference, cfg, packed:
     return {f"eval/{k}": v / len(pairs) for k, v in totals.items()}
 
 
-def train(cfg: Config, run: Run) -> dict[str, float]:
+def train(cfg: Config, run: Run) -> TrainResult:
     from rlhfkit.models.loading import load_tokenizer
 
     acc = run.accelerator
@@ -390,38 +378,18 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
     splits = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
     reference = build_reference(run, cfg, model, splits, packed, pad_id)
 
-    plan = StepPlan.from_config(cfg, len(train_pairs), acc.num_processes)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.lr_schedule, plan.total_steps, cfg.warmup_ratio)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    start = resume_if_requested(run, cfg)["step"]
+    training = setup_training(run, cfg, model, len(train_pairs))
+    model = training.model
 
-    def loss_fn(indices):
+    def loss_fn(indices: list[int]):
         return batch_loss(model, train_pairs, indices, reference, cfg, packed, pad_id)
 
-    bar = progress(run, plan.total_steps, start, f"dpo ({cfg.loss})", cfg.progress)
-    final_metrics: dict[str, float] = {}
-    for step in range(start, plan.total_steps):
-        t0 = time.time()
-        micro = plan.local_microbatches(step, acc.process_index)
-        stats = optimizer_step(run, model, optimizer, scheduler, micro, loss_fn,
-                               normalizer=plan.global_batch, max_grad_norm=cfg.max_grad_norm)
-        elapsed = time.time() - t0
-        row = {**step_row(run, plan, step, stats, scheduler, elapsed),
-               **{k: stats[k] / plan.global_batch for k in METRIC_KEYS}}
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
-            if eval_pairs and step + 1 == plan.total_steps:
-                row.update(evaluate(model, eval_pairs, reference, cfg, packed, pad_id))
-            run.metrics.log(row)
-            final_metrics = row
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < plan.total_steps:
-            save_checkpoint(run, step + 1, {}, cfg.save_total_limit)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}")
-        bar.update(1)
-    bar.close()
-    save_checkpoint(run, plan.total_steps, {}, cfg.save_total_limit)
-    save_final_model(run, model, tokenizer, cfg.merge_lora)
-    return final_metrics
+    def final_eval() -> dict[str, float]:
+        return evaluate(model, eval_pairs, reference, cfg, packed, pad_id)
+
+    logged = fit(run, cfg, training, loss_fn, desc=f"dpo ({cfg.loss})", per_example=METRIC_KEYS,
+                 postfix={"acc": "rewards/accuracies"}, evaluate=final_eval if eval_pairs else None)
+    return TrainResult.of(run, logged, save_final_model(run, model, tokenizer, cfg.merge_lora))
 
 
 def main(cfg: Config) -> int:
@@ -429,9 +397,8 @@ def main(cfg: Config) -> int:
     problems = cfg.validate()
     if problems:
         raise InputError(problems)
-    run = start_run(cfg)
-    metrics = train(cfg, run)
-    run.metrics.close()
+    with start_run(cfg) as run:
+        metrics = train(cfg, run).metrics
     if metrics:
         run.print(f"dpo ({cfg.loss}) done: loss {metrics['loss']:.4f}, reward accuracy "
                   f"{metrics['rewards/accuracies']:.2f}, margin {metrics['rewards/margins']:.3f}" +

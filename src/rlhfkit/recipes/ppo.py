@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -45,15 +46,14 @@ from rlhfkit.rl.rollout import Rollout, forward_response, rollout, score
 from rlhfkit.rl.value import ActorCritic
 from rlhfkit.training import (
     Run,
-    StepPlan,
-    make_optimizer,
-    make_scheduler,
+    Training,
+    TrainResult,
     optimizer_step,
-    progress,
-    resume_if_requested,
+    run_steps,
     save_checkpoint,
     save_final_model,
     seed_everything,
+    setup_training,
     start_run,
 )
 
@@ -466,79 +466,80 @@ def save(run: Run, model, tokenizer, step: int, cfg: Config, kl_ctl) -> None:
 # ---------------------------------------------------------------- the recipe
 
 
-def train(cfg: Config, run: Run) -> dict[str, float]:
+@dataclass
+class PPOResult(TrainResult):
+    """``snapshots``: (iteration, policy-N/ folder) of every saved policy, in order, the final one last."""
+
+    snapshots: list[tuple[int, Path]] = field(default_factory=list)
+
+
+def iterate(run: Run, cfg: Config, training: Training, prompts: list, tokenizer, reference, reward_fn, kl_ctl,
+            iteration: int) -> dict[str, float]:
+    """One iteration, steps 2a-2f of the module docstring; returns its metrics row."""
+    acc = run.accelerator
+    t0 = time.time()
+    seed_everything(iteration_seed(cfg.seed, iteration), acc.process_index)
+    batch_prompts = [prompts[i] for i in training.plan.local_microbatches(iteration, acc.process_index)[0]]
+
+    # 2a. rollout (no grad): samples, policy and reference log-probs, values
+    timings: dict[str, float] = {}
+    batch = rollout(training.model, reference, tokenizer, batch_prompts, sampling_params(cfg),
+                    max_prompt_length=cfg.max_length - cfg.max_new_tokens,
+                    batch_size=cfg.rollout_batch_size, timings=timings)
+    # 2b. score
+    t1 = time.time()
+    batch = score(batch, reward_fn)
+    t2 = time.time()
+    # 2c-d. rewards and advantages
+    shaped = shape_rewards(batch, cfg, kl_ctl.value)
+    advantages, returns = compute_advantages(batch, shaped, cfg)
+    # 2e. update
+    stats = update(run, training.model, training.optimizer, training.scheduler, batch, advantages, returns, cfg,
+                   kl_ctl.value, iteration)
+    t3 = time.time()
+    # 2f. the row, the KL controller, samples (run_steps logs the row and checkpoints)
+    row = {"step": iteration + 1, "epoch": training.plan.epoch_at(iteration + 1),
+           **iteration_metrics(batch, shaped, cfg), **stats,
+           "time/generation": t1 - t0, "time/rollout_forward": timings["forward"],
+           "time/scoring": t2 - t1, "time/update": t3 - t2,
+           "tokens_per_second": float(batch.lengths.sum()) / (t3 - t0),
+           "elapsed_s": time.time() - run.started}
+    kl_ctl.update(row["objective/kl"], batch.num_samples)
+    if cfg.sample_every and (iteration + 1) % cfg.sample_every == 0:
+        write_samples(run, iteration + 1, batch, shaped)
+    return row
+
+
+def train(cfg: Config, run: Run) -> PPOResult:
+    from rlhfkit.evaluation.frontier import run_policies
     from rlhfkit.rl.rewards import load_reward
 
-    acc = run.accelerator
     # 1. setup
     reward_fn = load_reward(cfg.reward, cfg.dtype)
     tokenizer, model, reference = build_models(cfg)
     prompts = load_prompt_data(cfg, tokenizer, run)
-    world = acc.num_processes
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompts) / (cfg.batch_size * world)))
-    plan = StepPlan(len(prompts), cfg.batch_size, 1, world, cfg.seed, total)
     updates_per_iteration = cfg.ppo_epochs * (cfg.rollout_size // (cfg.minibatch_size or cfg.rollout_size))
     value_lr = {"value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, value_lr)
-    scheduler = make_scheduler(optimizer, cfg.lr_schedule, total * updates_per_iteration, cfg.warmup_ratio)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    if reference is not None:
-        reference = reference.to(acc.device)
     kl_ctl = make_kl_controller(cfg)
-    acc.register_for_checkpointing(kl_ctl)
-    start = resume_if_requested(run, cfg)["step"]
-    truncate_samples(run, start)
-    params = sampling_params(cfg)
+    # one "micro-batch" of --batch-size prompts per iteration: PPO's --grad-accum splits its minibatches
+    training = setup_training(run, cfg, model, len(prompts), grad_accum=1, updates_per_step=updates_per_iteration,
+                              lr_by_prefix=value_lr, checkpointed=(kl_ctl,))
+    if reference is not None:
+        reference = reference.to(run.accelerator.device)
+    truncate_samples(run, training.start)
 
-    bar = progress(run, total, start, cfg.algo, cfg.progress)
-    row: dict[str, float] = {}
-    for iteration in range(start, total):
-        t0 = time.time()
-        seed_everything(iteration_seed(cfg.seed, iteration), acc.process_index)
-        batch_prompts = [prompts[i] for i in plan.local_microbatches(iteration, acc.process_index)[0]]
-
-        # 2a. rollout (no grad): samples, policy and reference log-probs, values
-        timings: dict[str, float] = {}
-        batch = rollout(model, reference, tokenizer, batch_prompts, params,
-                        max_prompt_length=cfg.max_length - cfg.max_new_tokens,
-                        batch_size=cfg.rollout_batch_size, timings=timings)
-        # 2b. score
-        t1 = time.time()
-        batch = score(batch, reward_fn)
-        t2 = time.time()
-        # 2c-d. rewards and advantages
-        shaped = shape_rewards(batch, cfg, kl_ctl.value)
-        advantages, returns = compute_advantages(batch, shaped, cfg)
-        # 2e. update
-        stats = update(run, model, optimizer, scheduler, batch, advantages, returns, cfg, kl_ctl.value, iteration)
-        t3 = time.time()
-        # 2f. KL controller, logs, checkpoints
-        row = {"step": iteration + 1, "epoch": plan.epoch_at(iteration + 1),
-               **iteration_metrics(batch, shaped, cfg), **stats,
-               "time/generation": t1 - t0, "time/rollout_forward": timings["forward"],
-               "time/scoring": t2 - t1, "time/update": t3 - t2,
-               "tokens_per_second": float(batch.lengths.sum()) / (t3 - t0),
-               "elapsed_s": time.time() - run.started}
-        kl_ctl.update(row["objective/kl"], batch.num_samples)
-        if (iteration + 1) % cfg.logging_steps == 0 or iteration + 1 == total:
-            run.metrics.log(row)
-        if cfg.sample_every and (iteration + 1) % cfg.sample_every == 0:
-            write_samples(run, iteration + 1, batch, shaped)
-        if cfg.save_steps and (iteration + 1) % cfg.save_steps == 0 and iteration + 1 < total:
-            save(run, model, tokenizer, iteration + 1, cfg, kl_ctl)
-        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
-        bar.update(1)
-    bar.close()
-    # 3. the final policy
-    save(run, model, tokenizer, total, cfg, kl_ctl)
-    save_final_model(run, acc.unwrap_model(model).policy, tokenizer, cfg.merge_lora)
-    return row
+    # 2. the iterations; 3. the final policy
+    logged = run_steps(run, cfg, training,
+                       partial(iterate, run, cfg, training, prompts, tokenizer, reference, reward_fn, kl_ctl),
+                       desc=cfg.algo, postfix={"score": "objective/scores", "kl": "objective/kl"},
+                       save=lambda step: save(run, training.model, tokenizer, step, cfg, kl_ctl))
+    final = save_final_model(run, run.accelerator.unwrap_model(training.model).policy, tokenizer, cfg.merge_lora)
+    return PPOResult.of(run, logged, final, snapshots=[(step, Path(p)) for step, p in run_policies(run.output)])
 
 
 def main(cfg: Config) -> int:
-    run = start_run(cfg)
-    row = train(cfg, run)
-    run.metrics.close()
+    with start_run(cfg) as run:
+        row = train(cfg, run).metrics
     if row:
         run.print(f"{cfg.algo} done: score {row['objective/scores']:.4f}, KL {row['objective/kl']:.4f} "
                   f"after {row['step']} iterations; policy saved to {run.output}")

@@ -35,7 +35,7 @@ from rlhfkit.generation.best_of_n import score_completions
 from rlhfkit.generation.decoding import SamplingParams, decode_response, generate_ids
 from rlhfkit.models.packed import Group, completion_logps
 from rlhfkit.recipes import sft
-from rlhfkit.training import list_checkpoints, start_run
+from rlhfkit.training import Run, TrainResult, list_checkpoints, start_run
 
 
 @dataclass
@@ -133,14 +133,19 @@ def write_samples(path: Path, prompts: list, samples: Samples) -> None:
                             for p, t, s in zip(prompts, samples.texts, samples.scores)])
 
 
-def main(cfg: Config) -> int:
+@dataclass
+class RejectionSamplingResult(TrainResult):
+    """``rounds``: the round-k/ folders, each a fine-tuned policy (the last is ``final_model``);
+    ``final_samples``: the final policy's samples and their rewards."""
+
+    rounds: list[Path] = field(default_factory=list)
+    final_samples: Path | None = None
+
+
+def train(cfg: Config, run: Run) -> RejectionSamplingResult:
     from rlhfkit.models.loading import load_policy
     from rlhfkit.rl.rewards import load_reward
 
-    problems = cfg.validate()
-    if problems:
-        raise InputError(problems)
-    run = start_run(cfg)
     examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
     prompts = [ex.prompt for ex in examples]
     reward = load_reward(cfg.reward)
@@ -148,7 +153,7 @@ def main(cfg: Config) -> int:
     initial, tokenizer = load_policy(cfg.policy, cfg.dtype)
     initial.to(device)
 
-    done = 0
+    done, rows = 0, []
     if cfg.resume:
         while (run.output / f"round-{done + 1}" / "round.json").exists():
             done += 1
@@ -157,8 +162,8 @@ def main(cfg: Config) -> int:
     policy = initial if done == 0 else load_policy(current, cfg.dtype)[0].to(device)
     samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(done), cfg.gen_batch_size)
     if done == 0:
-        run.metrics.log({"step": 0, "round": 0, "reward/mean_policy": samples.mean(), "objective/kl": 0.0,
-                         "elapsed_s": time.time() - run.started})
+        rows.append(run.metrics.log({"step": 0, "round": 0, "reward/mean_policy": samples.mean(), "objective/kl": 0.0,
+                                     "elapsed_s": time.time() - run.started}))
         run.print(f"round 0: mean reward of the initial policy {samples.mean():.4f}")
 
     for k in range(done + 1, cfg.rounds + 1):
@@ -173,9 +178,8 @@ def main(cfg: Config) -> int:
         kept_scores = [samples.scores[i][j] for i in range(len(prompts)) for j in kept[i]]
         # 2. fine-tune the previous policy on them with the SFT recipe
         sft_cfg = cfg.sft_config(current, str(folder / "sft.jsonl"), str(folder))
-        round_run = start_run(sft_cfg)
-        sft_metrics = sft.train(sft_cfg, round_run)
-        round_run.metrics.close()
+        with start_run(sft_cfg) as round_run:
+            sft_metrics = sft.train(sft_cfg, round_run).metrics
         for ckpt in list_checkpoints(folder):  # the round's model is saved: its checkpoints are not needed
             shutil.rmtree(ckpt, ignore_errors=True)
         del policy
@@ -189,12 +193,21 @@ def main(cfg: Config) -> int:
                "reward/mean_policy": new_samples.mean(), "objective/kl": kl,
                "sft/loss": sft_metrics.get("loss"), "kept": len(kept_scores),
                "elapsed_s": time.time() - run.started}
-        run.metrics.log(row)
+        rows.append(run.metrics.log(row))
         (folder / "round.json").write_text(json.dumps(row, indent=1))
         run.print(f"round {k}: reward all {row['reward/mean_all']:.4f}, kept {row['reward/mean_kept']:.4f} "
                   f"-> new policy {row['reward/mean_policy']:.4f}, KL to initial {kl:.4f}")
         samples = new_samples
     write_samples(run.output / "final_samples.jsonl", prompts, samples)
-    run.metrics.close()
-    run.print(f"rejection sampling done: {cfg.rounds} round(s); final policy in {current}")
+    return RejectionSamplingResult.of(run, rows, Path(current), final_samples=run.output / "final_samples.jsonl",
+                                      rounds=[run.output / f"round-{k}" for k in range(1, cfg.rounds + 1)])
+
+
+def main(cfg: Config) -> int:
+    problems = cfg.validate()
+    if problems:
+        raise InputError(problems)
+    with start_run(cfg) as run:
+        result = train(cfg, run)
+    run.print(f"rejection sampling done: {cfg.rounds} round(s); final policy in {result.final_model}")
     return 0

@@ -4,15 +4,15 @@
     2. a scalar head on the backbone (causal LM: last non-padding token; encoder: pooled output)
     3. for each optimizer step: score every completion of the step's comparisons in one forward,
        loss per comparison (BT with the optional Llama 2 margin; best-of-K softmax or
-       Plackett–Luce for rankings), mean over the global batch; log; checkpoint
+       Plackett–Luce for rankings), mean over the global batch; log; checkpoint (training.fit)
     4. evaluate agreement on --eval-data; optionally shift scores so the mean training reward is
        0 (stored in the model's config); save a folder that transformers loads directly
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,19 +23,7 @@ from rlhfkit.errors import InputError
 from rlhfkit.evaluation.rm_accuracy import agreement
 from rlhfkit.losses import bradley_terry_loss, listwise_loss, plackett_luce_loss
 from rlhfkit.models.reward import OFFSET_KEY, forward_rewards, reward_inputs
-from rlhfkit.training import (
-    Run,
-    StepPlan,
-    make_optimizer,
-    make_scheduler,
-    optimizer_step,
-    progress,
-    resume_if_requested,
-    save_checkpoint,
-    save_final_model,
-    start_run,
-    step_row,
-)
+from rlhfkit.training import Run, TrainResult, fit, save_final_model, setup_training, start_run
 
 
 @dataclass
@@ -150,11 +138,17 @@ def score_pairs(model, tokenizer, comparisons: list[Comparison], max_length: int
     return chosen, rejected
 
 
-def train(cfg: Config, run: Run) -> dict[str, float]:
+@dataclass
+class RewardModelResult(TrainResult):
+    """``reward_offset``: the shift stored in the model's config (--normalize), else None."""
+
+    reward_offset: float | None = None
+
+
+def train(cfg: Config, run: Run) -> RewardModelResult:
     from rlhfkit.models.loading import apply_lora, load_tokenizer
     from rlhfkit.models.reward import load_reward_backbone
 
-    acc = run.accelerator
     tokenizer = load_tokenizer(cfg.model)
     data = apply_length_policy(tokenizer, load_comparisons(cfg.data, cfg.ranking_loss, config=cfg.data_config,
                                                            seed=cfg.seed), cfg, run)
@@ -165,60 +159,45 @@ def train(cfg: Config, run: Run) -> dict[str, float]:
     if cfg.lora_r:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, "SEQ_CLS")
     model.train()
-    plan = StepPlan.from_config(cfg, len(data), acc.num_processes)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.lr_schedule, plan.total_steps, cfg.warmup_ratio)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    start = resume_if_requested(run, cfg)["step"]
+    training = setup_training(run, cfg, model, len(data))
+    model = training.model
 
-    def loss_fn(comparisons: list[Comparison]):
+    def loss_fn(indices: list[int]):
+        comparisons = [data[i] for i in indices]
         batch = comparison_inputs(tokenizer, comparisons, cfg.max_length)
         rewards = split_rewards(forward_rewards(model, batch), comparisons)
         losses = comparison_losses(rewards, comparisons, cfg)
         correct = sum(float(r[0] > r[1:].max()) for r in (r.detach() for r in rewards))
         margins = sum(float(r[0] - r[-1]) for r in (r.detach() for r in rewards))
-        return losses.sum(), {"correct": correct, "margin": margins, "tokens": batch["attention_mask"].sum()}
+        return losses.sum(), {"train/accuracy": correct, "train/margin": margins,
+                              "tokens": batch["attention_mask"].sum()}
 
-    bar = progress(run, plan.total_steps, start, "rm", cfg.progress)
-    last: dict[str, float] = {}
-    for step in range(start, plan.total_steps):
-        t0 = time.time()
-        micro = [[data[i] for i in mb] for mb in plan.local_microbatches(step, acc.process_index)]
-        stats = optimizer_step(run, model, optimizer, scheduler, micro, loss_fn,
-                               normalizer=plan.global_batch, max_grad_norm=cfg.max_grad_norm)
-        elapsed = time.time() - t0
-        row = {**step_row(run, plan, step, stats, scheduler, elapsed),
-               "train/accuracy": stats["correct"] / plan.global_batch,
-               "train/margin": stats["margin"] / plan.global_batch}
-        if eval_data and step + 1 == plan.total_steps:
-            scores = score_pairs(model, tokenizer, eval_data, cfg.max_length, cfg.eval_batch_size)
-            row.update({f"eval/{k}": v for k, v in agreement(*scores).items()})
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
-            run.metrics.log(row)
-            last = row
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < plan.total_steps:
-            save_checkpoint(run, step + 1, {}, cfg.save_total_limit)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
-        bar.update(1)
-    bar.close()
-    save_checkpoint(run, plan.total_steps, {}, cfg.save_total_limit)
+    def evaluate() -> dict[str, float]:
+        scores = score_pairs(model, tokenizer, eval_data, cfg.max_length, cfg.eval_batch_size)
+        return {f"eval/{k}": v for k, v in agreement(*scores).items()}
 
-    final = acc.unwrap_model(model)
-    if cfg.lora_r:  # a reward model is always saved merged, so transformers loads it directly
+    logged = fit(run, cfg, training, loss_fn, desc="rm", per_example=("train/accuracy", "train/margin"),
+                 postfix={"acc": "train/accuracy"}, evaluate=evaluate if eval_data else None)
+    final_model, offset = save_reward_model(run, cfg, model, tokenizer, data)
+    return RewardModelResult.of(run, logged, final_model, reward_offset=offset)
+
+
+def save_reward_model(run: Run, cfg: Config, model, tokenizer, data: list[Comparison]) -> tuple[Path, float | None]:
+    """Save a folder transformers loads directly (always merged), with the --normalize offset in its config."""
+    final = run.accelerator.unwrap_model(model)
+    if cfg.lora_r:
         final = final.merge_and_unload()
+    offset = None
     if cfg.normalize:
         chosen, rejected = score_pairs(final, tokenizer, data[:512], cfg.max_length, cfg.eval_batch_size)
         offset = (sum(chosen) + sum(rejected)) / (len(chosen) + len(rejected))
         setattr(final.config, OFFSET_KEY, offset)
-        last["reward_offset"] = offset
-    save_final_model(run, final, tokenizer)
-    return last
+    return save_final_model(run, final, tokenizer), offset
 
 
 def main(cfg: Config) -> int:
-    run = start_run(cfg)
-    metrics = train(cfg, run)
-    run.metrics.close()
+    with start_run(cfg) as run:
+        metrics = train(cfg, run).metrics
     if "eval/accuracy" in metrics:
         run.print(f"rm done: eval accuracy {metrics['eval/accuracy']:.3f} "
                   f"(margin {metrics['eval/margin']:.3f}); model saved to {run.output}")

@@ -3,13 +3,12 @@
     1. load and validate the data; tokenise with the chat template and the completion mask
     2. load the model (optionally LoRA); optimizer and schedule
     3. for each optimizer step: the step's examples -> padded micro-batches -> summed token
-       losses / tokens in the global batch -> one AdamW step; log; checkpoint
+       losses / tokens in the global batch -> one AdamW step; log; checkpoint (training.fit)
     4. evaluate on --eval-data; save the final model
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -19,19 +18,7 @@ from rlhfkit.data.chat import Encoded, encode
 from rlhfkit.data.schema import load_sft
 from rlhfkit.errors import InputError
 from rlhfkit.losses import sft_loss
-from rlhfkit.training import (
-    Run,
-    StepPlan,
-    make_optimizer,
-    make_scheduler,
-    optimizer_step,
-    progress,
-    resume_if_requested,
-    save_checkpoint,
-    save_final_model,
-    start_run,
-    step_row,
-)
+from rlhfkit.training import Run, TrainResult, fit, save_final_model, setup_training, start_run
 
 
 @dataclass
@@ -156,54 +143,29 @@ def build_model(cfg, task_type: str = "CAUSAL_LM"):
     return model
 
 
-def train(cfg: Config, run: Run) -> dict[str, float]:
+def train(cfg: Config, run: Run) -> TrainResult:
     from rlhfkit.models.loading import load_tokenizer
 
-    acc = run.accelerator
     tokenizer = load_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id
     train_rows = encode_examples(tokenizer, load_sft(cfg.data, config=cfg.data_config, seed=cfg.seed), cfg, run)
     eval_rows = encode_examples(tokenizer, load_sft(cfg.eval_data, config=cfg.data_config, seed=cfg.seed), cfg) \
         if cfg.eval_data else []
     rows = pack(train_rows, cfg.max_length) if cfg.packing else [[e] for e in train_rows]
     eval_rows = [[e] for e in eval_rows]
 
-    model = build_model(cfg)
-    plan = StepPlan.from_config(cfg, len(rows), acc.num_processes)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.lr_schedule, plan.total_steps, cfg.warmup_ratio)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    start = resume_if_requested(run, cfg)["step"]
-
-    bar = progress(run, plan.total_steps, start, "sft", cfg.progress)
-    final_metrics: dict[str, float] = {}
-    for step in range(start, plan.total_steps):
-        t0 = time.time()
-        global_rows = [rows[i] for i in plan.global_indices(step)]
-        micro = [collate([rows[i] for i in mb], tokenizer.pad_token_id)
-                 for mb in plan.local_microbatches(step, acc.process_index)]
-        stats = optimizer_step(run, model, optimizer, scheduler, micro, lambda b: batch_loss(model, b),
-                               normalizer=trained_tokens(global_rows), max_grad_norm=cfg.max_grad_norm)
-        elapsed = time.time() - t0
-        row = step_row(run, plan, step, stats, scheduler, elapsed)
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == plan.total_steps:
-            if eval_rows and step + 1 == plan.total_steps:
-                row.update(evaluate(model, eval_rows, tokenizer.pad_token_id, cfg.eval_batch_size))
-            run.metrics.log(row)
-            final_metrics = row
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < plan.total_steps:
-            save_checkpoint(run, step + 1, {}, cfg.save_total_limit)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-        bar.update(1)
-    bar.close()
-    save_checkpoint(run, plan.total_steps, {}, cfg.save_total_limit)
-    save_final_model(run, model, tokenizer, cfg.merge_lora)
-    return final_metrics
+    training = setup_training(run, cfg, build_model(cfg), len(rows))
+    model = training.model
+    logged = fit(run, cfg, training, lambda mb: batch_loss(model, collate([rows[i] for i in mb], pad_id)),
+                 desc="sft", normalizer=lambda batch: trained_tokens([rows[i] for i in batch]),
+                 postfix={"tok_s": "tokens_per_second"},
+                 evaluate=(lambda: evaluate(model, eval_rows, pad_id, cfg.eval_batch_size)) if eval_rows else None)
+    return TrainResult.of(run, logged, save_final_model(run, model, tokenizer, cfg.merge_lora))
 
 
 def main(cfg: Config) -> int:
-    run = start_run(cfg)
-    metrics = train(cfg, run)
-    run.metrics.close()
+    with start_run(cfg) as run:
+        metrics = train(cfg, run).metrics
     if metrics:
         run.print(f"sft done: loss {metrics['loss']:.4f}" +
                   (f", eval loss {metrics['eval/loss']:.4f}" if "eval/loss" in metrics else "") +
