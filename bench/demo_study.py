@@ -113,6 +113,7 @@ def ppo_run(name: str, rm_dir: str, overrides: list[str]) -> None:
     from rlhfkit.models.loading import load_causal_lm, load_policy
     from rlhfkit.models.reward import load_reward_model
     from rlhfkit.recipes import ppo
+    from rlhfkit.training import start_run
 
     fields = ppo.Config.__dataclass_fields__
     given = dict(o.split("=", 1) for o in overrides)
@@ -124,9 +125,10 @@ def ppo_run(name: str, rm_dir: str, overrides: list[str]) -> None:
         default = fields[key].default
         settings[key] = value in ("1", "true", "True") if isinstance(default, bool) else type(default)(value)
     started = time.time()
-    ppo.main(ppo.Config(**settings))
+    cfg = ppo.Config(**settings)
+    with start_run(cfg) as run:
+        rows = ppo.train(cfg, run).history
     seconds = time.time() - started
-    rows = [json.loads(line) for line in open(WORK / f"ppo_{name}" / "metrics.jsonl")]
     data = json.loads((WORK / "samples.json").read_text())
     held = data["held"]
     initial, tokenizer = load_policy("smollm2-135m")

@@ -142,7 +142,7 @@ def run_trl(model_path: str, pairs: list[dict], steps: int, workdir: str) -> dic
 def run_rlhfkit(model_path: str, pairs: list[dict], steps: int, workdir: str) -> dict:
     from rlhfkit.data.io import write_jsonl
     from rlhfkit.recipes import dpo
-    from rlhfkit.training import read_metrics
+    from rlhfkit.training import start_run
 
     data = Path(workdir) / "pairs.jsonl"
     write_jsonl(data, [conversational(p) for p in pairs])
@@ -161,11 +161,11 @@ def run_rlhfkit(model_path: str, pairs: list[dict], steps: int, workdir: str) ->
                      save_total_limit=1)
     dpo.precompute_reference = timed_precompute
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            dpo.main(cfg)
+        with contextlib.redirect_stdout(io.StringIO()), start_run(cfg) as run:
+            rows = dpo.train(cfg, run).history
     finally:
         dpo.precompute_reference = original
-    ends = [r["elapsed_s"] for r in read_metrics(cfg.output)]
+    ends = [r["elapsed_s"] for r in rows]
     # The first interval runs from the start of the run (model loading included): a warm-up step.
     times = [ends[0]] + [b - a for a, b in zip(ends, ends[1:])]
     return {"step_times": times, "precompute_s": timed.get("precompute_s", 0.0)}

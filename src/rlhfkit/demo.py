@@ -22,13 +22,21 @@ import html
 import json
 import random
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean
+from typing import TYPE_CHECKING, Any
 
 from rlhfkit.config import arg
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.errors import InputError
+
+if TYPE_CHECKING:
+    from rlhfkit.recipes.ppo import PPOResult
+    from rlhfkit.recipes.rm import RewardModelResult
+    from rlhfkit.training import TrainResult
 
 
 @dataclass
@@ -122,7 +130,11 @@ class Results:
     samples: list = field(default_factory=list)
 
 
-def _phase(name: str, results: Results, started: float) -> None:
+@contextmanager
+def timed(name: str, results: Results):
+    """Record the seconds the block took as the phase ``name`` of the report's timings."""
+    started = time.time()
+    yield
     results.timings[name] = round(time.time() - started, 1)
     print(f"[demo] {name}: {results.timings[name]:.1f} s", flush=True)
 
@@ -257,12 +269,10 @@ def _method_row(texts, baseline_oracle, prompts, oracle, reward, kl) -> dict:
 # ------------------------------------------------------------------------------------ report
 
 
-def plot_curves(run_dir: Path, out: Path) -> list[str]:
-    """Reward and KL per PPO iteration (from metrics.jsonl)."""
+def plot_curves(rows: list[dict], out: Path) -> list[str]:
+    """Reward and KL per PPO iteration (the rows the PPO run logged)."""
     from rlhfkit.evaluation.report import new_figure, save_figure
-    from rlhfkit.training import read_metrics
 
-    rows = read_metrics(run_dir)
     if not rows:
         return []
     steps = [r["step"] for r in rows]
@@ -373,15 +383,9 @@ def render_html(results: Results, plots: list[str], summary: str) -> str:
 
 def main(cfg: Config) -> int:
     from rlhfkit.data.annotators import VaderSentiment, vader_annotator
-    from rlhfkit.data.corpora import chatterbot_prompts, split_prompts
-    from rlhfkit.generation.decoding import decoding_copy
-    from rlhfkit.models.loading import load_policy
-    from rlhfkit.recipes import rm as rm_recipe
-    from rlhfkit.rl.rewards import load_reward
-    from rlhfkit.training import read_metrics, seed_everything
+    from rlhfkit.training import seed_everything
 
     preset = QUICK if cfg.quick else DEFAULT
-    ppo_steps = cfg.ppo_steps or preset.ppo_steps
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
@@ -389,144 +393,220 @@ def main(cfg: Config) -> int:
     seed_everything(cfg.seed)
     t_all = time.time()
 
-    # 1. prompts ---------------------------------------------------------------------------
-    t = time.time()
+    with timed("prompts and model", results):  # 1.
+        start = prompts_and_model(cfg, preset, out, results)
+    with timed("preference collection", results):  # 2.
+        oracle = VaderSentiment()
+        annotator = vader_annotator(cfg.annotator_temperature, cfg.seed)
+        preferences = collect_phase(start, annotator, oracle, preset, cfg.seed, out, results)
+    with timed("held-out initial replies", results):
+        baseline = baseline_phase(start, annotator, oracle, preset, cfg.seed + 1, out, results)
+        start.sampler = None  # its memory is needed for training
+    with timed("reward model", results):  # 3.
+        reward_model = reward_model_phase(cfg, preset, preferences, baseline, start.held_out, oracle, out, results)
+    with timed("ppo", results):  # 4.
+        ppo = run_ppo(cfg, preset, cfg.ppo_steps or preset.ppo_steps, start.prompts_file, reward_model.trained.output,
+                      out / "ppo")
+    with timed("ppo evaluation", results):  # 5-6.
+        evaluate_ppo(cfg, preset, start, baseline, reward_model, ppo, oracle, results)
+    if not cfg.skip_dpo:
+        with timed("dpo", results):
+            dpo_phase(cfg, preset, start, preferences, baseline, reward_model, oracle, out, results)
+        with timed("best-of-n", results):
+            best_of_n_phase(preset, baseline, reward_model, results)
+    report_phase(out, results, ppo, t_all)  # 7.
+    return 0
+
+
+# ------------------------------------------------------------------------------------ phases of main
+
+
+@dataclass
+class Start:
+    """Phase 1: the prompt split and the initial policy."""
+
+    train_prompts: list[str]
+    held_out: list[str]
+    preference_prompts: list[str]   # the first train prompts
+    prompts_file: Path              # the train prompts (PPO's --prompts)
+    initial: Any                    # the initial policy (float32): the reference of every KL
+    tokenizer: Any
+    sampler: Any                    # its decoding copy (--sample-dtype): preference and baseline replies
+
+
+@dataclass
+class Preferences:
+    """Phase 2: the judged pairs of the preference prompts' replies."""
+
+    pairs: list[dict]
+    file: str
+
+
+@dataclass
+class Baseline:
+    """The initial policy's N + 1 replies to each held-out prompt: the baseline of every win rate
+    and, judged pairwise by the same annotator, the reward model's held-out pairs (so the reward
+    model trains on every preference prompt and is tested on prompts it never saw)."""
+
+    replies: list[list[str]]      # [held-out prompt][baseline sample]
+    oracle: list[list[float]]     # their oracle scores
+    pairs: list[dict]
+    pairs_file: str
+
+    @property
+    def flat(self) -> list[str]:
+        return [reply for replies in self.replies for reply in replies]
+
+
+@dataclass
+class RewardModel:
+    """Phase 3: the reward model as its recipe returned it, its scorer, and its scores of the baseline replies."""
+
+    trained: RewardModelResult
+    score: Callable               # score(prompts, completions) -> list[float]
+    baseline_scores: list[list[float]]
+
+
+def prompts_and_model(cfg: Config, preset: Preset, out: Path, results: Results) -> Start:
+    from rlhfkit.data.corpora import chatterbot_prompts, split_prompts
+    from rlhfkit.generation.decoding import decoding_copy
+    from rlhfkit.models.loading import load_policy
+
     train_prompts, held_out = split_prompts(chatterbot_prompts(), preset.held_out, cfg.seed)
     pref_prompts = train_prompts[:preset.preference_prompts]
     results.prompts = {"train": len(train_prompts), "held_out": len(held_out), "preference": len(pref_prompts)}
-    write_jsonl(out / "data" / "prompts_train.jsonl", [{"prompt": p} for p in train_prompts])
+    prompts_file = out / "data" / "prompts_train.jsonl"
+    write_jsonl(prompts_file, [{"prompt": p} for p in train_prompts])
     write_jsonl(out / "data" / "prompts_heldout.jsonl", [{"prompt": p} for p in held_out])
     initial, tokenizer = load_policy(cfg.model)
-    sampler = decoding_copy(initial, cfg.sample_dtype)  # preference and baseline replies
+    sampler = decoding_copy(initial, cfg.sample_dtype)
     results.prompts["sample_dtype"] = str(next(sampler.parameters()).dtype).removeprefix("torch.")
-    _phase("prompts and model", results, t)
+    return Start(train_prompts, held_out, pref_prompts, prompts_file, initial, tokenizer, sampler)
 
-    # 2. preference collection -------------------------------------------------------------
-    t = time.time()
-    oracle = VaderSentiment()
-    annotator = vader_annotator(cfg.annotator_temperature, cfg.seed)
-    pairs = collect_preferences(sampler, tokenizer, pref_prompts, annotator, preset, cfg.seed)
+
+def collect_phase(start: Start, annotator, oracle, preset: Preset, seed: int, out: Path,
+                  results: Results) -> Preferences:
+    pairs = collect_preferences(start.sampler, start.tokenizer, start.preference_prompts, annotator, preset, seed)
     if len(pairs) < 4:
         raise InputError("the demo collected fewer than 4 usable preference pairs")
     labels = oracle_agreement(oracle, pairs)
     results.preferences = {"pairs": len(pairs), "oracle_agreement": labels["oracle_agreement"],
                            "ties_by_oracle": len(pairs) - labels["oracle_pairs"]}
-    pairs_train = write_jsonl(out / "data" / "pairs_train.jsonl", pairs)
-    _phase("preference collection", results, t)
+    return Preferences(pairs, write_jsonl(out / "data" / "pairs_train.jsonl", pairs))
 
-    # the initial policy's replies to the held-out prompts: the baseline of every win rate and,
-    # judged pairwise by the same annotator, the reward model's held-out pairs (so the reward
-    # model trains on every preference prompt and is tested on prompts it never saw)
-    t = time.time()
-    _, _, flat = sample_policy(sampler, tokenizer, held_out, preset, cfg.seed + 1, n=preset.baseline_samples,
+
+def baseline_phase(start: Start, annotator, oracle, preset: Preset, seed: int, out: Path,
+                   results: Results) -> Baseline:
+    n = preset.baseline_samples
+    _, _, flat = sample_policy(start.sampler, start.tokenizer, start.held_out, preset, seed, n=n,
                                progress="held-out replies")
-    del sampler
-    baselines = [flat[i:i + preset.baseline_samples] for i in range(0, len(flat), preset.baseline_samples)]
-    baseline_oracle = [oracle(replies) for replies in baselines]
-    held_out_pairs = [pair for prompt, replies in zip(held_out, baselines)
-                      for pair in judge_all_pairs(prompt, replies, annotator)]
-    if not held_out_pairs:
+    replies = [flat[i:i + n] for i in range(0, len(flat), n)]
+    pairs = [pair for prompt, rs in zip(start.held_out, replies) for pair in judge_all_pairs(prompt, rs, annotator)]
+    if not pairs:
         raise InputError("the initial policy's held-out replies gave no pair to judge")
-    pairs_eval = write_jsonl(out / "data" / "pairs_heldout.jsonl", held_out_pairs)
-    results.prompts["baseline_samples"] = preset.baseline_samples
-    _phase("held-out initial replies", results, t)
+    pairs_file = write_jsonl(out / "data" / "pairs_heldout.jsonl", pairs)
+    results.prompts["baseline_samples"] = n
+    return Baseline(replies, [oracle(rs) for rs in replies], pairs, pairs_file)
 
-    # 3. reward model ----------------------------------------------------------------------
-    t = time.time()
-    rm_dir = out / "reward_model"
-    rm_cfg = rm_recipe.Config(model=cfg.reward_backbone, data=pairs_train, eval_data=pairs_eval, output=str(rm_dir),
-                              epochs=preset.rm_epochs, batch_size=8, lr=1e-4, max_length=192,
-                              seed=cfg.seed, warmup_ratio=0.1)
-    rm_recipe.main(rm_cfg)
-    results.reward_model = {**read_metrics(rm_dir)[-1], "eval_pairs": len(held_out_pairs)}
-    reward = load_reward(str(rm_dir))
-    pair_prompts = [p["prompt"] for p in held_out_pairs]
-    results.reward_model.update(oracle_agreement(
-        oracle, held_out_pairs, reward(pair_prompts, [p["chosen"] for p in held_out_pairs]),
-        reward(pair_prompts, [p["rejected"] for p in held_out_pairs])))
-    _phase("reward model", results, t)
 
-    # 4. PPO ---------------------------------------------------------------------------------
-    t = time.time()
-    ppo_dir = out / "ppo"
-    run_ppo(cfg, preset, ppo_steps, out / "data" / "prompts_train.jsonl", rm_dir, ppo_dir)
-    _phase("ppo", results, t)
-
-    # 5-6. evaluation ------------------------------------------------------------------------
-    t = time.time()
+def reward_model_phase(cfg: Config, preset: Preset, preferences: Preferences, baseline: Baseline,
+                       held_out: list[str], oracle, out: Path, results: Results) -> RewardModel:
     from rlhfkit.generation.best_of_n import score_completions
+    from rlhfkit.recipes import rm as rm_recipe
+    from rlhfkit.rl.rewards import load_reward
+    from rlhfkit.training import start_run
 
-    baseline_rm = score_completions(reward, held_out, baselines)
-    results.methods["initial"] = {"win_rate": 0.5, "win_rate_stderr": 0.0, "kl": 0.0,  # itself, by symmetry
-                                  "oracle_mean": fmean(s for row in baseline_oracle for s in row),
-                                  "rm_mean": fmean(s for row in baseline_rm for s in row),
-                                  "mean_words": fmean(len(reply.split()) for reply in flat)}
-    policy = load_ppo_policy(ppo_dir)
-    ppo_texts = evaluate_method("ppo", policy, initial, tokenizer, held_out, baseline_oracle, oracle, reward,
-                                preset, cfg.seed + 2, results, cfg.sample_dtype)
-    results.samples = [{"prompt": p, "initial": a, "ppo": b} for p, a, b in
-                       list(zip(held_out, (b[0] for b in baselines), ppo_texts))[:8]]
+    rm_cfg = rm_recipe.Config(model=cfg.reward_backbone, data=preferences.file, eval_data=baseline.pairs_file,
+                              output=str(out / "reward_model"), epochs=preset.rm_epochs, batch_size=8, lr=1e-4,
+                              max_length=192, seed=cfg.seed, warmup_ratio=0.1)
+    with start_run(rm_cfg) as run:
+        trained = rm_recipe.train(rm_cfg, run)
+    results.reward_model = {**trained.metrics, "eval_pairs": len(baseline.pairs)}
+    reward = load_reward(str(trained.final_model))
+    pair_prompts = [p["prompt"] for p in baseline.pairs]
+    results.reward_model.update(oracle_agreement(
+        oracle, baseline.pairs, reward(pair_prompts, [p["chosen"] for p in baseline.pairs]),
+        reward(pair_prompts, [p["rejected"] for p in baseline.pairs])))
+    return RewardModel(trained, reward, score_completions(reward, held_out, baseline.replies))
+
+
+def evaluate_ppo(cfg: Config, preset: Preset, start: Start, baseline: Baseline, reward_model: RewardModel,
+                 ppo: PPOResult, oracle, results: Results) -> None:
+    """The initial policy's row, the final PPO policy's row, before/after samples, and reward vs KL
+    over the PPO snapshots (the curve's ends are the two rows: only the snapshots between are sampled)."""
     from rlhfkit.data.annotators import vader_reward
-    from rlhfkit.evaluation.frontier import frontier_point, load_run_policy, run_policies
+    from rlhfkit.evaluation.frontier import frontier_point, load_run_policy
+    from rlhfkit.generation.decoding import decoding_copy
 
-    # the ends of the curve are the rows measured above (the initial policy, the final PPO
-    # policy); only the snapshots in between are sampled again
+    results.methods["initial"] = {"win_rate": 0.5, "win_rate_stderr": 0.0, "kl": 0.0,  # itself, by symmetry
+                                  "oracle_mean": fmean(s for row in baseline.oracle for s in row),
+                                  "rm_mean": fmean(s for row in reward_model.baseline_scores for s in row),
+                                  "mean_words": fmean(len(reply.split()) for reply in baseline.flat)}
+    policy = load_ppo_policy(ppo.final_model)
+    ppo_texts = evaluate_method("ppo", policy, start.initial, start.tokenizer, start.held_out, baseline.oracle,
+                                oracle, reward_model.score, preset, cfg.seed + 2, results, cfg.sample_dtype)
+    results.samples = [{"prompt": p, "initial": a, "ppo": b} for p, a, b in
+                       list(zip(start.held_out, (b[0] for b in baseline.replies), ppo_texts))[:8]]
+
     def measured(step: int, row: dict) -> dict:
         return {"step": step, "kl": row["kl"], "reward": row["rm_mean"], "oracle": row["oracle_mean"]}
 
+    last = ppo.metrics["step"]
     results.frontier.append(measured(0, results.methods["initial"]))
-    for step, path in run_policies(ppo_dir):
-        if 0 < step < ppo_steps:
-            snapshot = load_run_policy(path, cfg.model)
-            results.frontier.append(frontier_point(step, snapshot, initial, tokenizer, held_out, reward, vader_reward,
-                                                   preset.temperature, preset.max_new_tokens, cfg.seed + 3,
-                                                   sampler=decoding_copy(snapshot, cfg.sample_dtype),
-                                                   progress=f"ppo iteration {step} replies"))
-    results.frontier.append(measured(ppo_steps, results.methods["ppo"]))
-    _phase("ppo evaluation", results, t)
+    for step, path in ppo.snapshots:
+        if 0 < step < last:
+            snapshot = load_run_policy(str(path), cfg.model)
+            results.frontier.append(frontier_point(
+                step, snapshot, start.initial, start.tokenizer, start.held_out, reward_model.score, vader_reward,
+                preset.temperature, preset.max_new_tokens, cfg.seed + 3,
+                sampler=decoding_copy(snapshot, cfg.sample_dtype), progress=f"ppo iteration {step} replies"))
+    results.frontier.append(measured(last, results.methods["ppo"]))
 
-    if not cfg.skip_dpo:
-        t = time.time()
-        dpo_dir = out / "dpo"
-        # the DPO steps see dpo_steps x 8 pairs: give it just those (a seeded sample across prompts),
-        # so it precomputes reference log-probs for 64 pairs rather than all ~500
-        dpo_pairs = random.Random(cfg.seed).sample(pairs, min(len(pairs), preset.dpo_steps * 8))
-        run_dpo(cfg, preset, write_jsonl(out / "data" / "pairs_dpo.jsonl", dpo_pairs), dpo_dir)
-        dpo_policy, _ = load_policy(str(dpo_dir))
-        evaluate_method("dpo", dpo_policy, initial, tokenizer, held_out, baseline_oracle, oracle, reward,
-                        preset, cfg.seed + 4, results, cfg.sample_dtype)
-        _phase("dpo", results, t)
-        t = time.time()
-        from rlhfkit.evaluation.divergence import best_of_n_kl
 
-        bon = leave_one_out_best_of_n(baseline_rm, baseline_oracle)
-        results.methods[f"best-of-{preset.best_of}"] = {
-            "win_rate": bon["win_rate"].win_rate, "win_rate_stderr": bon["win_rate"].stderr,
-            "kl": best_of_n_kl(preset.best_of), "oracle_mean": bon["oracle_mean"],
-            "rm_mean": bon["rm_mean"],
-            "mean_words": fmean(len(replies[i].split()) for replies, i in zip(baselines, bon["picks"]))}
-        _phase("best-of-n", results, t)
+def dpo_phase(cfg: Config, preset: Preset, start: Start, preferences: Preferences, baseline: Baseline,
+              reward_model: RewardModel, oracle, out: Path, results: Results) -> None:
+    from rlhfkit.models.loading import load_policy
 
-    # 7. report -----------------------------------------------------------------------------
+    # the DPO steps see dpo_steps x 8 pairs: give it just those (a seeded sample across prompts),
+    # so it precomputes reference log-probs for 64 pairs rather than all ~500
+    pairs = random.Random(cfg.seed).sample(preferences.pairs, min(len(preferences.pairs), preset.dpo_steps * 8))
+    trained = run_dpo(cfg, preset, write_jsonl(out / "data" / "pairs_dpo.jsonl", pairs), out / "dpo")
+    dpo_policy, _ = load_policy(str(trained.final_model))
+    evaluate_method("dpo", dpo_policy, start.initial, start.tokenizer, start.held_out, baseline.oracle, oracle,
+                    reward_model.score, preset, cfg.seed + 4, results, cfg.sample_dtype)
+
+
+def best_of_n_phase(preset: Preset, baseline: Baseline, reward_model: RewardModel, results: Results) -> None:
+    from rlhfkit.evaluation.divergence import best_of_n_kl
+
+    bon = leave_one_out_best_of_n(reward_model.baseline_scores, baseline.oracle)
+    results.methods[f"best-of-{preset.best_of}"] = {
+        "win_rate": bon["win_rate"].win_rate, "win_rate_stderr": bon["win_rate"].stderr,
+        "kl": best_of_n_kl(preset.best_of), "oracle_mean": bon["oracle_mean"], "rm_mean": bon["rm_mean"],
+        "mean_words": fmean(len(replies[i].split()) for replies, i in zip(baseline.replies, bon["picks"]))}
+
+
+def report_phase(out: Path, results: Results, ppo: PPOResult, started: float) -> None:
     (out / "results.json").write_text(json.dumps(asdict(results), indent=1))
-    plots = plot_curves(ppo_dir, out)
+    plots = plot_curves(ppo.history, out)
     if results.frontier:
         plots.append(plot_frontier(results.frontier, results.methods, out))
-    results.timings["total"] = round(time.time() - t_all, 1)
+    results.timings["total"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(asdict(results), indent=1))
     write_report(out, results, plots)
     ppo_row = results.methods["ppo"]
     print(f"[demo] win rate: {100 * ppo_row['win_rate']:.0f}% (PPO vs initial, oracle), KL {ppo_row['kl']:.2f} nats, "
           f"RM accuracy {100 * results.reward_model.get('eval/accuracy', float('nan')):.0f}%; "
           f"report: {out / 'report.md'} ({results.timings['total']:.0f} s)")
-    return 0
 
 
 # ------------------------------------------------------------------------------------ glue
 
 
-def run_ppo(cfg: Config, preset: Preset, steps: int, prompts: Path, rm_dir: Path, ppo_dir: Path) -> None:
+def run_ppo(cfg: Config, preset: Preset, steps: int, prompts: Path, rm_dir: Path, ppo_dir: Path) -> PPOResult:
+    """The PPO recipe on the demo's settings."""
     from rlhfkit.recipes import ppo
+    from rlhfkit.training import start_run
 
     ppo_cfg = ppo.Config(policy=cfg.model, reward=str(rm_dir), prompts=str(prompts), output=str(ppo_dir),
                          max_steps=steps, batch_size=preset.ppo_batch, max_new_tokens=preset.max_new_tokens,
@@ -535,7 +615,8 @@ def run_ppo(cfg: Config, preset: Preset, steps: int, prompts: Path, rm_dir: Path
                          ppo_epochs=preset.ppo_epochs,
                          minibatch_size=preset.ppo_batch // 2, warmup_ratio=0.0, lr_schedule="constant",
                          sample_every=5)
-    ppo.main(ppo_cfg)
+    with start_run(ppo_cfg) as run:
+        return ppo.train(ppo_cfg, run)
 
 
 def load_ppo_policy(ppo_dir: Path):
@@ -544,10 +625,12 @@ def load_ppo_policy(ppo_dir: Path):
     return load_causal_lm(str(ppo_dir)).eval()
 
 
-def run_dpo(cfg: Config, preset: Preset, pairs: str, dpo_dir: Path) -> None:
+def run_dpo(cfg: Config, preset: Preset, pairs: str, dpo_dir: Path) -> TrainResult:
+    """The DPO recipe on the demo's settings."""
     from rlhfkit.recipes import dpo
+    from rlhfkit.training import start_run
 
     dpo_cfg = dpo.Config(model=cfg.model, data=pairs, output=str(dpo_dir), batch_size=8, epochs=1,
                          max_steps=preset.dpo_steps, lr=5e-6, beta=0.1, seed=cfg.seed, max_length=256)
-    dpo.main(dpo_cfg)
-
+    with start_run(dpo_cfg) as run:
+        return dpo.train(dpo_cfg, run)

@@ -285,11 +285,6 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def read_metrics(output: str | Path) -> list[dict]:
-    path = Path(output) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-
-
 def progress(run: Run, total: int, initial: int = 0, desc: str = "train", enabled: bool = True):
     from tqdm.auto import tqdm
 
