@@ -83,8 +83,19 @@ class TrainConfig:
     merge_lora: bool = arg(False, "Save the final model with the LoRA weights merged into the base "
                            "(otherwise an adapter-only folder).")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype for training.")
+    gradient_checkpointing: bool = arg(False, "Recompute each layer's activations in the backward pass instead "
+                                       "of storing them: less memory, about a third more compute, same gradients.")
+    load_in_4bit: bool = arg(False, "QLoRA: load the base weights quantized to 4-bit NF4 (bitsandbytes, CUDA only; "
+                             "pip install 'rlhfkit[qlora]'); needs --lora-r > 0.")
+    load_in_8bit: bool = arg(False, "Load the base weights quantized to 8 bits (bitsandbytes LLM.int8(), CUDA "
+                             "only); needs --lora-r > 0.")
     report_to: Literal["none", "tensorboard", "wandb"] = arg("none", "Extra metrics sink besides metrics.jsonl.")
     progress: bool = arg(True, "Show a progress bar.")
+
+    @property
+    def quantization_bits(self) -> int:
+        """4 or 8 with --load-in-4bit / --load-in-8bit, else 0."""
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else 0
 
     def validate(self) -> list[str]:
         problems = []
@@ -108,11 +119,24 @@ class TrainConfig:
             problems.append("--max-grad-norm must be >= 0")
         if self.merge_lora and self.lora_r == 0:
             problems.append("--merge-lora needs --lora-r > 0")
+        problems += self._quantization_problems()
         if _looks_local(self.model) and not os.path.exists(os.path.expanduser(self.model)):
             problems.append(f"--model: no such file or directory: {self.model}")
         problems += check_data_flag("data", self.data, required=False)  # required: checked first
         problems += check_data_flag("eval_data", self.eval_data, required=False)
         return problems
+
+    def _quantization_problems(self) -> list[str]:
+        if not self.quantization_bits:
+            return []
+        from rlhfkit.models.loading import quantization_problem
+
+        if self.load_in_4bit and self.load_in_8bit:
+            return ["--load-in-4bit and --load-in-8bit exclude each other"]
+        problems = [] if self.lora_r else [f"--load-in-{self.quantization_bits}bit needs --lora-r > 0 (quantized "
+                                           "weights are frozen: only LoRA adapters train on them)"]
+        unavailable = quantization_problem(self.quantization_bits)
+        return problems + ([unavailable] if unavailable else [])
 
 
 def _looks_local(value: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -36,6 +37,8 @@ class Config:
     max_new_tokens: int = arg(48, "Tokens per sampled response.")
     temperature: float = arg(1.0, "Sampling temperature.")
     seed: int = arg(0, "Sampling seed (the same for every checkpoint).")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype of the policies, the reference and "
+                                                "a reward model (on the GPU when there is one).")
 
     def validate(self) -> list[str]:
         problems = []
@@ -135,15 +138,16 @@ def run_policies(run: Path) -> list[tuple[int, str]]:
     return sorted(found.items())
 
 
-def load_run_policy(path: str, reference_name: str):
-    """A policy from a loadable folder, or a full-fine-tune ``checkpoint-N/`` over the reference's config."""
+def load_run_policy(path: str, reference_name: str, dtype: str = "float32"):
+    """A policy from a loadable folder, or a full-fine-tune ``checkpoint-N/`` over the reference's config
+    (on :func:`rlhfkit.models.loading.default_device`, in ``dtype``)."""
     from rlhfkit.models.loading import load_causal_lm
 
     if (Path(path) / "config.json").exists() or (Path(path) / "adapter_config.json").exists():
-        return load_causal_lm(path).eval()
+        return load_causal_lm(path, dtype).eval()
     from safetensors.torch import load_file
 
-    model = load_causal_lm(reference_name).eval()
+    model = load_causal_lm(reference_name, dtype).eval()
     state = load_file(str(Path(path) / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
@@ -170,13 +174,13 @@ def main(cfg: Config) -> int:
     if not reward_spec:
         raise InputError("--reward is required (the run has no reward)")
     prompts = [p.prompt for p in load_prompts(prompts_file, config=data_config, seed=cfg.seed)][:cfg.limit]
-    reward = load_reward(reward_spec)
-    oracle = load_reward(cfg.oracle) if cfg.oracle else None
-    reference, tokenizer = load_policy(reference_name)
+    reward = load_reward(reward_spec, cfg.dtype)
+    oracle = load_reward(cfg.oracle, cfg.dtype) if cfg.oracle else None
+    reference, tokenizer = load_policy(reference_name, cfg.dtype)
     points = [frontier_point(0, reference, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
                              cfg.max_new_tokens, cfg.seed, cfg.n)]
     for step, path in run_policies(run):
-        model = load_run_policy(path, reference_name)
+        model = load_run_policy(path, reference_name, cfg.dtype)
         points.append(frontier_point(step, model, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
                                      cfg.max_new_tokens, cfg.seed, cfg.n))
         print(f"step {step}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}"

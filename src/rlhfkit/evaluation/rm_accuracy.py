@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
 
@@ -44,6 +45,8 @@ class Config:
     output: str = arg("", "Folder for results.json and report.md (optional).")
     batch_size: int = arg(8, "Pairs per forward.")
     max_length: int = arg(512, "Maximum tokens per scored sequence.")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype of the scoring models (on the GPU "
+                                                "when there is one).")
 
     def validate(self) -> list[str]:
         from rlhfkit.rl.rewards import check_reward_spec
@@ -72,7 +75,8 @@ def subset_report(examples, chosen: list[float], rejected: list[float]) -> dict:
     return {**agreement(chosen, rejected), "n": len(chosen), "subsets": per_subset, "section_score": weighted}
 
 
-def implicit_reward_scores(policy: str, ref: str, examples, beta: float, batch_size: int, max_length: int):
+def implicit_reward_scores(policy: str, ref: str, examples, beta: float, batch_size: int, max_length: int,
+                           dtype: str = "float32"):
     import torch
 
     from rlhfkit.data.chat import encode
@@ -80,14 +84,14 @@ def implicit_reward_scores(policy: str, ref: str, examples, beta: float, batch_s
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(policy)
-    models = [load_causal_lm(policy).eval(), load_causal_lm(ref).eval()]
+    models = [load_causal_lm(policy, dtype).eval(), load_causal_lm(ref, dtype).eval()]
 
     @torch.no_grad()
     def logps(model, prompt_completions):
         from rlhfkit.recipes.sft import collate
 
         rows = [[encode(tokenizer, p, c, max_length)] for p, c in prompt_completions]
-        batch = collate(rows, tokenizer.pad_token_id)
+        batch = {k: v.to(next(model.parameters()).device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return sequence_logps(logits, batch["labels"]).tolist()
 
@@ -106,11 +110,11 @@ def main(cfg: Config) -> int:
     examples = load_preferences(cfg.data, config=cfg.data_config)
     if cfg.ref:
         chosen, rejected = implicit_reward_scores(cfg.reward, cfg.ref, examples, cfg.beta, cfg.batch_size,
-                                                  cfg.max_length)
+                                                  cfg.max_length, cfg.dtype)
     else:
         from rlhfkit.rl.rewards import load_reward
 
-        reward = load_reward(cfg.reward)
+        reward = load_reward(cfg.reward, cfg.dtype)
         chosen = reward([e.prompt for e in examples], [e.chosen for e in examples])
         rejected = reward([e.prompt for e in examples], [e.rejected for e in examples])
     result = subset_report(examples, chosen, rejected)

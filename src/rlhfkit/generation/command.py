@@ -95,8 +95,6 @@ def generate_records(model, tokenizer, records: list[dict], prompts: list, cfg: 
 
 
 def main(cfg: Config) -> int:
-    import torch
-
     from rlhfkit.data.io import write_jsonl
     from rlhfkit.data.schema import load_prompts
     from rlhfkit.errors import InputError
@@ -107,10 +105,8 @@ def main(cfg: Config) -> int:
     if problems:
         raise InputError(problems)
     examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
-    reward = load_reward(cfg.reward) if cfg.reward else None
-    model, tokenizer = load_policy(cfg.model, cfg.dtype)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    reward = load_reward(cfg.reward, cfg.dtype) if cfg.reward else None
+    model, tokenizer = load_policy(cfg.model, cfg.dtype)  # on default_device(): the GPU when there is one
     t0 = time.time()
     rows = generate_records(model, tokenizer, [dict(ex.source.data) for ex in examples],
                             [ex.prompt for ex in examples], cfg, reward)

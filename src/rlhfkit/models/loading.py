@@ -14,6 +14,7 @@ not execute them), never imported: their own dependencies are deliberately not i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -148,8 +149,75 @@ def torch_dtype(dtype: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_causal_lm(name: str, dtype: str = "float32"):
-    """A causal LM by embedded name, local folder, LoRA adapter folder, or hub id."""
+# --------------------------------------------------------------------------------------------
+# Placement: every model a command builds lives on one device, in the requested dtype
+# --------------------------------------------------------------------------------------------
+
+
+def default_device():
+    """The device of a command that has no accelerator (generate, serve, judge, eval-*, the demo's
+    own models): the current CUDA device when one is visible, else the CPU. Training commands pass
+    ``run.accelerator.device`` instead (under ``accelerate launch`` each rank has its own)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_kwargs(dtype: str, device=None, bits: int = 0) -> dict:
+    """``from_pretrained`` keyword arguments: the weights in ``dtype``, or quantized to ``bits`` (4 or
+    8, bitsandbytes) and loaded straight onto ``device`` (a quantized model cannot be moved later;
+    an unquantized one is moved by :func:`place`)."""
+    if not bits:
+        return {"dtype": torch_dtype(dtype)}
+    config = quantization_config(bits, dtype)
+    device = device if device is not None else default_device()
+    return {"dtype": config.bnb_4bit_compute_dtype if bits == 4 else torch_dtype(dtype),
+            "quantization_config": config, "device_map": {"": device}}
+
+
+def quantization_config(bits: int, dtype: str):
+    """transformers' ``BitsAndBytesConfig`` for QLoRA.
+
+    4 bits: NF4 weights with double quantization (the QLoRA paper's recipe), computing in
+    ``dtype`` when it is a 16-bit type and in bfloat16 otherwise (a float32 compute would undo
+    the memory saving of the activations); 8 bits: LLM.int8().
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        compute = torch_dtype(dtype) if dtype in ("bfloat16", "float16") else torch.bfloat16
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization to {bits} bits: only 4 and 8 are supported")
+
+
+def quantization_problem(bits: int) -> str | None:
+    """Why ``--load-in-{bits}bit`` cannot run here (one line), or None when it can."""
+    import torch
+
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes is not installed (pip install 'rlhfkit[qlora]')")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA device is visible")
+    if not missing:
+        return None
+    return f"--load-in-{bits}bit needs bitsandbytes and a CUDA GPU: " + " and ".join(missing)
+
+
+def place(model, device=None, bits: int = 0):
+    """``model`` on ``device``; a quantized model is placed by its ``device_map`` (it refuses ``.to``)."""
+    if bits:
+        return model
+    return model.to(device if device is not None else default_device())
+
+
+def load_causal_lm(name: str, dtype: str = "float32", device=None, bits: int = 0):
+    """A causal LM by embedded name, local folder, LoRA adapter folder, or hub id, on ``device``
+    (default :func:`default_device`) in ``dtype`` or quantized to ``bits`` (4 or 8)."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -157,21 +225,24 @@ def load_causal_lm(name: str, dtype: str = "float32"):
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(resolve_model(_adapter_base(path)), dtype=torch_dtype(dtype))
-        return PeftModel.from_pretrained(base, path, is_trainable=False)
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(_adapter_base(path)),
+                                                    **load_kwargs(dtype, device, bits))
+        return place(PeftModel.from_pretrained(base, path, is_trainable=False), device, bits)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(dtype, device, bits))
     except (OSError, ValueError) as e:  # ValueError: a folder whose config.json names no model type
         raise InputError(f"--model {name}: cannot load a model from it ({_first_line(e)})") from None
+    return place(model, device, bits)
 
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_policy(name: str, dtype: str = "float32"):
-    """(model, tokenizer) ready for generation: eval mode, padding on the left."""
-    model = load_causal_lm(name, dtype)
+def load_policy(name: str, dtype: str = "float32", device=None):
+    """(model, tokenizer) ready for generation on ``device`` (default :func:`default_device`):
+    eval mode, padding on the left."""
+    model = load_causal_lm(name, dtype, device)
     tokenizer = load_tokenizer(name)
     model.eval()
     if model.config.pad_token_id is None:
@@ -181,10 +252,68 @@ def load_policy(name: str, dtype: str = "float32"):
 
 def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, targets: str = "all-linear",
                task_type: str = "CAUSAL_LM"):
-    """Wrap ``model`` with LoRA adapters (peft); the base weights stay frozen."""
+    """Wrap ``model`` with LoRA adapters (peft); the base weights stay frozen.
+
+    The adapter weights are float32 whatever the base dtype (peft's ``autocast_adapter_dtype``):
+    a bfloat16 adapter would round away the small updates it is trained with.
+    """
     from peft import LoraConfig, get_peft_model
 
     target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type=task_type, bias="none")
     return get_peft_model(model, config)
+
+
+# --------------------------------------------------------------------------------------------
+# Training-time memory: gradient checkpointing, QLoRA
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _attention_implementation(config, name: str):
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them.
+
+    Non-reentrant ``torch.utils.checkpoint`` (``use_reentrant=False``: exact gradients, inputs
+    that need no gradient allowed). The recomputation runs under the attention implementation the
+    layer ran forward with: a forward that selects its own for one call (the packed path,
+    :mod:`rlhfkit.models.packed`) has restored the default by the time the backward replays it.
+    """
+    config = model.config
+
+    def same_attention_on_recompute():
+        return contextlib.nullcontext(), _attention_implementation(config, config._attn_implementation)
+
+    kwargs = {"use_reentrant": False, "context_fn": same_attention_on_recompute}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def prepare_for_training(model, cfg, task_type: str = "CAUSAL_LM"):
+    """The trainable form of a loaded model for a ``TrainConfig``: quantized weights prepared for
+    k-bit training (QLoRA), gradient checkpointing, LoRA adapters; training mode."""
+    if cfg.quantization_bits:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.lora_r:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
+        if cfg.gradient_checkpointing and not getattr(model, "_require_grads_hook", None):
+            # peft's recipe for adapters under checkpointing (transformers >= 5 installs the hook itself);
+            # needed by reentrant checkpointing, harmless with the non-reentrant kind used here
+            model.enable_input_require_grads()
+    model.train()
+    return model

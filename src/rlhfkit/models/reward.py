@@ -15,27 +15,28 @@ from pathlib import Path
 import torch
 
 from rlhfkit.data.chat import as_messages, completion_messages, has_template, prompt_text
-from rlhfkit.models.loading import load_tokenizer, resolve_model, torch_dtype
+from rlhfkit.models.loading import load_tokenizer, resolve_model
 
 OFFSET_KEY = "rlhfkit_reward_offset"
 
 
-def load_reward_backbone(name: str, tokenizer, dtype: str = "float32"):
-    """A fresh scalar head on ``name`` (or a trained reward model, head included)."""
+def load_reward_backbone(name: str, tokenizer, dtype: str = "float32", device=None, bits: int = 0):
+    """A fresh scalar head on ``name`` (or a trained reward model, head included), on ``device``
+    (default: :func:`rlhfkit.models.loading.default_device`) in ``dtype`` or quantized to ``bits``."""
     from transformers import AutoModelForSequenceClassification
 
     from rlhfkit.errors import InputError
-    from rlhfkit.models.loading import quiet_transformers
+    from rlhfkit.models.loading import load_kwargs, place, quiet_transformers
 
     quiet_transformers()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(name), num_labels=1, dtype=torch_dtype(dtype))
+            resolve_model(name), num_labels=1, **load_kwargs(dtype, device, bits))
     except (OSError, ValueError) as e:  # no such model, or one with no sequence-classification head
         raise InputError(f"--model {name}: cannot load a reward-model backbone from it "
                          f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return place(model, device, bits)
 
 
 def reward_inputs(tokenizer, prompts: list, completions: list, max_length: int = 512) -> dict:
@@ -87,9 +88,9 @@ class RewardModel:
     __call__ = score
 
 
-def load_reward_model(path: str, dtype: str = "float32", max_length: int = 512) -> RewardModel:
+def load_reward_model(path: str, dtype: str = "float32", max_length: int = 512, device=None) -> RewardModel:
     tokenizer = load_tokenizer(path)
-    model = load_reward_backbone(path, tokenizer, dtype)
+    model = load_reward_backbone(path, tokenizer, dtype, device)
     return RewardModel(model, tokenizer, max_length)
 
 

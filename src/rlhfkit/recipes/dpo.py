@@ -306,10 +306,10 @@ def precompute_reference(run: Run, cfg, model, splits: dict[str, list[EncodedPai
     return table
 
 
-def disable_dropout(model) -> None:
-    """Dropout off in the model (not in LoRA adapters), so π = π_ref at step 0, as TRL does."""
+def disable_dropout(model, adapters: bool = False) -> None:
+    """Dropout off in the model (in LoRA adapters too with ``adapters``), so π = π_ref at step 0, as TRL does."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+        if isinstance(module, torch.nn.Dropout) and (adapters or "lora_dropout" not in name):
             module.p = 0.0
         if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
             module.attention_dropout = 0.0
@@ -322,7 +322,7 @@ def build_reference(run: Run, cfg, model, splits, packed: bool, pad_id: int) -> 
     if cfg.loss in REFERENCE_FREE:
         return Reference()
     if cfg.ref_model:
-        ref_model = load_causal_lm(cfg.ref_model, cfg.dtype).eval().to(run.accelerator.device)
+        ref_model = load_causal_lm(cfg.ref_model, cfg.dtype, run.accelerator.device, cfg.quantization_bits).eval()
         ref_model.requires_grad_(False)
         disable_dropout(ref_model)
         if cfg.precompute_ref:
@@ -335,9 +335,9 @@ def build_reference(run: Run, cfg, model, splits, packed: bool, pad_id: int) -> 
         return Reference(table=precompute_reference(run, cfg, model, splits, packed, pad_id, adapters_off))
     if adapters_off:
         return Reference(adapters_off=True)
-    ref_model = copy.deepcopy(model).eval()
+    ref_model = copy.deepcopy(model).eval()  # on the policy's device, in its dtype
     ref_model.requires_grad_(False)
-    return Reference(model=ref_model.to(run.accelerator.device))
+    return Reference(model=ref_model)
 
 
 # ---------------------------------------------------------------- recipe
@@ -370,7 +370,7 @@ def train(cfg: Config, run: Run) -> TrainResult:
     if cfg.use_margin and cfg.loss not in MARGIN_LOSSES and any(p.margin for p in train_pairs):
         run.print(f"note: --loss {cfg.loss} ignores the records' margin field")
 
-    model = build_model(cfg).to(acc.device)
+    model = build_model(cfg, acc.device)
     disable_dropout(model)
     packed = cfg.packed and supports_packing(model)
     if cfg.packed and not packed:

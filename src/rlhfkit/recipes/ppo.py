@@ -230,30 +230,34 @@ def load_prompt_data(cfg: Config, tokenizer, run: Run) -> list:
     return kept
 
 
-def build_models(cfg: Config):
-    """(tokenizer, ActorCritic, reference): reference is None with LoRA (adapters disabled)."""
-    from rlhfkit.models.loading import apply_lora, load_causal_lm, load_tokenizer
+def build_models(cfg: Config, device=None):
+    """(tokenizer, ActorCritic, reference) on ``device`` (the accelerator's) in --dtype: the
+    reference is None with LoRA (adapters disabled), else a frozen copy of the initial policy."""
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, prepare_for_training, torch_dtype
+    from rlhfkit.recipes.dpo import disable_dropout
     from rlhfkit.rl.value import ValueHead, load_critic
 
     tokenizer = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy, cfg.dtype)
+    policy = load_causal_lm(cfg.policy, cfg.dtype, device, cfg.quantization_bits)
     if hasattr(policy, "merge_and_unload"):  # an adapter folder (e.g. LoRA SFT): start from the merged model
         policy = policy.merge_and_unload()
     if policy.config.pad_token_id is None:
         policy.config.pad_token_id = tokenizer.pad_token_id
-    reference = None
-    if cfg.lora_r:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    else:
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    reference = None if cfg.lora_r else copy.deepcopy(policy).requires_grad_(False).eval()
+    policy = prepare_for_training(policy, cfg)
     value_head = critic = None
     if cfg.algo == "ppo":
         if cfg.value_model == "head":
-            value_head = ValueHead(policy.config.get_text_config().hidden_size)
+            hidden_size = policy.config.get_text_config().hidden_size
+            value_head = ValueHead(hidden_size, torch_dtype(cfg.dtype)).to(next(policy.parameters()).device)
         else:
-            critic = load_critic(cfg.value_model, tokenizer, cfg.dtype)
+            critic = load_critic(cfg.value_model, tokenizer, cfg.dtype, device, cfg.gradient_checkpointing)
     model = ActorCritic(policy, value_head, critic)
-    model.eval()  # no dropout anywhere: the PPO ratio is exactly 1 before the first update
+    # No dropout anywhere, so the PPO ratio is exactly 1 before the first update. Dropout is
+    # switched off in the modules rather than by eval mode alone, because the update runs in
+    # training mode with --gradient-checkpointing (transformers checkpoints only in training mode).
+    disable_dropout(model, adapters=True)
+    model.eval()
     return tokenizer, model, reference
 
 
@@ -366,7 +370,8 @@ def update(run: Run, model, optimizer, scheduler, batch: Rollout, advantages: Te
     order_rng = torch.Generator().manual_seed(iteration_seed(cfg.seed, iteration))
     totals: dict[str, float] = {}
     grad_norms, losses = [], []
-    model.eval()  # dropout stays off (see build_models); gradients flow regardless
+    # dropout is off in every module (build_models): training mode only engages gradient checkpointing
+    model.train(cfg.gradient_checkpointing)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=order_rng)
         for start in range(0, n, size):
@@ -515,8 +520,8 @@ def train(cfg: Config, run: Run) -> PPOResult:
     from rlhfkit.rl.rewards import load_reward
 
     # 1. setup
-    reward_fn = load_reward(cfg.reward, cfg.dtype)
-    tokenizer, model, reference = build_models(cfg)
+    reward_fn = load_reward(cfg.reward, cfg.dtype, run.accelerator.device)
+    tokenizer, model, reference = build_models(cfg, run.accelerator.device)
     prompts = load_prompt_data(cfg, tokenizer, run)
     updates_per_iteration = cfg.ppo_epochs * (cfg.rollout_size // (cfg.minibatch_size or cfg.rollout_size))
     value_lr = {"value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None
@@ -524,8 +529,6 @@ def train(cfg: Config, run: Run) -> PPOResult:
     # one "micro-batch" of --batch-size prompts per iteration: PPO's --grad-accum splits its minibatches
     training = setup_training(run, cfg, model, len(prompts), grad_accum=1, updates_per_step=updates_per_iteration,
                               lr_by_prefix=value_lr, checkpointed=(kl_ctl,))
-    if reference is not None:
-        reference = reference.to(run.accelerator.device)
     truncate_samples(run, training.start)
 
     # 2. the iterations; 3. the final policy

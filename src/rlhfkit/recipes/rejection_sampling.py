@@ -77,6 +77,12 @@ class Config(TrainConfig):
             problems.append("--top-p must be in (0, 1]")
         return problems
 
+    def _quantization_problems(self) -> list[str]:
+        if not self.quantization_bits:
+            return []
+        return [f"--load-in-{self.quantization_bits}bit: rejection-sampling merges each round's adapters into a "
+                "full model, which quantized weights cannot hold; use it with sft, rm, dpo or ppo"]
+
     def sampling_params(self, round_index: int) -> SamplingParams:
         return SamplingParams(strategy="sample", n=self.n, temperature=self.temperature, top_p=self.top_p,
                               max_new_tokens=self.max_new_tokens, seed=self.seed + 1000 * round_index)
@@ -148,10 +154,9 @@ def train(cfg: Config, run: Run) -> RejectionSamplingResult:
 
     examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
     prompts = [ex.prompt for ex in examples]
-    reward = load_reward(cfg.reward)
     device = run.accelerator.device
-    initial, tokenizer = load_policy(cfg.policy, cfg.dtype)
-    initial.to(device)
+    reward = load_reward(cfg.reward, cfg.dtype, device)
+    initial, tokenizer = load_policy(cfg.policy, cfg.dtype, device)
 
     done, rows = 0, []
     if cfg.resume:
@@ -159,7 +164,7 @@ def train(cfg: Config, run: Run) -> RejectionSamplingResult:
             done += 1
         run.metrics.truncate_after(done)
     current = cfg.policy if done == 0 else str(run.output / f"round-{done}")
-    policy = initial if done == 0 else load_policy(current, cfg.dtype)[0].to(device)
+    policy = initial if done == 0 else load_policy(current, cfg.dtype, device)[0]
     samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(done), cfg.gen_batch_size)
     if done == 0:
         rows.append(run.metrics.log({"step": 0, "round": 0, "reward/mean_policy": samples.mean(), "objective/kl": 0.0,
@@ -184,7 +189,7 @@ def train(cfg: Config, run: Run) -> RejectionSamplingResult:
             shutil.rmtree(ckpt, ignore_errors=True)
         del policy
         current = str(folder)
-        policy = load_policy(current, cfg.dtype)[0].to(device)
+        policy = load_policy(current, cfg.dtype, device)[0]
         # 3. sample from the new policy: its measure, and the next round's candidates
         new_samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(k), cfg.gen_batch_size)
         kl = kl_to_initial(policy, initial, new_samples)

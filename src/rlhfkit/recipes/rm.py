@@ -77,12 +77,13 @@ def comparison_losses(rewards: list[torch.Tensor], comparisons: list[Comparison]
     losses = []
     for r, comp in zip(rewards, comparisons):
         if len(r) == 2:
-            margin = torch.tensor(comp.margin) if (cfg.use_margin and comp.margin is not None) else None
+            use_margin = cfg.use_margin and comp.margin is not None
+            margin = torch.tensor(comp.margin, device=r.device) if use_margin else None
             losses.append(bradley_terry_loss(r[0:1], r[1:2], margin))
         elif cfg.ranking_loss == "listwise":
-            losses.append(listwise_loss(r.unsqueeze(0), torch.zeros(1, dtype=torch.long)))
+            losses.append(listwise_loss(r.unsqueeze(0), torch.zeros(1, dtype=torch.long, device=r.device)))
         else:
-            losses.append(plackett_luce_loss(r.unsqueeze(0), torch.arange(len(r)).unsqueeze(0)))
+            losses.append(plackett_luce_loss(r.unsqueeze(0), torch.arange(len(r), device=r.device).unsqueeze(0)))
     return torch.cat(losses)
 
 
@@ -138,6 +139,16 @@ def score_pairs(model, tokenizer, comparisons: list[Comparison], max_length: int
     return chosen, rejected
 
 
+def build_model(cfg: Config, tokenizer, device=None):
+    """The scalar-head model to train on ``device`` (the accelerator's) in --dtype, or quantized
+    (QLoRA); see :func:`rlhfkit.models.loading.prepare_for_training`."""
+    from rlhfkit.models.loading import prepare_for_training
+    from rlhfkit.models.reward import load_reward_backbone
+
+    model = load_reward_backbone(cfg.model, tokenizer, cfg.dtype, device, cfg.quantization_bits)
+    return prepare_for_training(model, cfg, "SEQ_CLS")
+
+
 @dataclass
 class RewardModelResult(TrainResult):
     """``reward_offset``: the shift stored in the model's config (--normalize), else None."""
@@ -146,8 +157,7 @@ class RewardModelResult(TrainResult):
 
 
 def train(cfg: Config, run: Run) -> RewardModelResult:
-    from rlhfkit.models.loading import apply_lora, load_tokenizer
-    from rlhfkit.models.reward import load_reward_backbone
+    from rlhfkit.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     data = apply_length_policy(tokenizer, load_comparisons(cfg.data, cfg.ranking_loss, config=cfg.data_config,
@@ -155,11 +165,7 @@ def train(cfg: Config, run: Run) -> RewardModelResult:
     eval_data = load_comparisons(cfg.eval_data, "pairs", config=cfg.data_config, seed=cfg.seed) \
         if cfg.eval_data else []
 
-    model = load_reward_backbone(cfg.model, tokenizer, cfg.dtype)
-    if cfg.lora_r:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, "SEQ_CLS")
-    model.train()
-    training = setup_training(run, cfg, model, len(data))
+    training = setup_training(run, cfg, build_model(cfg, tokenizer, run.accelerator.device), len(data))
     model = training.model
 
     def loss_fn(indices: list[int]):

@@ -133,14 +133,13 @@ def evaluate(model, rows: list[list[Encoded]], pad_id: int, batch_size: int) -> 
 # ---------------------------------------------------------------- recipe
 
 
-def build_model(cfg, task_type: str = "CAUSAL_LM"):
-    from rlhfkit.models.loading import apply_lora, load_causal_lm
+def build_model(cfg, device=None, task_type: str = "CAUSAL_LM"):
+    """The model to train on ``device`` (the accelerator's) in --dtype, or quantized (QLoRA); see
+    :func:`rlhfkit.models.loading.prepare_for_training`."""
+    from rlhfkit.models.loading import load_causal_lm, prepare_for_training
 
-    model = load_causal_lm(cfg.model, cfg.dtype)
-    if cfg.lora_r:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
-    model.train()
-    return model
+    model = load_causal_lm(cfg.model, cfg.dtype, device, cfg.quantization_bits)
+    return prepare_for_training(model, cfg, task_type)
 
 
 def train(cfg: Config, run: Run) -> TrainResult:
@@ -154,7 +153,7 @@ def train(cfg: Config, run: Run) -> TrainResult:
     rows = pack(train_rows, cfg.max_length) if cfg.packing else [[e] for e in train_rows]
     eval_rows = [[e] for e in eval_rows]
 
-    training = setup_training(run, cfg, build_model(cfg), len(rows))
+    training = setup_training(run, cfg, build_model(cfg, run.accelerator.device), len(rows))
     model = training.model
     logged = fit(run, cfg, training, lambda mb: batch_loss(model, collate([rows[i] for i in mb], pad_id)),
                  desc="sft", normalizer=lambda batch: trained_tokens([rows[i] for i in batch]),

@@ -94,8 +94,9 @@ def _http(url: str) -> RewardFn:
     return call
 
 
-def load_reward(spec: str, dtype: str = "float32") -> RewardSource:
-    """Resolve ``--reward`` into a :class:`RewardSource`."""
+def load_reward(spec: str, dtype: str = "float32", device=None) -> RewardSource:
+    """Resolve ``--reward`` into a :class:`RewardSource`; a reward model is loaded on ``device``
+    (default: :func:`rlhfkit.models.loading.default_device`) in ``dtype``."""
     problems = check_reward_spec(spec)
     if problems:
         raise InputError(problems)
@@ -104,6 +105,6 @@ def load_reward(spec: str, dtype: str = "float32") -> RewardSource:
     if os.path.isdir(spec):
         from rlhfkit.models.reward import load_reward_model
 
-        rm = load_reward_model(spec, dtype)
+        rm = load_reward_model(spec, dtype, device=device)
         return RewardSource(rm.score, spec, wants_raw_prompts=True)
     return RewardSource(_load_python(spec), spec)

@@ -51,15 +51,17 @@ class Critic(nn.Module):
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
 
 
-def load_critic(name: str, policy_tokenizer, dtype: str = "float32") -> Critic:
-    """A :class:`Critic` from a causal-LM or reward-model folder (or embedded name / hub id).
+def load_critic(name: str, policy_tokenizer, dtype: str = "float32", device=None,
+                gradient_checkpointing: bool = False) -> Critic:
+    """A :class:`Critic` from a causal-LM or reward-model folder (or embedded name / hub id), on
+    ``device`` (default: :func:`rlhfkit.models.loading.default_device`) in ``dtype``.
 
     A causal LM gets a fresh zero-initialised head; a reward model keeps its trained head.
     Raises :class:`InputError` when its tokenizer differs from the policy's.
     """
     from transformers import AutoModelForSequenceClassification
 
-    from rlhfkit.models.loading import load_tokenizer, resolve_model, torch_dtype
+    from rlhfkit.models.loading import enable_gradient_checkpointing, load_tokenizer, place, resolve_model, torch_dtype
 
     tokenizer = load_tokenizer(name)
     if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
@@ -80,6 +82,9 @@ def load_critic(name: str, policy_tokenizer, dtype: str = "float32") -> Critic:
         nn.init.zeros_(head.weight)
         if head.bias is not None:
             nn.init.zeros_(head.bias)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = place(model, device)
     return Critic(model.base_model, head)
 
 
