@@ -70,11 +70,16 @@ def assert_same_params(folder_a, folder_b, atol: float = 1e-6) -> None:
     assert not bad, f"{len(bad)} tensor(s) differ beyond {atol}, max diff {max_param_diff(a, b):.3g}: {bad[:5]}"
 
 
-def run_distributed(args: list[str], nproc: int = 2, timeout: int = 420) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node N -m rlhfkit ARGS`` on CPU (gloo)."""
+def run_distributed(args: list[str], nproc: int = 2, timeout: int = 420, module: str = "rlhfkit",
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS`` on CPU (gloo).
+
+    ``module``: ``rlhfkit`` (the CLI) or a module of tests/ that wraps it; ``env``: extra variables.
+    """
+    path = os.pathsep.join([str(REPO / "src"), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=path, **(env or {}))
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes talking over gloo, like the single-process run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "rlhfkit", *map(str, args)]
+           "-m", module, *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

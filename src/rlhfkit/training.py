@@ -42,13 +42,19 @@ def seed_everything(seed: int, process_index: int = 0) -> None:
     torch.manual_seed(s)
 
 
-def make_accelerator():
+def make_accelerator(micro_batch_size: int = 1):
     from accelerate import Accelerator
 
     # step_scheduler_with_optimizer=False: by default accelerate steps a prepared scheduler
     # num_processes times per optimizer step (it assumes the step count was computed per
     # process); our StepPlan already counts optimizer steps of the global batch.
-    return Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None and deepspeed.is_auto("train_micro_batch_size_per_gpu"):
+        # DeepSpeed reads its micro-batch size from a prepared DataLoader; rlhfkit prepares none
+        # (StepPlan picks the examples), so it is told --batch-size (only its bookkeeping uses it)
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    return accelerator
 
 
 @dataclass
@@ -78,7 +84,7 @@ class Run:
 def start_run(cfg) -> Run:
     """Accelerator, seeds, output folder, resolved config saved as config.yaml. Use it as
     ``with start_run(cfg) as run:`` to close the metrics sinks at the end."""
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(getattr(cfg, "batch_size", 1))
     seed_everything(cfg.seed, accelerator.process_index)
     output = Path(cfg.output)
     if accelerator.is_main_process:

@@ -83,8 +83,8 @@ def recorder(monkeypatch):
 
     make_accelerator = training.make_accelerator
 
-    def accelerator():
-        acc = make_accelerator()
+    def accelerator(*args, **kwargs):
+        acc = make_accelerator(*args, **kwargs)
         rec.accelerators.append(acc)
         return acc
 

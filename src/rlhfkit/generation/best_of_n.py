@@ -67,7 +67,7 @@ def best_of_n(model, tokenizer, prompts: list, reward: Callable | str, n: int,
     if isinstance(reward, str):
         from rlhfkit.rl.rewards import load_reward
 
-        reward = load_reward(reward)
+        reward = load_reward(reward, device=next(model.parameters()).device)  # beside the policy
     params = replace(params or SamplingParams(strategy="sample"), n=n)
     completions = generate_chat(model, tokenizer, prompts, params, batch_size, max_prompt_length)
     return select_best(completions, score_completions(reward, prompts, completions))

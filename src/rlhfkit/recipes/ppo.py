@@ -357,6 +357,13 @@ def minibatch_loss(model, batch: Rollout, advantages: Tensor, returns: Tensor | 
     return loss * tokens, {"tokens": tokens, **weighted}
 
 
+def total_over_processes(run: Run, local: Tensor) -> float:
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return float(local)
+    return float(acc.reduce(local.to(acc.device), reduction="sum"))
+
+
 def update(run: Run, model, optimizer, scheduler, batch: Rollout, advantages: Tensor, returns: Tensor | None,
            cfg: Config, kl_coef: float, iteration: int) -> dict[str, float]:
     """--ppo-epochs passes over seeded random minibatches; one optimizer step per minibatch.
@@ -382,7 +389,9 @@ def update(run: Run, model, optimizer, scheduler, batch: Rollout, advantages: Te
                 return minibatch_loss(model, batch.select(piece), advantages[piece],
                                       None if returns is None else returns[piece], cfg, kl_coef)
 
-            tokens = float(batch.response_mask[index].sum())
+            # the count over every process's minibatch: N processes then take the step one process takes on
+            # the union of their samples (a per-process count would weight a process's tokens by its length)
+            tokens = total_over_processes(run, batch.response_mask[index].sum())
             stats = optimizer_step(run, model, optimizer, scheduler, pieces, loss_fn, normalizer=tokens,
                                    max_grad_norm=cfg.max_grad_norm)
             grad_norms.append(stats.pop("grad_norm"))
