@@ -179,8 +179,8 @@ def quantization_config(bits: int, dtype: str):
     """transformers' ``BitsAndBytesConfig`` for QLoRA.
 
     4 bits: NF4 weights with double quantization (the QLoRA paper's recipe), computing in
-    ``dtype`` when it is a 16-bit type and in bfloat16 otherwise (a float32 compute would undo
-    the memory saving of the activations); 8 bits: LLM.int8().
+    ``dtype`` when it is a 16-bit type and in bfloat16 otherwise (float32 compute is slower and
+    keeps float32 activations); 8 bits: LLM.int8().
     """
     import torch
     from transformers import BitsAndBytesConfig
@@ -254,8 +254,8 @@ def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, targets: str = "
                task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with LoRA adapters (peft); the base weights stay frozen.
 
-    The adapter weights are float32 whatever the base dtype (peft's ``autocast_adapter_dtype``):
-    a bfloat16 adapter would round away the small updates it is trained with.
+    The adapter weights are float32 whatever the base dtype (peft's ``autocast_adapter_dtype``,
+    the usual choice for stable training on bfloat16 or quantized base weights).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -294,7 +294,7 @@ def enable_gradient_checkpointing(model) -> None:
         return contextlib.nullcontext(), _attention_implementation(config, config._attn_implementation)
 
     kwargs = {"use_reentrant": False, "context_fn": same_attention_on_recompute}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 (the old name warns)
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers, where the old name warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
