@@ -2,9 +2,14 @@
 
 A config class is a ``@dataclass`` whose fields are declared with :func:`arg` (the help text is
 the field's documentation and the ``--help`` text). Values are resolved in the order
-dataclass default < ``--config file.yaml`` < command-line flags, checked by the class's
-``validate()`` (which returns a list of problems) before any model is loaded, and saved next to
-the outputs as ``config.yaml`` by :func:`save_config`.
+dataclass default < ``--config file.yaml`` < command-line flags, checked by :func:`validated`
+(types, then the class's ``validate()``, which returns a list of problems) before any model is
+loaded, and saved next to the outputs as ``config.yaml`` by :func:`save_config`.
+
+One concept has one flag name in every command (``--model``, ``--data``, ``--prompts``,
+``--samples-per-prompt``, ``--generation-batch-size``, ``--ref-model``, ...). A renamed flag
+stays accepted as a hidden alias (``arg(..., aliases=("policy",))``): on the command line and
+as a key of a ``--config`` file it sets the new field and prints one deprecation note.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -25,28 +31,37 @@ from rlhfkit.errors import InputError
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, positional: bool = False,
-        default_factory: Any = dataclasses.MISSING) -> Any:
+        default_factory: Any = dataclasses.MISSING, aliases: tuple[str, ...] = ()) -> Any:
     """Declare a config field: its default and its documentation (the ``--help`` text).
 
     ``positional=True`` makes it a positional command-line argument (e.g. ``label import FILE``).
+    ``aliases``: former names of the field (snake_case). ``--former-name`` and a ``former_name:``
+    key in a ``--config`` file still set it, hidden from ``--help``, with a deprecation note.
     """
-    meta = {"help": help, "positional": positional}
+    meta = {"help": help, "positional": positional, "aliases": tuple(aliases)}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------
-# Shared pieces: the flags every training command has.
+# Shared pieces: the flags every training command has, the words every command uses.
 # --------------------------------------------------------------------------------------------
 
 DATA_CONFIG_HELP = ("Configuration (subset) of the Hugging Face dataset ids in this command's data flags "
                     "(datasets.load_dataset's `name`); local files ignore it.")
+PROMPTS_HELP = ("Prompts: records {\"prompt\": str | messages} or {\"messages\": [...]} in a .jsonl/.json/.parquet "
+                "file, a saved `datasets` folder, a Hugging Face dataset id or a mixture (docs/data.md).")
+GENERATION_BATCH_HELP = "Prompts per generate call (each prompt gives --samples-per-prompt rows)."
 
 
 @dataclass
 class TrainConfig:
     """Flags common to every training command (sft, rm, dpo, ppo, ...)."""
+
+    # The field holding the command's input, the one it requires: ``data`` (training records), or
+    # ``prompts`` for the commands that sample their own completions (ppo, rejection-sampling).
+    input_field: ClassVar[str] = "data"
 
     model: str = arg("smollm2-135m", "Model: a local path, a hub id, or an embedded name "
                      "(smollm2-135m, minilm-l6).")
@@ -99,8 +114,8 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         problems = []
-        if not self.data:
-            problems.append("--data is required")
+        if not getattr(self, self.input_field):
+            problems.append(f"--{flag(self.input_field)} is required")
         if not self.output:
             problems.append("--output is required")
         for name in ("batch_size", "grad_accum", "logging_steps", "max_length"):
@@ -122,7 +137,8 @@ class TrainConfig:
         problems += self._quantization_problems()
         if _looks_local(self.model) and not os.path.exists(os.path.expanduser(self.model)):
             problems.append(f"--model: no such file or directory: {self.model}")
-        problems += check_data_flag("data", self.data, required=False)  # required: checked first
+        # required: checked first
+        problems += check_data_flag(self.input_field, getattr(self, self.input_field), required=False)
         problems += check_data_flag("eval_data", self.eval_data, required=False)
         return problems
 
@@ -183,14 +199,41 @@ def _converter(tp: Any):
     return tp, None
 
 
+def config_aliases(cls: type) -> dict[str, str]:
+    """Former option name -> field name, from the ``aliases`` of the class's fields."""
+    options = {f.name for f in dataclasses.fields(cls) if f.init}
+    aliases: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        for alias in f.metadata.get("aliases", ()) if f.init else ():
+            if alias in options or alias in aliases:
+                raise TypeError(f"{cls.__name__}: {alias!r}, an alias of {f.name!r}, is already an option")
+            aliases[alias] = f.name
+    return aliases
+
+
+def _flag_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    """How argparse reads an option of type ``tp`` (its type or action, choices, nargs)."""
+    base, _ = _unwrap_optional(tp)
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    conv, choices = _converter(tp)
+    kwargs: dict[str, Any] = {"type": conv, "metavar": f.name.upper() if not choices else None}
+    if choices:
+        kwargs["choices"] = choices
+    if typing.get_origin(base) in (list, tuple):
+        kwargs["nargs"] = "*"
+    return kwargs
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of ``cls`` (kebab-case), with the field's help and choices."""
+    """Add one flag per field of ``cls`` (kebab-case), with the field's help and choices, and
+    a hidden flag per former name of a field (see :func:`arg`)."""
     hints = typing.get_type_hints(cls)
+    config_aliases(cls)  # a clash between an alias and an option is a programming error: fail here
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
-        base, _ = _unwrap_optional(tp)
         help_text = f.metadata.get("help", "").replace("%", "%%")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -200,21 +243,43 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                                 nargs="?" if default not in (None, dataclasses.MISSING) else None,
                                 default=argparse.SUPPRESS)
             continue
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": f"{help_text} (default: {default!r})"}
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            conv, choices = _converter(tp)
-            kwargs["type"] = conv
-            if choices:
-                kwargs["choices"] = choices
-            if typing.get_origin(base) in (list, tuple):
-                kwargs["nargs"] = "*"
-            kwargs["metavar"] = f.name.upper() if not choices else None
-        parser.add_argument(f"--{flag(f.name)}", **kwargs)
+        kwargs = _flag_kwargs(f, tp)
+        parser.add_argument(f"--{flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
+                            help=f"{help_text} (default: {default!r})", **kwargs)
+        for alias in f.metadata.get("aliases", ()):
+            parser.add_argument(f"--{flag(alias)}", dest=alias, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                                **kwargs)
     parser.add_argument("--config", dest="__config_file", default=argparse.SUPPRESS,
                         help="A YAML file of values; flags given on the command line override it.")
+
+
+def _blank(value: Any) -> bool:
+    return value is None or value == "" or value == []
+
+
+def _resolve_aliases(values: dict[str, Any], aliases: dict[str, str], source: str | None = None
+                     ) -> tuple[dict[str, Any], list[str]]:
+    """``values`` with every former option name replaced by its field's name.
+
+    Prints one note per former name used (``source``: the config file they came from; None: the
+    command line). The former and the new name with different values is a problem, unless one is
+    blank (an older ppo config.yaml saved the spelling it did not use as '').
+    """
+    resolved = {key: value for key, value in values.items() if key not in aliases}
+    problems = []
+    for key, value in values.items():
+        if key not in aliases:
+            continue
+        name = aliases[key]
+        old, new = (f"--{flag(key)}", f"--{flag(name)}") if source is None else (key, name)
+        where = "" if source is None else f"{source}: "
+        print(f"note: {where}{old} is deprecated; use {new}", file=sys.stderr)
+        if name in resolved and not _blank(resolved[name]) and not _blank(value) and resolved[name] != value:
+            problems.append(f"{where}{old} {value!r} contradicts {new} {resolved[name]!r} "
+                            f"({old} is its former name)")
+        elif name not in resolved or _blank(resolved[name]):
+            resolved[name] = value
+    return resolved, problems
 
 
 def _check_type(name: str, value: Any, tp: Any) -> tuple[Any, str | None]:
@@ -259,6 +324,7 @@ def build_config(cls: type, values: dict[str, Any], config_file: str | None = No
     merged: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    aliases = config_aliases(cls)
     if config_file:
         try:
             loaded = yaml.safe_load(Path(config_file).read_text()) or {}
@@ -268,28 +334,59 @@ def build_config(cls: type, values: dict[str, Any], config_file: str | None = No
             raise InputError(f"{config_file}: invalid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise InputError(f"{config_file}: expected a mapping of option names to values")
+        from_file = {}
         for key, value in loaded.items():
             key_name = str(key).replace("-", "_")
-            if key_name not in names:
+            if key_name not in names and key_name not in aliases:
                 problems.append(f"{config_file}: unknown option '{key}'")
             else:
-                merged[key_name] = value
-    merged.update(values)
+                from_file[key_name] = value
+        merged, alias_problems = _resolve_aliases(from_file, aliases, config_file)
+        problems += alias_problems
+    given, alias_problems = _resolve_aliases(values, aliases)
+    problems += alias_problems
+    merged.update(given)
     for key in list(merged):
         merged[key], problem = _check_type(f"--{flag(key)}", merged[key], hints[key])
-        if problem:
+        if problem:  # validated below with its default instead, so that every problem is reported at once
             problems.append(problem)
+            del merged[key]
     missing = [f.name for f in dataclasses.fields(cls)
                if f.init and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING and f.name not in merged]
-    problems += [f"{flag(m)} is required" for m in missing]
+    if missing:
+        raise InputError(problems + [f"{flag(m)} is required" for m in missing])
+    cfg = cls(**merged)
+    try:
+        validated(cfg)
+    except InputError as e:
+        problems += e.problems
     if problems:
         raise InputError(problems)
-    cfg = cls(**merged)
-    if hasattr(cfg, "validate"):
+    return cfg
+
+
+def validated(cfg: Any) -> Any:
+    """``cfg`` itself, once its values have their declared types (converted where the command line
+    would convert them) and its ``validate()`` finds no problem; otherwise :class:`InputError`
+    listing every problem.
+
+    Every command's ``main`` calls it first, so that a config built in Python
+    (``main(Config(...))``) is checked like one from the command line, before any model is loaded.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    problems = []
+    for f in dataclasses.fields(cfg):
+        if f.init and getattr(cfg, f.name) is not f.default:  # a declared default is trusted
+            value, problem = _check_type(f"--{flag(f.name)}", getattr(cfg, f.name), hints[f.name])
+            if problem:
+                problems.append(problem)
+            else:
+                setattr(cfg, f.name, value)  # the accepted conversions: 1 -> 1.0, "1e-5" -> 1e-05
+    if not problems and hasattr(cfg, "validate"):
         problems = list(cfg.validate())
-        if problems:
-            raise InputError(problems)
+    if problems:
+        raise InputError(problems)
     return cfg
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -34,24 +35,27 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
-    def problems(self) -> list[str]:
+    def problems(self, names: Mapping[str, str] | None = None) -> list[str]:
+        """What is wrong with these parameters, one line each. ``names``: how the caller spells
+        a field in its messages (e.g. ``{"n": "--samples-per-prompt"}``); default: the field name."""
+        name = {f.name: f.name for f in fields(self)} | dict(names or {})
         out = []
         if self.max_new_tokens < 1:
-            out.append("max_new_tokens must be >= 1")
+            out.append(f"{name['max_new_tokens']} must be >= 1")
         if self.strategy == "sample" and self.temperature <= 0:
-            out.append("temperature must be > 0 for sampling (use the greedy strategy instead)")
+            out.append(f"{name['temperature']} must be > 0 for sampling (use the greedy strategy instead)")
         if not 0 < self.top_p <= 1:
-            out.append("top_p must be in (0, 1]")
+            out.append(f"{name['top_p']} must be in (0, 1]")
         if self.top_k < 0:
-            out.append("top_k must be >= 0")
+            out.append(f"{name['top_k']} must be >= 0")
         if not 0 <= self.min_p < 1:
-            out.append("min_p must be in [0, 1)")
+            out.append(f"{name['min_p']} must be in [0, 1)")
         if self.repetition_penalty <= 0:
-            out.append("repetition_penalty must be > 0")
+            out.append(f"{name['repetition_penalty']} must be > 0")
         if self.n < 1:
-            out.append("n must be >= 1")
+            out.append(f"{name['n']} must be >= 1")
         if self.strategy == "beam" and self.num_beams < max(1, self.n):
-            out.append("num_beams must be >= n for beam search")
+            out.append(f"{name['num_beams']} must be >= {name['n']} for beam search")
         return out
 
 
@@ -145,7 +149,8 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: Sampling
     return out
 
 
-DECODING_DTYPES = ("auto", "float32", "bfloat16")
+DecodingDtype = Literal["auto", "float32", "bfloat16"]
+DECODING_DTYPES = get_args(DecodingDtype)
 """The values :func:`decoding_copy` accepts."""
 
 
