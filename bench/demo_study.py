@@ -117,7 +117,7 @@ def ppo_run(name: str, rm_dir: str, overrides: list[str]) -> None:
 
     fields = ppo.Config.__dataclass_fields__
     given = dict(o.split("=", 1) for o in overrides)
-    settings = dict(policy="smollm2-135m", reward=rm_dir, prompts=str(WORK / "prompts_train.jsonl"),
+    settings = dict(model="smollm2-135m", reward=rm_dir, prompts=str(WORK / "prompts_train.jsonl"),
                     output=str(WORK / f"ppo_{name}"), max_steps=14, batch_size=16, max_new_tokens=MAX_NEW_TOKENS,
                     temperature=TEMPERATURE, seed=0, lr=3e-5, value_lr=1e-3, kl_coef=0.05, ppo_epochs=1,
                     minibatch_size=8, warmup_ratio=0.0, lr_schedule="constant", sample_every=0, progress=False)

@@ -61,7 +61,8 @@ def test_unknown_command_exits_2(capsys):
 
 
 def test_unknown_flag_and_unparsable_value_exit_2(capsys, tmp_path):
-    for argv in (["sft", "--no-such-flag"], ["sft", "--batch-size", "four"], ["rm", "--dtype", "float64"]):
+    for argv in (["sft", "--no-such-flag"], ["sft", "--batch-size", "four"], ["rm", "--dtype", "float64"],
+                 ["rm", "--ranking-loss", "best-of"], ["demo", "--sample-dtype", "float16"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -73,8 +74,7 @@ def test_unknown_flag_and_unparsable_value_exit_2(capsys, tmp_path):
     ("sft", ["--batch-size", "0"], "error: --batch-size must be >= 1 (got 0)"),
     ("sft", ["--merge-lora"], "error: --merge-lora needs --lora-r > 0"),
     ("sft", ["--warmup-ratio", "1"], "error: --warmup-ratio must be in [0, 1) (got 1.0)"),
-    ("rm", ["--ranking-loss", "best-of"], "error: --ranking-loss: 'best-of' is not one of pairs, listwise, "
-                                          "plackett-luce"),
+    ("rm", ["--lr", "0"], "error: --lr must be > 0 (got 0.0)"),
     ("rm", ["--eval-data", "missing.jsonl"], "error: --eval-data: no such file or directory: missing.jsonl"),
 ])
 def test_bad_values_exit_2_before_any_model_is_loaded(run_cli, no_model_loading, sft_toy, tiny_lm, tmp_path,
@@ -121,3 +121,47 @@ def test_saved_config_reruns_with_config_flag(run_cli, tiny_lm, sft_toy, tmp_pat
     # same config, same seed: the same run
     assert [r["loss"] for r in read_metrics(first)] == pytest.approx([r["loss"] for r in read_metrics(second)],
                                                                      abs=1e-6)
+
+
+# Per command: a config built in Python that its validation refuses, and one problem it reports.
+INVALID_IN_PYTHON = {
+    "demo": ({"annotator_temperature": 0.0}, "--annotator-temperature must be > 0"),
+    "sft": ({"output": "{out}"}, "--data is required"),
+    "rm": ({"output": "{out}", "data": "{missing}"}, "--data: no such file or directory"),
+    "inspect-data": ({}, "--data is required"),
+    "ppo": ({"output": "{out}", "reward": "{missing}.py:f"}, "--prompts is required"),
+    "dpo": ({"output": "{out}", "beta": 0.0}, "--beta must be > 0"),
+    "generate": ({"output": "{out}", "prompts": "{missing}"}, "--prompts: no such file or directory"),
+    "rejection-sampling": ({"output": "{out}"}, "--prompts is required"),
+    "serve": ({"port": 70000}, "--port must be in 0..65535"),
+    "eval-rm": ({"model": "m"}, "--model and --ref-model go together"),
+    "judge": ({"output": "{out}"}, "no candidates"),
+    "arena": ({"output": "{out}"}, "--battles is required"),
+    "eval-frontier": ({"samples_per_prompt": 0}, "--run is required"),
+    "label serve": ({"port": -1}, "--port must be in 0..65535"),
+    "label add-user": ({"name": " "}, "NAME is required"),
+    "label import": ({"file": "{missing}"}, "no such file"),
+    "label export": ({"db": "{missing}"}, "--output is required"),
+}
+
+
+def test_every_command_is_listed_for_the_validation_test():
+    assert set(INVALID_IN_PYTHON) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_main_validates_a_config_built_in_python(name, no_model_loading, tmp_path, monkeypatch):
+    """``main(Config(...))`` refuses a bad config before it loads a model or writes anything."""
+    from rlhfkit.cli import _load
+    from rlhfkit.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    config_cls, run = _load(COMMANDS[name][0])
+    values, message = INVALID_IN_PYTHON[name]
+    paths = {"out": str(tmp_path / "out"), "missing": str(tmp_path / "missing.jsonl")}
+    cfg = config_cls(**{k: v.format(**paths) if isinstance(v, str) else v for k, v in values.items()})
+    with pytest.raises(InputError) as e:
+        run(cfg)
+    assert any(message in p for p in e.value.problems), e.value.problems
+    assert no_model_loading == []
+    assert list(tmp_path.iterdir()) == []

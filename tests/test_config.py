@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhfkit.config import TrainConfig, add_config_arguments, build_config, parse_config, save_config
+from rlhfkit.config import TrainConfig, add_config_arguments, arg, build_config, parse_config, save_config
 from rlhfkit.errors import InputError
 from rlhfkit.recipes import rm as rm_recipe
 from rlhfkit.recipes import sft as sft_recipe
@@ -136,8 +136,10 @@ def test_invalid_and_inconsistent_values(data_file, tmp_path, flags, message):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("ranking_loss: best\n")  # on the command line, argparse itself refuses a choice
     with pytest.raises(InputError) as e:
-        parse_config(rm_recipe.Config, ["--batch-size", "0", "--lr", "-1", "--ranking-loss", "best"])
+        parse_config(rm_recipe.Config, ["--batch-size", "0", "--lr", "-1", "--config", str(config)])
     problems = e.value.problems
     assert "--data is required" in problems and "--output is required" in problems
     assert "--batch-size must be >= 1 (got 0)" in problems
@@ -174,3 +176,112 @@ def test_build_config_reports_required_fields_without_defaults():
         build_config(Needs, {"count": 2})
     assert e.value.problems == ["name is required"]
     assert build_config(Needs, {"name": "a"}) == Needs("a", 1)
+
+
+# ------------------------------------------------------------------------- former flag names
+
+
+@dataclasses.dataclass
+class Renamed:
+    """A command whose flags were renamed: --policy is now --model, --n --samples-per-prompt."""
+
+    model: str = arg("m0", "The model.", aliases=("policy",))
+    samples_per_prompt: int = arg(1, "Completions per prompt.", aliases=("n",))
+    seed: int = arg(0, "Seed.")
+
+    def validate(self) -> list[str]:
+        return [] if self.samples_per_prompt >= 1 else ["--samples-per-prompt must be >= 1"]
+
+
+def test_a_former_flag_sets_the_new_field_with_one_note(capsys):
+    cfg = parse_config(Renamed, ["--policy", "p", "--n", "3"])
+    assert (cfg.model, cfg.samples_per_prompt) == ("p", 3)
+    assert capsys.readouterr().err.splitlines() == ["note: --policy is deprecated; use --model",
+                                                    "note: --n is deprecated; use --samples-per-prompt"]
+    assert parse_config(Renamed, ["--model", "p"]).model == "p"
+    assert capsys.readouterr().err == ""  # the new names print nothing
+    with pytest.raises(InputError) as e:  # the former name is validated as the new one
+        parse_config(Renamed, ["--n", "0"])
+    assert e.value.problems == ["--samples-per-prompt must be >= 1"]
+
+
+def test_former_flags_are_hidden_from_help():
+    text = _parser(Renamed).format_help()
+    assert "--model" in text and "--samples-per-prompt" in text
+    assert "--policy" not in text and "--n " not in text and "--n\n" not in text
+
+
+def test_a_former_and_a_new_flag_that_disagree_are_an_error(capsys):
+    with pytest.raises(InputError) as e:
+        parse_config(Renamed, ["--policy", "a", "--model", "b"])
+    assert e.value.problems == ["--policy 'a' contradicts --model 'b' (--policy is its former name)"]
+    assert parse_config(Renamed, ["--policy", "a", "--model", "a"]).model == "a"  # agreeing is fine
+
+
+def test_a_former_flag_that_contradicts_its_new_name_exits_2(run_cli, no_model_loading, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    result = run_cli("generate", "--prompts", prompts, "--output", tmp_path / "o.jsonl", "--n", "2",
+                     "--samples-per-prompt", "3")
+    assert result.code == 2
+    assert result.errors == ["error: --n 2 contradicts --samples-per-prompt 3 (--n is its former name)"]
+    assert "note: --n is deprecated; use --samples-per-prompt" in result.err
+    assert no_model_loading == []
+
+
+def test_a_former_key_in_a_config_file(tmp_path, capsys):
+    config = tmp_path / "old.yaml"
+    config.write_text("policy: p\nn: 2\n")
+    cfg = parse_config(Renamed, ["--config", str(config)])
+    assert (cfg.model, cfg.samples_per_prompt) == ("p", 2)
+    assert capsys.readouterr().err.splitlines() == [f"note: {config}: policy is deprecated; use model",
+                                                    f"note: {config}: n is deprecated; use samples_per_prompt"]
+    assert parse_config(Renamed, ["--config", str(config), "--model", "q"]).model == "q"  # the flag still wins
+    config.write_text("policy: p\nmodel: q\n")
+    with pytest.raises(InputError) as e:
+        parse_config(Renamed, ["--config", str(config)])
+    assert e.value.problems == [f"{config}: policy 'p' contradicts model 'q' (policy is its former name)"]
+
+
+def test_a_ppo_config_yaml_of_the_former_version_still_loads(tmp_path):
+    """It saved both spellings, the unused one blank: policy/model, prompts/data, rollout_batch_size."""
+    from rlhfkit.recipes import ppo
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    reward = tmp_path / "r.py"
+    reward.write_text("def f(prompts, completions):\n    return [0.0] * len(completions)\n")
+    old = {"policy": "smollm2-135m", "model": "", "prompts": str(prompts), "data": "", "reward": f"{reward}:f",
+           "output": str(tmp_path / "o"), "rollout_batch_size": 4, "samples_per_prompt": 2}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(old))
+    cfg = parse_config(ppo.Config, ["--config", str(config)])
+    assert (cfg.model, cfg.prompts, cfg.generation_batch_size) == ("smollm2-135m", str(prompts), 4)
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "again").read_text())
+    assert saved["model"] == "smollm2-135m" and saved["generation_batch_size"] == 4
+    assert not {"policy", "data", "rollout_batch_size"} & set(saved)  # saved with the new names only
+    assert parse_config(ppo.Config, ["--config", str(tmp_path / "again" / "config.yaml")]) == cfg
+
+
+def test_an_alias_that_is_also_an_option_is_a_programming_error():
+    @dataclasses.dataclass
+    class Clash:
+        model: str = arg("", "x", aliases=("seed",))
+        seed: int = arg(0, "y")
+
+    with pytest.raises(TypeError, match="'seed', an alias of 'model', is already an option"):
+        _parser(Clash)
+
+
+def test_validated_checks_a_config_built_in_python():
+    from rlhfkit.config import validated
+
+    cfg = Renamed(model="x", samples_per_prompt=2)
+    assert validated(cfg) is cfg
+    with pytest.raises(InputError) as e:
+        validated(Renamed(samples_per_prompt=0))
+    assert e.value.problems == ["--samples-per-prompt must be >= 1"]
+    with pytest.raises(InputError) as e:  # types too, as on the command line
+        validated(Renamed(samples_per_prompt="two", seed=1.5))
+    assert e.value.problems == ["--samples-per-prompt: expected int, got 'two'", "--seed: expected int, got 1.5"]
+    assert validated(Renamed(samples_per_prompt="2")).samples_per_prompt == 2  # converted as a flag's text is

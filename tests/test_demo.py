@@ -9,6 +9,7 @@ import json
 import pytest
 
 from rlhfkit.cli import main
+from rlhfkit.errors import InputError
 
 
 @pytest.mark.slow
@@ -77,8 +78,10 @@ def test_best_of_n_leave_one_out_picks_among_the_other_replies():
     assert out["win_rate"].win_rate == pytest.approx((0.5 + 0.5) / 2)
 
 
-def test_a_bad_sample_dtype_exits_2_before_any_model_is_loaded(run_cli, no_model_loading, tmp_path):
-    result = run_cli("demo", "--sample-dtype", "float16", "--output", tmp_path / "out")
-    assert result.code == 2
-    assert result.errors == ["error: --sample-dtype must be auto, float32 or bfloat16 (got float16)"]
+def test_a_bad_sample_dtype_is_refused_before_any_model_is_loaded(no_model_loading, tmp_path):
+    from rlhfkit import demo
+
+    with pytest.raises(InputError) as e:
+        demo.main(demo.Config(sample_dtype="float16", output=str(tmp_path / "out")))
+    assert e.value.problems == ["--sample-dtype: 'float16' is not one of auto, float32, bfloat16"]
     assert no_model_loading == [] and not (tmp_path / "out").exists()

@@ -69,7 +69,7 @@ def test_rloo_with_two_processes_equals_one_with_the_same_global_batch(run_cli, 
 
     reward = write_text(tmp_path / "reward.py", REWARD)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say something {i}"} for i in range(8)])
-    common = ["ppo", "--algo", "rloo", "--policy", tiny_lm, "--reward", f"{reward}:lower", "--prompts", prompts,
+    common = ["ppo", "--algo", "rloo", "--model", tiny_lm, "--reward", f"{reward}:lower", "--prompts", prompts,
               "--samples-per-prompt", "2", "--max-new-tokens", "6", "--max-steps", "2", "--ppo-epochs", "2",
               "--lr", "1e-2", "--sample-every", "0", "--no-progress"]
     single, double = tmp_path / "one", tmp_path / "two"

@@ -29,9 +29,10 @@ from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
-from rlhfkit.config import arg
+from rlhfkit.config import arg, validated
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.errors import InputError
+from rlhfkit.generation.decoding import DecodingDtype
 
 if TYPE_CHECKING:
     from rlhfkit.recipes.ppo import PPOResult
@@ -52,16 +53,13 @@ class Config:
                                        "probability sigmoid((s_A - s_B) / T) on VADER scores.")
     ppo_steps: int = arg(0, "PPO iterations (0: the preset, 3 with --quick).")
     skip_dpo: bool = arg(False, "Skip the DPO and best-of-N comparison.")
-    sample_dtype: str = arg("auto", "Precision of the copy that preference and evaluation replies are sampled from: "
-                            "auto (bfloat16 on a CPU with native bfloat16, about twice as fast), float32 or "
-                            "bfloat16. Log-probs and KL are always float32; PPO's rollouts are the policy's own.")
+    sample_dtype: DecodingDtype = arg(
+        "auto", "Precision of the copy that preference and evaluation replies are sampled from: auto (bfloat16 on "
+        "a CPU with native bfloat16, about twice as fast), float32 or bfloat16. Log-probs and KL are always "
+        "float32; PPO's rollouts are the policy's own.")
 
     def validate(self) -> list[str]:
         problems = []
-        from rlhfkit.generation.decoding import DECODING_DTYPES
-
-        if self.sample_dtype not in DECODING_DTYPES:
-            problems.append(f"--sample-dtype must be auto, float32 or bfloat16 (got {self.sample_dtype})")
         if self.annotator_temperature <= 0:
             problems.append("--annotator-temperature must be > 0")
         if self.ppo_steps < 0:
@@ -84,7 +82,7 @@ class Preset:
     # K replies per preference prompt, all K(K-1)/2 pairs judged (InstructGPT): at the same
     # generation cost, 96 prompts x 4 replies (576 pairs) give a reward model whose scores
     # correlate 0.58 with the oracle vs 0.43 for 192 prompts x 2 replies (measured, docs/demo.md)
-    responses_per_prompt: int = 4
+    samples_per_prompt: int = 4
     # One sampling temperature everywhere (preferences, PPO, evaluation), so every KL reported is
     # the KL of the policy as it samples. 0.7 is TRL's default for online RL; at 1.0 the 135M model
     # writes enough gibberish that a MiniLM reward model trained on ~200 pairs learns mostly noise
@@ -143,7 +141,7 @@ def timed(name: str, results: Results):
 
 
 def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset: Preset, seed: int) -> list[dict]:
-    """``preset.responses_per_prompt`` replies per prompt sampled from ``model`` (the initial policy
+    """``preset.samples_per_prompt`` replies per prompt sampled from ``model`` (the initial policy
     or its decoding copy) and every pair of them judged by the annotator (InstructGPT's K-wise
     comparisons: K replies give K(K-1)/2 pairs for the cost of generating K); identical or empty
     replies are not compared. Pairs of one prompt are consecutive."""
@@ -152,9 +150,9 @@ def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset:
     from rlhfkit.generation.decoding import SamplingParams, generate_chat
 
     params = SamplingParams(strategy="sample", temperature=preset.temperature, max_new_tokens=preset.max_new_tokens,
-                            n=preset.responses_per_prompt, seed=seed)
+                            n=preset.samples_per_prompt, seed=seed)
     pairs = []
-    chunk_size = 64 // preset.responses_per_prompt  # 64 rows per generate call: small batches are overhead-bound
+    chunk_size = 64 // preset.samples_per_prompt  # 64 rows per generate call: small batches are overhead-bound
     for start in tqdm(range(0, len(prompts), chunk_size), desc="preferences", dynamic_ncols=True):
         chunk = prompts[start:start + chunk_size]
         for prompt, replies in zip(chunk, generate_chat(model, tokenizer, chunk, params, batch_size=chunk_size)):
@@ -385,7 +383,7 @@ def main(cfg: Config) -> int:
     from rlhfkit.data.annotators import VaderSentiment, vader_annotator
     from rlhfkit.training import seed_everything
 
-    preset = QUICK if cfg.quick else DEFAULT
+    preset = QUICK if validated(cfg).quick else DEFAULT
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
@@ -608,7 +606,7 @@ def run_ppo(cfg: Config, preset: Preset, steps: int, prompts: Path, rm_dir: Path
     from rlhfkit.recipes import ppo
     from rlhfkit.training import start_run
 
-    ppo_cfg = ppo.Config(policy=cfg.model, reward=str(rm_dir), prompts=str(prompts), output=str(ppo_dir),
+    ppo_cfg = ppo.Config(model=cfg.model, reward=str(rm_dir), prompts=str(prompts), output=str(ppo_dir),
                          max_steps=steps, batch_size=preset.ppo_batch, max_new_tokens=preset.max_new_tokens,
                          temperature=preset.temperature, seed=cfg.seed, save_steps=preset.checkpoint_every,
                          save_total_limit=1, lr=preset.ppo_lr, value_lr=preset.value_lr, kl_coef=preset.kl_coef,

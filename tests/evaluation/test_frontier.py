@@ -20,12 +20,12 @@ def test_frontier_over_ppo_checkpoints(run_cli, one_thread, tiny_lm, tmp_path):
     reward = write_text(tmp_path / "reward.py", REWARD)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say something {i}"} for i in range(8)])
     run = tmp_path / "ppo"
-    result = run_cli("ppo", "--policy", tiny_lm, "--reward", f"{reward}:lower", "--prompts", prompts,
+    result = run_cli("ppo", "--model", tiny_lm, "--reward", f"{reward}:lower", "--prompts", prompts,
                      "--output", run, "--max-new-tokens", 8, "--no-progress", "--max-steps", 2,
                      "--batch-size", 4, "--save-steps", 1, "--lr", "3e-3", "--seed", 1)
     assert result.code == 0, result.err
     result = run_cli("eval-frontier", "--run", run, "--oracle", f"{reward}:length", "--limit", 8,
-                     "--max-new-tokens", 8, "--n", 2)
+                     "--max-new-tokens", 8, "--samples-per-prompt", 2)
     assert result.code == 0, result.err
     data = json.loads((run / "frontier" / "frontier.json").read_text())
     steps = [p["step"] for p in data["points"]]

@@ -248,7 +248,7 @@ def test_winrate_mode_and_json_battles(tmp_path):
     model = _answers(tmp_path / "m.jsonl", "model", "long " * 20, n=5)
     ref = _answers(tmp_path / "r.jsonl", "ref", "short", n=5)
     battles = tmp_path / "b.json"
-    cfg = _cfg(tmp_path, mode="winrate", answers=[model, ref], reference_model="ref", limit=5,
+    cfg = _cfg(tmp_path, mode="winrate", answers=[model, ref], baseline="ref", limit=5,
                emit_battles=str(battles))
     # model wins when shown first, ties when second: 5 wins... judged per (question, turn)
     judge = ScriptedJudge(["[[A]]", "[[B]]"])  # game 1 X=A wins, game 2 X=B wins -> consistent
@@ -297,12 +297,12 @@ def test_missing_answers_are_skipped_and_counted(tmp_path):
     ([], "no candidates"),
     (["--answers", "nope.jsonl"], "--answers: no such file"),
     (["--answers", "{a}", "--emit-battles", "b.jsonl"], "--emit-battles needs --mode pairwise"),
-    (["--answers", "{a}", "--mode", "winrate"], "--mode winrate needs --reference-model"),
+    (["--answers", "{a}", "--mode", "winrate"], "--mode winrate needs --baseline"),
     (["--answers", "{a}", "--judge-url", "http://x/v1"], "--judge-url needs --judge-model"),
     (["--answers", "{a}", "--mode", "pairwise", "--judge-url", "http://x/v1", "--judge-model", "j"],
      "needs at least two candidates"),
-    (["--answers", "{a}", "--mode", "winrate", "--reference-model", "zz", "--judge-url",
-      "http://x/v1", "--judge-model", "j"], "--reference-model 'zz' is not among"),
+    (["--answers", "{a}", "--mode", "winrate", "--baseline", "zz", "--judge-url",
+      "http://x/v1", "--judge-model", "j"], "--baseline 'zz' is not among"),
     (["--model-url", "http://x/v1"], "--model-url needs --model-name"),
     (["--answers", "{a}", "--model-url", "http://x/v1", "--model-name", "a"],
      "candidate names given twice"),
@@ -325,7 +325,7 @@ def test_local_tiny_model_as_judge_and_candidate(tmp_path, capsys):
     path = make_tiny_causal_lm(tmp_path / "tiny")
     out = tmp_path / "out"
     code = cli_main(["judge", "--judge-model", str(path), "--model", str(path), "--limit", "1",
-                     "--max-new-tokens", "4", "--judge-max-tokens", "6", "--output", str(out)])
+                     "--max-new-tokens", "4", "--judge-max-new-tokens", "6", "--output", str(out)])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     health = results["judge_health"]

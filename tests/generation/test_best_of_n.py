@@ -73,8 +73,9 @@ def read(path):
 def test_generate_cli_keeps_the_record_and_adds_completions(tiny, files, tmp_path):
     out = tmp_path / "out.jsonl"
     code = cli(["generate", "--model", tiny, "--prompts", str(files / "prompts.jsonl"), "--output", str(out),
-                "--strategy", "sample", "--n", "3", "--max-new-tokens", "6", "--top-k", "20", "--top-p", "0.9",
-                "--min-p", "0.01", "--temperature", "0.8", "--repetition-penalty", "1.2", "--batch-size", "1"])
+                "--strategy", "sample", "--samples-per-prompt", "3", "--max-new-tokens", "6", "--top-k", "20",
+                "--top-p", "0.9", "--min-p", "0.01", "--temperature", "0.8", "--repetition-penalty", "1.2",
+                "--generation-batch-size", "1"])
     assert code == 0
     rows = read(out)
     assert [r["id"] for r in rows] == [1, 2]
@@ -107,7 +108,10 @@ def test_generate_cli_best_of(tiny, files, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--best-of", "4"], "--best-of needs --reward"),
     (["--best-of", "4", "--reward", "nope.py:f"], "no such file"),
-    (["--strategy", "beam", "--num-beams", "2", "--n", "3"], "--num-beams must be >= n"),
+    (["--strategy", "beam", "--num-beams", "2", "--samples-per-prompt", "3"],
+     "--num-beams must be >= --samples-per-prompt for beam search"),
+    (["--best-of", "4", "--reward", "r.py:f", "--samples-per-prompt", "2"],
+     "--best-of 4 sets the completions per prompt; --samples-per-prompt 2 contradicts it"),
     (["--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_generate_cli_rejects_bad_flags(tiny, files, tmp_path, capsys, argv, message):

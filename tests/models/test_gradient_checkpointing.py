@@ -67,7 +67,7 @@ def _dpo(cfg, data, packed: bool):
 @pytest.fixture(scope="module")
 def ppo_rollout(one_thread, tiny_lm):
     """One scored rollout (it is data: both models are then measured on the same samples)."""
-    cfg = ppo.Config(policy=tiny_lm, prompts="unused", reward="unused", output="unused")
+    cfg = ppo.Config(model=tiny_lm, prompts="unused", reward="unused", output="unused")
     tokenizer, model, reference = ppo.build_models(cfg)
     torch.manual_seed(0)
     batch = rollout(model, reference, tokenizer, ["Say hi.", "Name a colour."],
@@ -99,7 +99,7 @@ def _build(case: str, checkpointing: bool, tiny_lm, sft_toy, pairs_train, ppo_ro
     if case.startswith("dpo"):
         return _dpo(dpo.Config(data=pairs_train, **common), pairs_train, packed=case == "dpo-packed")
     value_model = tiny_lm if case == "ppo-critic" else "head"
-    cfg = ppo.Config(policy=tiny_lm, prompts=sft_toy, reward="unused", output=str(tmp_path), value_model=value_model,
+    cfg = ppo.Config(model=tiny_lm, prompts=sft_toy, reward="unused", output=str(tmp_path), value_model=value_model,
                      gradient_checkpointing=checkpointing, kl_coef=0.1)
     return _ppo(cfg, ppo_rollout)
 

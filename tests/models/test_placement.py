@@ -160,7 +160,7 @@ def inputs(one_thread, tiny_lm, tmp_path_factory):
     assert main(["rm", "--model", tiny_lm, "--data", pairs, "--output", str(rm_dir), "--max-steps", "1",
                  "--batch-size", "2", "--no-progress"]) == 0
     ppo_run = root / "ppo"
-    assert main(["ppo", "--policy", tiny_lm, "--reward", str(rm_dir), "--prompts", prompts, "--output", str(ppo_run),
+    assert main(["ppo", "--model", tiny_lm, "--reward", str(rm_dir), "--prompts", prompts, "--output", str(ppo_run),
                  "--max-steps", "1", "--batch-size", "2", "--max-new-tokens", "4", "--no-progress"]) == 0
     return {"pairs": pairs, "prompts": prompts, "rm": str(rm_dir), "ppo_run": str(ppo_run), "root": root}
 
@@ -179,23 +179,23 @@ COMMANDS = {
             {"load_causal_lm", "dpo reference", "accelerator.prepare"}),
     "dpo-copy": (["dpo", "--model", "{lm}", "--data", "{pairs}", "--no-precompute-ref", *TRAIN],
                  {"load_causal_lm", "dpo reference", "accelerator.prepare"}),
-    "ppo": (["ppo", "--policy", "{lm}", "--reward", "{rm}", "--prompts", "{prompts}", "--max-new-tokens", "4",
+    "ppo": (["ppo", "--model", "{lm}", "--reward", "{rm}", "--prompts", "{prompts}", "--max-new-tokens", "4",
              *TRAIN], {"load_causal_lm", "load_reward_backbone", "ppo model", "ppo reference"}),
-    "ppo-critic": (["ppo", "--policy", "{lm}", "--reward", "{rm}", "--prompts", "{prompts}", "--value-model", "{lm}",
+    "ppo-critic": (["ppo", "--model", "{lm}", "--reward", "{rm}", "--prompts", "{prompts}", "--value-model", "{lm}",
                     "--max-new-tokens", "4", *TRAIN], {"load_critic", "ppo model", "ppo reference"}),
-    "rejection-sampling": (["rejection-sampling", "--policy", "{lm}", "--reward", "{rm}", "--prompts", "{prompts}",
-                            "--n", "2", "--max-new-tokens", "4", *TRAIN],
+    "rejection-sampling": (["rejection-sampling", "--model", "{lm}", "--reward", "{rm}", "--prompts", "{prompts}",
+                            "--samples-per-prompt", "2", "--max-new-tokens", "4", *TRAIN],
                            {"load_causal_lm", "load_reward_backbone", "accelerator.prepare"}),
     "generate": (["generate", "--model", "{lm}", "--prompts", "{prompts}", "--reward", "{rm}", "--max-new-tokens",
                   "4", "--dtype", "bfloat16"], {"load_causal_lm", "load_reward_backbone"}),
     "eval-rm": (["eval-rm", "--reward", "{rm}", "--data", "{pairs}", "--dtype", "bfloat16"],
                 {"load_reward_backbone"}),
-    "eval-rm-implicit": (["eval-rm", "--reward", "{lm}", "--ref", "{lm}", "--data", "{pairs}", "--dtype", "bfloat16"],
-                         {"load_causal_lm"}),
+    "eval-rm-implicit": (["eval-rm", "--model", "{lm}", "--ref-model", "{lm}", "--data", "{pairs}",
+                          "--dtype", "bfloat16"], {"load_causal_lm"}),
     "eval-frontier": (["eval-frontier", "--run", "{ppo_run}", "--limit", "2", "--max-new-tokens", "4",
                        "--dtype", "bfloat16"], {"load_causal_lm", "load_reward_backbone"}),
     "judge": (["judge", "--model", "{lm}", "--judge-model", "{lm}", "--limit", "1", "--max-new-tokens", "4",
-               "--judge-max-tokens", "4", "--dtype", "bfloat16"], {"load_causal_lm"}),
+               "--judge-max-new-tokens", "4", "--dtype", "bfloat16"], {"load_causal_lm"}),
 }
 NEEDS_OUTPUT = {"sft", "sft-lora", "rm", "dpo", "dpo-copy", "ppo", "ppo-critic", "rejection-sampling", "generate",
                 "judge"}

@@ -77,7 +77,7 @@ def test_the_builders_load_quantized_weights_and_train_only_lora_adapters(bits, 
     flags = {"load_in_4bit": bits == 4, "load_in_8bit": bits == 8, "lora_r": 4, "output": str(tmp_path)}
     built = [sft.build_model(sft.Config(model=tiny_lm, data="x", **flags), torch.device("cpu")),
              rm.build_model(rm.Config(model=tiny_lm, data="x", **flags), load_tokenizer(tiny_lm), torch.device("cpu")),
-             ppo.build_models(ppo.Config(policy=tiny_lm, prompts="x", reward="x", **flags), torch.device("cpu"))[1]]
+             ppo.build_models(ppo.Config(model=tiny_lm, prompts="x", reward="x", **flags), torch.device("cpu"))[1]]
     assert len(fake_quantized_loading) == 3
     for kwargs in fake_quantized_loading:
         config = kwargs["quantization_config"]
@@ -114,7 +114,7 @@ def _command_args(command: str, tiny_lm: str, data: str, out: Path) -> list[str]
     if command == "ppo":
         reward = write_text(out.parent / "reward.py", "def f(prompts, completions):\n"
                                                       "    return [float(len(c)) for c in completions]\n")
-        return ["ppo", "--policy", tiny_lm, "--prompts", data, "--reward", f"{reward}:f", "--output", out,
+        return ["ppo", "--model", tiny_lm, "--prompts", data, "--reward", f"{reward}:f", "--output", out,
                 "--max-new-tokens", "8", "--batch-size", "2"]
     return [command, "--model", tiny_lm, "--data", data, "--output", out]
 
@@ -143,7 +143,7 @@ def test_quantized_weights_need_lora_and_one_width(run_cli, no_model_loading, ti
     result = run_cli("sft", "--model", tiny_lm, "--data", sft_toy, "--output", tmp_path, "--load-in-4bit",
                      "--load-in-8bit", "--lora-r", "4")
     assert result.errors == ["error: --load-in-4bit and --load-in-8bit exclude each other"]
-    result = run_cli("rejection-sampling", "--policy", tiny_lm, "--prompts", sft_toy, "--reward", "x.py:f",
+    result = run_cli("rejection-sampling", "--model", tiny_lm, "--prompts", sft_toy, "--reward", "x.py:f",
                      "--output", tmp_path, "--load-in-8bit", "--lora-r", "4")
     assert result.code == 2
     assert [e for e in result.errors if "load-in" in e] == [

@@ -53,7 +53,7 @@ def prompts(tmp_path_factory) -> str:
 
 
 def ppo_args(policy, reward, prompts, out, *extra) -> list:
-    return ["ppo", "--policy", policy, "--reward", reward, "--prompts", prompts, "--output", out,
+    return ["ppo", "--model", policy, "--reward", reward, "--prompts", prompts, "--output", out,
             "--max-new-tokens", 8, "--no-progress", *extra]
 
 
@@ -179,11 +179,11 @@ def test_resume_reproduces_the_uninterrupted_run(run_cli, tiny_lm, reward_fn, pr
     (["--lam", 1.5], "--lam must be in [0, 1]"),
     (["--kl-coef", -1], "--kl-coef must be >= 0"),
     (["--grad-accum", 3], "--grad-accum 3 must divide"),
-    (["--model", "other"], "disagree"),
+    (["--policy", "other"], "--policy 'other' contradicts --model 'x'"),
 ])
 def test_bad_config_exits_2_before_loading_a_model(run_cli, no_model_loading, reward_fn, prompts, tmp_path,
                                                    extra, message):
-    result = run_cli("ppo", "--policy", "x", "--reward", reward_fn, "--prompts", prompts, "--output", tmp_path,
+    result = run_cli("ppo", "--model", "x", "--reward", reward_fn, "--prompts", prompts, "--output", tmp_path,
                      *extra)
     assert result.code == 2
     assert any(message in e for e in result.errors), result.err
@@ -199,12 +199,16 @@ def test_missing_inputs_are_reported_together(run_cli, no_model_loading, tmp_pat
     assert no_model_loading == []
 
 
-def test_model_and_data_are_aliases_of_policy_and_prompts(prompts, reward_fn):
+def test_policy_data_and_rollout_batch_size_are_deprecated_aliases(prompts, reward_fn, capsys):
     from rlhfkit.config import parse_config
     from rlhfkit.recipes.ppo import Config
 
-    cfg = parse_config(Config, ["--model", "m", "--data", prompts, "--reward", reward_fn, "--output", "o"])
-    assert (cfg.policy, cfg.prompts) == ("m", prompts)
+    cfg = parse_config(Config, ["--policy", "m", "--data", prompts, "--reward", reward_fn, "--output", "o",
+                                "--rollout-batch-size", "3"])
+    assert (cfg.model, cfg.prompts, cfg.generation_batch_size) == ("m", prompts, 3)
+    assert capsys.readouterr().err.splitlines() == [
+        "note: --policy is deprecated; use --model", "note: --data is deprecated; use --prompts",
+        "note: --rollout-batch-size is deprecated; use --generation-batch-size"]
     grpo = Config(prompts=prompts, output="o", reward=reward_fn, algo="grpo")
     assert (grpo.samples_per_prompt, grpo.kl_estimator, grpo.kl_in) == (4, "k3", "loss")
     ppo = Config(prompts=prompts, output="o", reward=reward_fn)

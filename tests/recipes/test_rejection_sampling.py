@@ -30,8 +30,9 @@ def test_a_round_raises_the_mean_reward(tmp_path):
     (tmp_path / "reward.py").write_text(REWARD)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(8)))
     out = tmp_path / "out"
-    code = cli(["rejection-sampling", "--policy", tiny, "--reward", f"{tmp_path / 'reward.py'}:lowercase",
-                "--prompts", str(tmp_path / "prompts.jsonl"), "--rounds", "1", "--n", "8", "--output", str(out),
+    code = cli(["rejection-sampling", "--model", tiny, "--reward", f"{tmp_path / 'reward.py'}:lowercase",
+                "--prompts", str(tmp_path / "prompts.jsonl"), "--rounds", "1", "--samples-per-prompt", "8",
+                "--output", str(out),
                 "--lr", "1e-2", "--epochs", "6", "--batch-size", "4", "--max-new-tokens", "16", "--no-progress"])
     assert code == 0
     initial, round1 = read_metrics(out)
@@ -55,7 +56,7 @@ def test_train_returns_the_rounds_and_the_final_policy(tmp_path):
     (tmp_path / "reward.py").write_text(REWARD)
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(4)))
     out = tmp_path / "out"
-    cfg = rejection_sampling.Config(policy=tiny, reward=f"{tmp_path / 'reward.py'}:lowercase",
+    cfg = rejection_sampling.Config(model=tiny, reward=f"{tmp_path / 'reward.py'}:lowercase",
                                     prompts=str(tmp_path / "prompts.jsonl"), rounds=2, output=str(out),
                                     max_new_tokens=4, batch_size=4, progress=False)
     with start_run(cfg) as run:
@@ -65,3 +66,21 @@ def test_train_returns_the_rounds_and_the_final_policy(tmp_path):
     assert [r["round"] for r in result.history] == [0, 1, 2] and result.history == read_metrics(out)
     assert result.metrics["sft/loss"] == read_metrics(out / "round-2")[-1]["loss"]
     assert result.checkpoints == []
+
+
+def test_former_flag_names_set_the_new_fields_and_keep_top_is_checked(tmp_path, capsys):
+    from rlhfkit.config import parse_config
+    from rlhfkit.errors import InputError
+    from rlhfkit.recipes.rejection_sampling import Config
+
+    (tmp_path / "reward.py").write_text(REWARD)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "p"}) + "\n")
+    common = ["--reward", f"{tmp_path / 'reward.py'}:lowercase", "--prompts", str(tmp_path / "prompts.jsonl"),
+              "--output", str(tmp_path / "o")]
+    cfg = parse_config(Config, [*common, "--policy", "m", "--n", "6", "--top-k", "2", "--gen-batch-size", "3"])
+    assert (cfg.model, cfg.samples_per_prompt, cfg.keep_top, cfg.generation_batch_size) == ("m", 6, 2, 3)
+    assert cfg.sampling_params(0).n == 6 and cfg.sampling_params(0).top_k == 0  # --top-k here never meant sampling
+    assert len(capsys.readouterr().err.splitlines()) == 4
+    with pytest.raises(InputError) as e:
+        parse_config(Config, [*common, "--samples-per-prompt", "2", "--keep-top", "3"])
+    assert e.value.problems == ["--keep-top 3 keeps more than the --samples-per-prompt 2 samples"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
+from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag, validated
 from rlhfkit.errors import InputError
 
 
@@ -73,7 +73,7 @@ def main(cfg: Config) -> int:
     from rlhfkit.data.chat import encode, encode_prompt
     from rlhfkit.models.loading import load_tokenizer
 
-    sequences = example_sequences(cfg.data, cfg.data_config)
+    sequences = example_sequences(validated(cfg).data, cfg.data_config)
     if cfg.index >= len(sequences):
         raise InputError(f"--index {cfg.index}: the file has {len(sequences)} example(s)")
     label, prompt, completion = sequences[cfg.index]

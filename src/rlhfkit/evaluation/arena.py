@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhfkit.config import arg, save_config
+from rlhfkit.config import arg, save_config, validated
 from rlhfkit.errors import InputError, record_problem
 from rlhfkit.evaluation.report import (
     cap_problems,
@@ -493,7 +493,7 @@ class Config:
 
 
 def main(cfg: Config) -> int:
-    battles = load_battles(cfg.battles)
+    battles = load_battles(validated(cfg).battles)
     result = rate(battles, bootstrap=cfg.bootstrap, seed=cfg.seed, k=cfg.elo_k,
                   anchor=cfg.anchor or None, anchor_rating=cfg.anchor_rating)
     out = Path(cfg.output)

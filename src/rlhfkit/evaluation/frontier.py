@@ -16,7 +16,7 @@ from typing import Literal
 
 import yaml
 
-from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
+from rlhfkit.config import DATA_CONFIG_HELP, PROMPTS_HELP, arg, check_data_flag, flag, validated
 from rlhfkit.errors import InputError
 
 
@@ -25,15 +25,15 @@ class Config:
     """Reward (and an optional oracle) against KL to the reference, for every checkpoint of a run."""
 
     run: str = arg("", "A run folder of rlhfkit ppo, dpo, sft or rejection-sampling.")
-    prompts: str = arg("", "Held-out prompts: a file, a Hugging Face dataset id or a mixture, drawn with --seed "
-                       "(docs/data.md; default: the run's own prompts and --data-config).")
+    prompts: str = arg("", PROMPTS_HELP + " Drawn with --seed; default: the run's own prompts and --data-config.")
     data_config: str = arg("", DATA_CONFIG_HELP)
     reward: str = arg("", "Reward for the y axis (default: the run's --reward; required for dpo/sft runs).")
     oracle: str = arg("", "An optional second reward or oracle function (e.g. file.py:function).")
-    reference: str = arg("", "The reference policy (default: the run's initial policy).")
+    ref_model: str = arg("", "The reference policy of the KL (default: the run's initial policy).",
+                         aliases=("reference",))
     output: str = arg("", "Output folder (default: RUN/frontier).")
     limit: int = arg(64, "Use at most this many prompts.")
-    n: int = arg(1, "Samples per prompt.")
+    samples_per_prompt: int = arg(1, "Completions sampled per prompt.", aliases=("n",))
     max_new_tokens: int = arg(48, "Tokens per sampled response.")
     temperature: float = arg(1.0, "Sampling temperature.")
     seed: int = arg(0, "Sampling seed (the same for every checkpoint).")
@@ -47,8 +47,9 @@ class Config:
         elif not (Path(self.run) / "config.yaml").exists():
             problems.append(f"--run {self.run}: not an rlhfkit run folder (no config.yaml)")
         problems += check_data_flag("prompts", self.prompts, required=False)
-        if self.limit < 1 or self.n < 1 or self.max_new_tokens < 1:
-            problems.append("--limit, --n and --max-new-tokens must be >= 1")
+        for name in ("limit", "samples_per_prompt", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{flag(name)} must be >= 1 (got {getattr(self, name)})")
         if self.temperature <= 0:
             problems.append("--temperature must be > 0")
         return problems
@@ -163,9 +164,10 @@ def main(cfg: Config) -> int:
     from rlhfkit.models.loading import load_policy
     from rlhfkit.rl.rewards import load_reward
 
-    run = Path(cfg.run)
+    run = Path(validated(cfg).run)
     run_cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    reference_name = cfg.reference or run_cfg.get("policy") or run_cfg.get("model")
+    # the initial policy: `model` in the run's config.yaml (`policy` in a ppo run saved before the rename)
+    reference_name = cfg.ref_model or run_cfg.get("policy") or run_cfg.get("model")
     prompts_file = cfg.prompts or run_cfg.get("prompts") or ""
     data_config = cfg.data_config if cfg.prompts else run_cfg.get("data_config") or ""
     reward_spec = cfg.reward or run_cfg.get("reward") or ""
@@ -178,11 +180,11 @@ def main(cfg: Config) -> int:
     oracle = load_reward(cfg.oracle, cfg.dtype) if cfg.oracle else None
     reference, tokenizer = load_policy(reference_name, cfg.dtype)
     points = [frontier_point(0, reference, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
-                             cfg.max_new_tokens, cfg.seed, cfg.n)]
+                             cfg.max_new_tokens, cfg.seed, cfg.samples_per_prompt)]
     for step, path in run_policies(run):
         model = load_run_policy(path, reference_name, cfg.dtype)
         points.append(frontier_point(step, model, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
-                                     cfg.max_new_tokens, cfg.seed, cfg.n))
+                                     cfg.max_new_tokens, cfg.seed, cfg.samples_per_prompt))
         print(f"step {step}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}"
               + (f", oracle {points[-1]['oracle']:.3f}" if oracle else ""), flush=True)
     out = Path(cfg.output or run / "frontier")
@@ -195,8 +197,9 @@ def main(cfg: Config) -> int:
     table = md_table(header, rows)
     plot_frontier(points, out / "frontier.png", f"reward ({Path(reward_spec).name})",
                   f"oracle ({cfg.oracle})" if cfg.oracle else "oracle")
-    (out / "frontier.md").write_text(f"# Reward vs KL: {run}\n\n{len(prompts)} prompts, {cfg.n} sample(s) each\n\n"
-                                     f"{table}\n\n![frontier](frontier.png)\n")
+    (out / "frontier.md").write_text(f"# Reward vs KL: {run}\n\n{len(prompts)} prompts, "
+                                     f"{cfg.samples_per_prompt} sample(s) each\n\n{table}\n\n"
+                                     "![frontier](frontier.png)\n")
     print(table)
     print(f"wrote {out / 'frontier.md'}")
     return 0

@@ -8,7 +8,7 @@ Modes (``--mode``):
 * ``pairwise``: every pair of candidates compared on every question and turn, judged in both
   orders; disagreeing verdicts count as a tie; wins, losses, ties, win rate and the judge's
   position-consistency rate per pair, plus Bradley–Terry ratings over the judged battles.
-* ``winrate``: every candidate against ``--reference-model`` (AlpacaEval style): raw win rate
+* ``winrate``: every candidate against ``--baseline`` (AlpacaEval style): raw win rate
   and length-controlled win rate (:mod:`rlhfkit.evaluation.winrate`).
 * ``chat-bench``: scripted multi-turn conversations; each reply graded ``[[PASS]]``/``[[FAIL]]``
   against that turn's requirement.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import arg, save_config
+from rlhfkit.config import arg, save_config, validated
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.errors import InputError
 from rlhfkit.evaluation.judging.calls import JudgeHealth, available_turns, backend_name, execute, judge_health
@@ -57,7 +57,7 @@ class Config:
 
     output: str = arg("", "Output directory: results.json, report.md, judgments.jsonl, plots.")
     mode: Mode = arg("single", "single: 1-10 grades; pairwise: all pairs, both orders; winrate: "
-                     "each candidate vs --reference-model with a length-controlled win rate; "
+                     "each candidate vs --baseline with a length-controlled win rate; "
                      "chat-bench: scripted conversations graded pass/fail per turn.")
     questions: str = arg("builtin", "Question file in MT-Bench's question.jsonl format, or "
                          "`builtin` (the 20 two-turn questions; the chat-bench scripts in "
@@ -75,7 +75,8 @@ class Config:
                                 "each).", default_factory=list)
     model_api_key_env: str = arg("OPENAI_API_KEY", "Environment variable holding the API key "
                                  "for --model-url (unset: no key sent).")
-    reference_model: str = arg("", "winrate mode: the candidate everyone is compared against.")
+    baseline: str = arg("", "winrate mode: the candidate every other one is compared against.",
+                        aliases=("reference_model",))
     reference_answers: str = arg("", "Reference answers for reference-guided grading, in the "
                                  "answer-file format (used where a question has no `reference`).")
     max_new_tokens: int = arg(512, "Maximum tokens per generated candidate answer.")
@@ -86,11 +87,12 @@ class Config:
                            f"local path/hub id/embedded name (default {DEFAULT_LOCAL_JUDGE}).")
     judge_api_key_env: str = arg("OPENAI_API_KEY", "Environment variable holding the judge's API "
                                  "key (unset: no key sent).")
-    judge_max_tokens: int = arg(512, "Maximum tokens of each judgment.")
+    judge_max_new_tokens: int = arg(512, "Maximum tokens of each judgment.", aliases=("judge_max_tokens",))
     judge_temperature: float = arg(0.0, "Judge sampling temperature (0: greedy/deterministic).")
     concurrency: int = arg(4, "Concurrent requests per endpoint.")
     request_timeout: float = arg(120.0, "Seconds to wait for one endpoint request.")
-    batch_size: int = arg(4, "Batch size for local models (candidates and judge).")
+    generation_batch_size: int = arg(4, "Prompts per generate call of a local model (candidates and judge).",
+                                     aliases=("batch_size",))
     dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype for local models.")
     seed: int = arg(0, "Random seed (sampling, bootstrap of the pairwise ratings).")
     emit_battles: str = arg("", "pairwise/winrate: also write the combined verdicts as Chatbot "
@@ -110,15 +112,15 @@ class Config:
             problems.append("--model-name needs --model-url")
         if self.judge_url and not self.judge_model:
             problems.append("--judge-url needs --judge-model (the model name to request)")
-        if MODES[self.mode].needs_reference and not self.reference_model:
-            problems.append(f"--mode {self.mode} needs --reference-model")
+        if MODES[self.mode].needs_reference and not self.baseline:
+            problems.append(f"--mode {self.mode} needs --baseline")
         if self.emit_battles and not MODES[self.mode].emits_battles:
             battle_modes = " or ".join(name for name, mode in MODES.items() if mode.emits_battles)
             problems.append(f"--emit-battles needs --mode {battle_modes}")
         for name in ("limit",):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} must be >= 0")
-        for name in ("max_new_tokens", "judge_max_tokens", "concurrency", "batch_size"):
+        for name in ("max_new_tokens", "judge_max_new_tokens", "concurrency", "generation_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("temperature", "judge_temperature"):
@@ -170,7 +172,7 @@ def check_candidates(cfg: Config, file_models: Sequence[str], generated: Sequenc
     if dupes:
         problems.append(f"candidate names given twice (answer files, --model, --model-name): "
                         f"{', '.join(dupes)}")
-    problems += MODES[cfg.mode].candidate_problems(names, cfg.reference_model)
+    problems += MODES[cfg.mode].candidate_problems(names, cfg.baseline)
     if problems:
         raise InputError(problems)
 
@@ -201,15 +203,15 @@ def evaluate(cfg: Config, judge: JudgeBackend, candidates: Sequence[tuple[str, F
     answers, models = gather_answers(file_answers, candidates, questions, source, cfg.temperature,
                                      cfg.max_new_tokens, out / "answers", log)
 
-    calls = mode.calls(questions, answers, models, cfg.reference_model)
+    calls = mode.calls(questions, answers, models, cfg.baseline)
     missing = {m: sum(len(q.turns) - available_turns(answers[m], q) for q in questions) for m in models}
     judge_name = backend_name(judge)
     if log:
         log(f"{len(calls)} judge calls ({cfg.mode}) with judge {judge_name}")
     with JsonlWriter(out / "judgments.jsonl") as sink:
-        judged = execute(judge, calls, cfg.judge_temperature, cfg.judge_max_tokens, sink, log)
+        judged = execute(judge, calls, cfg.judge_temperature, cfg.judge_max_new_tokens, sink, log)
     summary = mode.summarize(JudgedRun(questions, answers, models, judged, judge_name,
-                                       cfg.reference_model, cfg.seed))
+                                       cfg.baseline, cfg.seed))
     health = judge_health(judged)
 
     results = {
@@ -247,7 +249,8 @@ def run(cfg: Config, judge: JudgeBackend, candidates: Sequence[tuple[str, Factor
 def make_judge(cfg: Config) -> JudgeBackend:
     return make_backend(cfg.judge_model or DEFAULT_LOCAL_JUDGE, cfg.judge_url, cfg.judge_model,
                         cfg.judge_api_key_env, role="judge", concurrency=cfg.concurrency,
-                        timeout=cfg.request_timeout, dtype=cfg.dtype, batch_size=cfg.batch_size, seed=cfg.seed)
+                        timeout=cfg.request_timeout, dtype=cfg.dtype, batch_size=cfg.generation_batch_size,
+                        seed=cfg.seed)
 
 
 def candidate_factories(cfg: Config) -> list[tuple[str, Factory]]:
@@ -256,12 +259,12 @@ def candidate_factories(cfg: Config) -> list[tuple[str, Factory]]:
     for local, url, name in endpoints:
         out.append((name, lambda local=local, url=url, name=name: make_backend(
             local, url, name, cfg.model_api_key_env, role="candidate", concurrency=cfg.concurrency,
-            timeout=cfg.request_timeout, dtype=cfg.dtype, batch_size=cfg.batch_size, seed=cfg.seed)))
+            timeout=cfg.request_timeout, dtype=cfg.dtype, batch_size=cfg.generation_batch_size, seed=cfg.seed)))
     return out
 
 
 def main(cfg: Config) -> int:
-    candidates = candidate_factories(cfg)
+    candidates = candidate_factories(validated(cfg))
     # Questions, answer files and candidate names are checked before any model is loaded.
     select_questions(cfg)
     file_models = list(load_answers(cfg.answers)) if cfg.answers else []

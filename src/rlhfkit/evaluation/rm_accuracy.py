@@ -3,19 +3,20 @@
 Agreement: the chosen completion is scored strictly higher than the rejected one (a tie counts
 as wrong). Records may carry a ``subset`` field: accuracy is reported per subset, and the
 section score weights subsets by their size. The scorer is a reward (model folder,
-``file.py:function``, ``module:function``, URL) or a DPO policy's implicit reward
-β·(log π(y|x) − log π_ref(y|x)) with ``--ref``.
+``file.py:function``, ``module:function``, URL: ``--reward``) or a DPO policy's implicit
+reward β·(log π(y|x) − log π_ref(y|x)) (``--model`` with ``--ref-model``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
+from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag, validated
 
 
 def agreement(chosen: list[float], rejected: list[float]) -> dict[str, float]:
@@ -35,28 +36,38 @@ def agreement(chosen: list[float], rejected: list[float]) -> dict[str, float]:
 class Config:
     """Agreement accuracy of a reward model (or a DPO policy's implicit reward) on preference pairs."""
 
-    reward: str = arg("", "The scorer: a reward-model folder, file.py:function, module:function, an http URL, "
-                      "or a DPO policy (with --ref).")
+    reward: str = arg("", "The scorer: a reward-model folder, file.py:function, module:function or an http URL.")
+    model: str = arg("", "A DPO policy scored by its implicit reward beta*(log pi - log pi_ref) (with --ref-model; "
+                     "instead of --reward).")
+    ref_model: str = arg("", "The reference model of --model's implicit reward.", aliases=("ref",))
     data: str = arg("", "Preference pairs (prompt/chosen/rejected, optional `subset`): a file, a Hugging Face dataset "
                     "id or a mixture (docs/data.md; a mixture is drawn with seed 0).")
     data_config: str = arg("", DATA_CONFIG_HELP)
-    ref: str = arg("", "Reference model: score with the implicit reward beta*(log pi - log pi_ref) of --reward.")
     beta: float = arg(0.1, "beta of the implicit DPO reward (only scales the margins).")
     output: str = arg("", "Folder for results.json and report.md (optional).")
-    batch_size: int = arg(8, "Pairs per forward.")
+    eval_batch_size: int = arg(8, "Sequences per forward of --model and --ref-model.", aliases=("batch_size",))
     max_length: int = arg(512, "Maximum tokens per scored sequence.")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype of the scoring models (on the GPU "
                                                 "when there is one).")
+
+    def __post_init__(self):
+        if self.ref_model and self.reward and not self.model:  # the spelling before --model existed
+            print("note: --reward POLICY with --ref-model is deprecated; use --model POLICY", file=sys.stderr)
+            self.model, self.reward = self.reward, ""
 
     def validate(self) -> list[str]:
         from rlhfkit.rl.rewards import check_reward_spec
 
         problems = check_data_flag("data", self.data)
-        if self.ref:
-            if not self.reward:
-                problems.append("--reward (the policy) is required")
+        if self.model or self.ref_model:
+            if not (self.model and self.ref_model):
+                problems.append("--model and --ref-model go together (the implicit reward of a DPO policy)")
+            if self.reward:
+                problems.append("--reward and --model are two scorers: give one")
         else:
             problems += check_reward_spec(self.reward)
+        if self.eval_batch_size < 1:
+            problems.append(f"--eval-batch-size must be >= 1 (got {self.eval_batch_size})")
         return problems
 
 
@@ -107,9 +118,9 @@ def implicit_reward_scores(policy: str, ref: str, examples, beta: float, batch_s
 def main(cfg: Config) -> int:
     from rlhfkit.data.schema import load_preferences
 
-    examples = load_preferences(cfg.data, config=cfg.data_config)
-    if cfg.ref:
-        chosen, rejected = implicit_reward_scores(cfg.reward, cfg.ref, examples, cfg.beta, cfg.batch_size,
+    examples = load_preferences(validated(cfg).data, config=cfg.data_config)
+    if cfg.model:
+        chosen, rejected = implicit_reward_scores(cfg.model, cfg.ref_model, examples, cfg.beta, cfg.eval_batch_size,
                                                   cfg.max_length, cfg.dtype)
     else:
         from rlhfkit.rl.rewards import load_reward
@@ -129,5 +140,5 @@ def main(cfg: Config) -> int:
         out = Path(cfg.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=1))
-        (out / "report.md").write_text(f"# Reward-model agreement\n\nscorer: `{cfg.reward}`\n\n{table}\n")
+        (out / "report.md").write_text(f"# Reward-model agreement\n\nscorer: `{cfg.reward or cfg.model}`\n\n{table}\n")
     return 0

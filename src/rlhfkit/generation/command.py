@@ -1,7 +1,9 @@
 """``rlhfkit generate``: completions for a prompts file, optionally scored (best-of-N).
 
-    rlhfkit generate --model M --prompts prompts.jsonl --output out.jsonl [--strategy sample --n 4]
+    rlhfkit generate --model M --prompts prompts.jsonl --output out.jsonl [--strategy sample --samples-per-prompt 4]
     rlhfkit generate --model M --prompts prompts.jsonl --output out.jsonl --best-of 8 --reward R
+
+``--best-of N`` is best-of-N mode: it sets ``--samples-per-prompt`` to N and marks the best.
 
 Each output line is the input record plus ``completions`` (a list of strings); with
 ``--reward``, also ``scores`` (one float per completion) and ``best`` (the highest-scoring one).
@@ -13,23 +15,20 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag
-from rlhfkit.generation.decoding import SamplingParams, generate_chat
-
-Strategy = Literal["greedy", "beam", "sample"]
+from rlhfkit.config import DATA_CONFIG_HELP, GENERATION_BATCH_HELP, PROMPTS_HELP, arg, check_data_flag, flag, validated
+from rlhfkit.generation.decoding import SamplingParams, Strategy, generate_chat
 
 
 @dataclass
 class Config:
     """Decode completions (greedy, beam search, sampling) and best-of-N."""
 
-    prompts: str = arg("", "Prompts: records with `prompt` (a string or messages) or `messages` in a file, a Hugging "
-                       "Face dataset id or a mixture (docs/data.md); other fields are copied to the output.")
+    prompts: str = arg("", PROMPTS_HELP + " Other fields are copied to the output.")
     data_config: str = arg("", DATA_CONFIG_HELP)
     output: str = arg("", "Output JSONL file: each input record plus `completions` (and `scores`, `best`).")
     model: str = arg("smollm2-135m", "Policy: a local path, LoRA adapter folder, hub id, or embedded name.")
     strategy: Strategy = arg("sample", "greedy (argmax), beam (beam search), or sample.")
-    n: int = arg(1, "Completions per prompt (beam: the n best beams).")
+    samples_per_prompt: int = arg(1, "Completions per prompt (beam: the best beams).", aliases=("n",))
     num_beams: int = arg(4, "Beams for --strategy beam.")
     temperature: float = arg(1.0, "Sampling temperature.")
     top_k: int = arg(0, "Sample among the k most likely tokens only (0: off).")
@@ -40,9 +39,9 @@ class Config:
     max_prompt_length: int = arg(0, "Keep at most this many prompt tokens, from the end (0: no limit).")
     stop: list[str] = arg(default_factory=list, help="Strings that end a completion (cut before them).")
     seed: int = arg(42, "Random seed of the sampler (each batch is seeded from it).")
-    batch_size: int = arg(8, "Prompts per generate call.")
-    best_of: int = arg(0, "Best-of-N: sample N completions per prompt and add `scores` and `best` "
-                       "(needs --reward; sets --n).")
+    generation_batch_size: int = arg(8, GENERATION_BATCH_HELP, aliases=("batch_size",))
+    best_of: int = arg(0, "Best-of-N mode: sets --samples-per-prompt to N and adds `scores` and `best`, the "
+                       "completion --reward scores highest (needs --reward).")
     reward: str = arg("", "Reward scoring the completions: a reward-model folder, file.py:function, "
                       "module:function, or an http(s) endpoint. Adds `scores` and `best`.")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "Model dtype.")
@@ -51,7 +50,7 @@ class Config:
         return SamplingParams(strategy=self.strategy, max_new_tokens=self.max_new_tokens,
                               temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                              num_beams=self.num_beams, n=self.best_of or self.n, stop=list(self.stop),
+                              num_beams=self.num_beams, n=self.best_of or self.samples_per_prompt, stop=list(self.stop),
                               seed=self.seed)
 
     def validate(self) -> list[str]:
@@ -60,8 +59,8 @@ class Config:
         problems = check_data_flag("prompts", self.prompts)
         if not self.output:
             problems.append("--output is required")
-        if self.batch_size < 1:
-            problems.append("--batch-size must be >= 1")
+        if self.generation_batch_size < 1:
+            problems.append("--generation-batch-size must be >= 1")
         if self.max_prompt_length < 0:
             problems.append("--max-prompt-length must be >= 0")
         if self.best_of < 0:
@@ -69,15 +68,16 @@ class Config:
         if self.best_of:
             if not self.reward:
                 problems.append("--best-of needs --reward")
-            if self.n not in (1, self.best_of):
+            if self.samples_per_prompt not in (1, self.best_of):
                 problems.append(f"--best-of {self.best_of} sets the completions per prompt; "
-                                f"--n {self.n} contradicts it")
+                                f"--samples-per-prompt {self.samples_per_prompt} contradicts it")
             if self.strategy == "greedy" and self.best_of > 1:
                 problems.append("--best-of with --strategy greedy would score N identical completions; "
                                 "use --strategy sample (or beam)")
         if self.reward:
             problems += check_reward_spec(self.reward)
-        problems += [f"--{p.replace('_', '-')}" for p in self.sampling_params().problems()]
+        spelled = {name: f"--{flag(name)}" for name in vars(self.sampling_params())}
+        problems += self.sampling_params().problems({**spelled, "n": "--samples-per-prompt"})
         return problems
 
 
@@ -85,7 +85,7 @@ def generate_records(model, tokenizer, records: list[dict], prompts: list, cfg: 
     """The input records plus ``completions`` (and ``scores``/``best`` when ``reward`` is given)."""
     from rlhfkit.generation.best_of_n import score_completions, select_best
 
-    completions = generate_chat(model, tokenizer, prompts, cfg.sampling_params(), cfg.batch_size,
+    completions = generate_chat(model, tokenizer, prompts, cfg.sampling_params(), cfg.generation_batch_size,
                                 cfg.max_prompt_length or None)
     rows = [{**rec, "completions": comps} for rec, comps in zip(records, completions)]
     if reward is not None:
@@ -97,13 +97,10 @@ def generate_records(model, tokenizer, records: list[dict], prompts: list, cfg: 
 def main(cfg: Config) -> int:
     from rlhfkit.data.io import write_jsonl
     from rlhfkit.data.schema import load_prompts
-    from rlhfkit.errors import InputError
     from rlhfkit.models.loading import load_policy
     from rlhfkit.rl.rewards import load_reward
 
-    problems = cfg.validate()
-    if problems:
-        raise InputError(problems)
+    validated(cfg)
     examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
     reward = load_reward(cfg.reward, cfg.dtype) if cfg.reward else None
     model, tokenizer = load_policy(cfg.model, cfg.dtype)  # on default_device(): the GPU when there is one

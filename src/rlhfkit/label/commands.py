@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhfkit.config import arg
+from rlhfkit.config import arg, validated
 from rlhfkit.errors import InputError
 
 DB_HELP = ("The label database: a SQLAlchemy URL (e.g. postgresql+psycopg://user@host/labels) "
@@ -75,7 +75,7 @@ def serve(cfg: ServeConfig) -> int:
 
     from rlhfkit.label.app import create_app
 
-    db = _open(cfg.db)
+    db = _open(validated(cfg).db)
     app = create_app(db, lease_seconds=cfg.lease_minutes * 60, secure_cookies=cfg.secure_cookies)
     print(f"rlhfkit label: serving {db.engine.url.render_as_string(hide_password=True)} "
           f"on http://{cfg.host}:{cfg.port}/ (sign in with /?token=TOKEN)", flush=True)
@@ -110,7 +110,7 @@ def add_user(cfg: AddUserConfig) -> int:
     from rlhfkit.label.service import LabelError
     from rlhfkit.label.service import add_user as _add
 
-    db = _open(cfg.db)
+    db = _open(validated(cfg).db)
     try:
         user, token, created = _add(db, cfg.name, cfg.role, new_token_if_exists=cfg.new_token)
     except LabelError as e:
@@ -131,7 +131,7 @@ class ImportItemsConfig:
     """Import response pairs to be judged (JSONL)."""
 
     file: str = arg(None, "JSONL with {prompt | messages, response_a, response_b, ...} records, "
-                    "or `rlhfkit generate --n 2` output ({prompt | messages, completions: [a, b]}).",
+                    "or `rlhfkit generate --samples-per-prompt 2` output ({prompt | messages, completions: [a, b]}).",
                     positional=True)
     db: str = arg("labels.db", DB_HELP)
     overlap: int = arg(3, "K: how many different annotators judge each item.")
@@ -154,7 +154,7 @@ class ImportItemsConfig:
 def import_items(cfg: ImportItemsConfig) -> int:
     from rlhfkit.label.importer import import_pairs, read_pairs
 
-    pairs = read_pairs(cfg.file)  # every problem is reported before anything is written
+    pairs = read_pairs(validated(cfg).file)  # every problem is reported before anything is written
     db = _open(cfg.db)
     try:
         result = import_pairs(db, pairs, cfg.overlap, cfg.extra_on_disagreement)
@@ -191,7 +191,7 @@ class ExportConfig:
 def export(cfg: ExportConfig) -> int:
     from rlhfkit.label.export import write_export
 
-    db = _open(cfg.db)
+    db = _open(validated(cfg).db)
     try:
         result = write_export(db, cfg.output, keep_ties=cfg.keep_ties)
     finally:

@@ -7,7 +7,7 @@ Each line is one JSON object with the conversation and two responses:
   for a multi-turn conversation, which the two responses continue (a conversation that ends
   with an assistant turn is cut before it, as ``rlhfkit generate`` does, and that reply is kept
   in the metadata as ``reference_reply``), or
-* the output of ``rlhfkit generate --n 2``: ``prompt`` or ``messages`` plus
+* the output of ``rlhfkit generate --samples-per-prompt 2``: ``prompt`` or ``messages`` plus
   ``"completions": [a, b]`` (strings, or objects with a ``text``/``content``/``completion``).
 
 Every other field is kept as the item's metadata and comes back in the export. The whole file is
@@ -128,7 +128,7 @@ def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list
         if not isinstance(comps, list) or len(comps) != 2:
             n = len(comps) if isinstance(comps, list) else type(comps).__name__
             problems.append(problem("completions", f"expected a list of exactly 2 completions "
-                                                   f"(generate with --n 2), got {n}"))
+                                                   f"(generate with --samples-per-prompt 2), got {n}"))
         else:
             a, b = (_completion_text(c) for c in comps)
             if a is None or b is None:

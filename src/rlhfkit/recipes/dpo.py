@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import TrainConfig, arg
+from rlhfkit.config import TrainConfig, arg, validated
 from rlhfkit.data.chat import encode
 from rlhfkit.data.schema import PreferenceExample, load_preferences
 from rlhfkit.errors import InputError
@@ -394,10 +394,7 @@ def train(cfg: Config, run: Run) -> TrainResult:
 
 def main(cfg: Config) -> int:
     """Train; also callable from Python: ``main(Config(model=..., data=..., output=...))``."""
-    problems = cfg.validate()
-    if problems:
-        raise InputError(problems)
-    with start_run(cfg) as run:
+    with start_run(validated(cfg)) as run:
         metrics = train(cfg, run).metrics
     if metrics:
         run.print(f"dpo ({cfg.loss}) done: loss {metrics['loss']:.4f}, reward accuracy "

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlhfkit.config import TrainConfig, arg, check_data_flag
+from rlhfkit.config import GENERATION_BATCH_HELP, PROMPTS_HELP, TrainConfig, arg, validated
 from rlhfkit.errors import InputError
 from rlhfkit.generation.decoding import SamplingParams
 from rlhfkit.losses import KL_ESTIMATORS, masked_mean, masked_whiten, ppo_policy_loss, value_loss
@@ -65,12 +65,13 @@ ALGOS = ("ppo", "rloo", "grpo")
 class Config(TrainConfig):
     """RL against a reward with a KL penalty towards the initial policy: PPO, RLOO or GRPO."""
 
-    policy: str = arg(DEFAULT_POLICY, "The policy to train: a local path, a LoRA adapter folder, a hub id or "
-                      "an embedded name (smollm2-135m). Its initial weights are the KL reference.")
-    model: str = arg("", "Same as --policy (the flag name of the other commands).")
-    prompts: str = arg("", "Prompts: records {\"prompt\": str | messages} or {\"messages\": [...]} in a "
-                       ".jsonl/.json/.parquet file or a saved `datasets` folder.")
-    data: str = arg("", "Same as --prompts (the flag name of the other commands).")
+    input_field = "prompts"
+
+    model: str = arg(DEFAULT_POLICY, "The policy to train: a local path, a LoRA adapter folder, a hub id or "
+                     "an embedded name (smollm2-135m). Its initial weights are the KL reference.",
+                     aliases=("policy",))
+    prompts: str = arg("", PROMPTS_HELP, aliases=("data",))
+    data: str = field(default="", init=False)  # not an option here: the input is --prompts
     reward: str = arg("", "Reward source: a reward-model folder (`rlhfkit rm`), path/to/file.py:function or "
                       "package.module:function called as f(prompts, completions) -> list[float], or an "
                       "http(s):// endpoint.")
@@ -117,17 +118,15 @@ class Config(TrainConfig):
     score_clip: float = arg(0.0, "Clip scores to [-c, c] (0 disables).")
     sample_every: int = arg(10, "Write the iteration's completions and scores to samples.jsonl every N "
                             "iterations (0 disables).")
-    rollout_batch_size: int = arg(0, "Rows per generate call and per no-grad pass (0: the whole batch).")
+    generation_batch_size: int = arg(0, GENERATION_BATCH_HELP + " Also bounds the rows of each no-grad pass "
+                                     "(× --samples-per-prompt). 0: the whole batch.",
+                                     aliases=("rollout_batch_size",))
     logging_steps: int = arg(1, "Write a metrics row every N iterations.")
     save_steps: int = arg(0, "Write checkpoint-N/ and policy-N/ every N iterations (0: only at the end).")
     save_total_limit: int = arg(2, "Keep at most this many checkpoint-N/ folders (0: all); policy-N/ "
                                 "snapshots are always kept.")
 
     def __post_init__(self):
-        if self.model and self.policy == DEFAULT_POLICY:
-            self.policy = self.model
-        if self.data and not self.prompts:
-            self.prompts = self.data
         if self.algo in ALGOS:
             grpo = self.algo == "grpo"
             if self.samples_per_prompt == 0:
@@ -145,12 +144,7 @@ class Config(TrainConfig):
     def validate(self) -> list[str]:
         from rlhfkit.rl.rewards import check_reward_spec
 
-        problems = [p for p in super().validate() if not p.startswith("--data")]
-        if self.model and self.model != self.policy:
-            problems.append(f"--model {self.model} and --policy {self.policy} disagree (they are one option)")
-        if self.data and self.data != self.prompts:
-            problems.append(f"--data {self.data} and --prompts {self.prompts} disagree (they are one option)")
-        problems += check_data_flag("prompts", self.prompts)
+        problems = super().validate()
         if self.eval_data:
             problems.append("--eval-data is not used by ppo")
         problems += check_reward_spec(self.reward)
@@ -163,7 +157,7 @@ class Config(TrainConfig):
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.value_lr and self.algo != "ppo":
             problems.append(f"--value-lr is for --algo ppo only ({self.algo} has no value function)")
-        for name in ("minibatch_size", "top_k", "sample_every", "rollout_batch_size", "kl_coef", "value_lr",
+        for name in ("minibatch_size", "top_k", "sample_every", "generation_batch_size", "kl_coef", "value_lr",
                      "target_kl", "vf_coef", "missing_eos_penalty", "score_clip"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
@@ -237,8 +231,8 @@ def build_models(cfg: Config, device=None):
     from rlhfkit.recipes.dpo import disable_dropout
     from rlhfkit.rl.value import ValueHead, load_critic
 
-    tokenizer = load_tokenizer(cfg.policy)
-    policy = load_causal_lm(cfg.policy, cfg.dtype, device, cfg.quantization_bits)
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_causal_lm(cfg.model, cfg.dtype, device, cfg.quantization_bits)
     if hasattr(policy, "merge_and_unload"):  # an adapter folder (e.g. LoRA SFT): start from the merged model
         policy = policy.merge_and_unload()
     if policy.config.pad_token_id is None:
@@ -499,7 +493,7 @@ def iterate(run: Run, cfg: Config, training: Training, prompts: list, tokenizer,
     timings: dict[str, float] = {}
     batch = rollout(training.model, reference, tokenizer, batch_prompts, sampling_params(cfg),
                     max_prompt_length=cfg.max_length - cfg.max_new_tokens,
-                    batch_size=cfg.rollout_batch_size, timings=timings)
+                    batch_size=cfg.generation_batch_size * cfg.samples_per_prompt, timings=timings)
     # 2b. score
     t1 = time.time()
     batch = score(batch, reward_fn)
@@ -550,7 +544,7 @@ def train(cfg: Config, run: Run) -> PPOResult:
 
 
 def main(cfg: Config) -> int:
-    with start_run(cfg) as run:
+    with start_run(validated(cfg)) as run:
         row = train(cfg, run).metrics
     if row:
         run.print(f"{cfg.algo} done: score {row['objective/scores']:.4f}, KL {row['objective/kl']:.4f} "

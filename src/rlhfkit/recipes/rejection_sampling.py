@@ -1,8 +1,8 @@
 """Rejection-sampling fine-tuning (Llama 2 style): sample N, keep the best, fine-tune, repeat.
 
-    0. sample N completions per prompt from the initial policy π_0 and score them with --reward
+    0. sample --samples-per-prompt completions per prompt from the initial policy π_0 and score them with --reward
     for each round k = 1..K:
-    1. keep the --top-k best completions of each prompt (by reward): round-k/sft.jsonl
+    1. keep the --keep-top best completions of each prompt (by reward): round-k/sft.jsonl
     2. fine-tune the previous policy on them with the SFT recipe (rlhfkit.recipes.sft.train):
        round-k/ holds the new policy π_k (a full model; LoRA runs are merged each round)
     3. sample N completions per prompt from π_k and score them: the next round's candidates,
@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import TrainConfig, arg
+from rlhfkit.config import GENERATION_BATCH_HELP, PROMPTS_HELP, TrainConfig, arg, flag, validated
 from rlhfkit.data.chat import encode_prompt
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.data.schema import load_prompts
-from rlhfkit.errors import InputError
 from rlhfkit.generation.best_of_n import score_completions
 from rlhfkit.generation.decoding import SamplingParams, decode_response, generate_ids
 from rlhfkit.models.packed import Group, completion_logps
@@ -42,35 +41,33 @@ from rlhfkit.training import Run, TrainResult, list_checkpoints, start_run
 class Config(TrainConfig):
     """Rejection-sampling fine-tuning: sample N per prompt, keep the best by reward, SFT, repeat."""
 
-    policy: str = arg("smollm2-135m", "Initial policy: a local path, hub id, or embedded name.")
+    input_field = "prompts"
+
+    model: str = arg("smollm2-135m", "Initial policy: a local path, hub id, or embedded name.", aliases=("policy",))
     reward: str = arg("", "Reward: a reward-model folder, file.py:function, module:function, or an http(s) URL.")
-    prompts: str = arg("", "Prompts file (records with `prompt` or `messages`).")
+    prompts: str = arg("", PROMPTS_HELP)
     rounds: int = arg(1, "Rounds of sample -> select -> fine-tune.")
-    n: int = arg(4, "Completions sampled per prompt in each round.")
-    top_k: int = arg(1, "Completions kept per prompt (the best by reward).")
+    samples_per_prompt: int = arg(4, "Completions sampled per prompt in each round.", aliases=("n",))
+    keep_top: int = arg(1, "Completions kept per prompt (the best by reward).", aliases=("top_k",))
     temperature: float = arg(1.0, "Sampling temperature.")
     top_p: float = arg(1.0, "Nucleus sampling threshold (1: off).")
     max_new_tokens: int = arg(64, "Maximum tokens per sampled completion.")
-    gen_batch_size: int = arg(8, "Prompts per generate call.")
+    generation_batch_size: int = arg(8, GENERATION_BATCH_HELP, aliases=("gen_batch_size",))
     lr: float = arg(2e-5, "Peak learning rate of each round's fine-tuning (AdamW).")
-    # The SFT recipe's --model and --data are set per round from these: not flags here.
-    model: str = field(default="", init=False)
+    # The SFT recipe's --data is set per round (the kept completions): not an option here.
     data: str = field(default="", init=False)
-
-    def __post_init__(self):
-        self.model, self.data = self.policy, self.prompts
 
     def validate(self) -> list[str]:
         from rlhfkit.rl.rewards import check_reward_spec
 
-        self.model, self.data = self.policy, self.prompts
-        problems = [p.replace("--data", "--prompts") for p in super().validate()]
+        problems = super().validate()
         problems += check_reward_spec(self.reward)
-        for name in ("rounds", "n", "top_k", "max_new_tokens", "gen_batch_size"):
+        for name in ("rounds", "samples_per_prompt", "keep_top", "max_new_tokens", "generation_batch_size"):
             if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1")
-        if self.top_k > self.n:
-            problems.append(f"--top-k {self.top_k} keeps more than the --n {self.n} samples")
+                problems.append(f"--{flag(name)} must be >= 1")
+        if self.keep_top > self.samples_per_prompt:
+            problems.append(f"--keep-top {self.keep_top} keeps more than the --samples-per-prompt "
+                            f"{self.samples_per_prompt} samples")
         if self.temperature <= 0:
             problems.append("--temperature must be > 0")
         if not 0 < self.top_p <= 1:
@@ -84,8 +81,8 @@ class Config(TrainConfig):
                 "full model, which quantized weights cannot hold; use it with sft, rm, dpo or ppo"]
 
     def sampling_params(self, round_index: int) -> SamplingParams:
-        return SamplingParams(strategy="sample", n=self.n, temperature=self.temperature, top_p=self.top_p,
-                              max_new_tokens=self.max_new_tokens, seed=self.seed + 1000 * round_index)
+        return SamplingParams(strategy="sample", n=self.samples_per_prompt, temperature=self.temperature,
+                              top_p=self.top_p, max_new_tokens=self.max_new_tokens, seed=self.seed + 1000 * round_index)
 
     def sft_config(self, model: str, data: str, output: str) -> sft.Config:
         """The SFT recipe's config for one round: every common training flag passes through."""
@@ -156,16 +153,16 @@ def train(cfg: Config, run: Run) -> RejectionSamplingResult:
     prompts = [ex.prompt for ex in examples]
     device = run.accelerator.device
     reward = load_reward(cfg.reward, cfg.dtype, device)
-    initial, tokenizer = load_policy(cfg.policy, cfg.dtype, device)
+    initial, tokenizer = load_policy(cfg.model, cfg.dtype, device)
 
     done, rows = 0, []
     if cfg.resume:
         while (run.output / f"round-{done + 1}" / "round.json").exists():
             done += 1
         run.metrics.truncate_after(done)
-    current = cfg.policy if done == 0 else str(run.output / f"round-{done}")
+    current = cfg.model if done == 0 else str(run.output / f"round-{done}")
     policy = initial if done == 0 else load_policy(current, cfg.dtype, device)[0]
-    samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(done), cfg.gen_batch_size)
+    samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(done), cfg.generation_batch_size)
     if done == 0:
         rows.append(run.metrics.log({"step": 0, "round": 0, "reward/mean_policy": samples.mean(), "objective/kl": 0.0,
                                      "elapsed_s": time.time() - run.started}))
@@ -176,7 +173,7 @@ def train(cfg: Config, run: Run) -> RejectionSamplingResult:
         folder.mkdir(parents=True, exist_ok=True)
         # 1. keep the best completions of each prompt
         write_samples(folder / "samples.jsonl", prompts, samples)
-        kept = keep_best(samples, cfg.top_k)
+        kept = keep_best(samples, cfg.keep_top)
         write_jsonl(str(folder / "sft.jsonl"), [{"prompt": p, "completion": samples.texts[i][j]}
                                                 for i, p in enumerate(prompts) for j in kept[i]
                                                 if samples.texts[i][j].strip()])
@@ -191,7 +188,7 @@ def train(cfg: Config, run: Run) -> RejectionSamplingResult:
         current = str(folder)
         policy = load_policy(current, cfg.dtype, device)[0]
         # 3. sample from the new policy: its measure, and the next round's candidates
-        new_samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(k), cfg.gen_batch_size)
+        new_samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(k), cfg.generation_batch_size)
         kl = kl_to_initial(policy, initial, new_samples)
         row = {"step": k, "round": k, "reward/mean_all": samples.mean(),
                "reward/mean_kept": sum(kept_scores) / len(kept_scores),
@@ -209,10 +206,7 @@ def train(cfg: Config, run: Run) -> RejectionSamplingResult:
 
 
 def main(cfg: Config) -> int:
-    problems = cfg.validate()
-    if problems:
-        raise InputError(problems)
-    with start_run(cfg) as run:
+    with start_run(validated(cfg)) as run:
         result = train(cfg, run)
     run.print(f"rejection sampling done: {cfg.rounds} round(s); final policy in {result.final_model}")
     return 0

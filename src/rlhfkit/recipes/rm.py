@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from rlhfkit.config import TrainConfig, arg
+from rlhfkit.config import TrainConfig, arg, validated
 from rlhfkit.data.io import read_records
 from rlhfkit.data.schema import parse_preference, parse_ranking
 from rlhfkit.errors import InputError
@@ -24,6 +25,8 @@ from rlhfkit.evaluation.rm_accuracy import agreement
 from rlhfkit.losses import bradley_terry_loss, listwise_loss, plackett_luce_loss
 from rlhfkit.models.reward import OFFSET_KEY, forward_rewards, reward_inputs
 from rlhfkit.training import Run, TrainResult, fit, save_final_model, setup_training, start_run
+
+RankingLoss = Literal["pairs", "listwise", "plackett-luce"]
 
 
 @dataclass
@@ -35,16 +38,10 @@ class Config(TrainConfig):
     lr: float = arg(2e-5, "Peak learning rate (AdamW).")
     use_margin: bool = arg(True, "Use the records' `margin` field as the Llama 2 margin term: "
                            "-log sigmoid(r_chosen - r_rejected - margin).")
-    ranking_loss: str = arg("pairs", "Rankings: `pairs` expands each into all pairs (BT); `listwise` is the "
-                            "best-of-K softmax of Ziegler et al.; `plackett-luce` uses the whole ranking.")
+    ranking_loss: RankingLoss = arg("pairs", "Rankings: `pairs` expands each into all pairs (BT); `listwise` is "
+                                    "the best-of-K softmax of Ziegler et al.; `plackett-luce` uses the whole ranking.")
     normalize: bool = arg(True, "Store an offset so that the mean reward over the training completions is 0.")
     eval_batch_size: int = arg(32, "Completions per evaluation forward.")
-
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.ranking_loss not in ("pairs", "listwise", "plackett-luce"):
-            problems.append(f"--ranking-loss: {self.ranking_loss!r} is not one of pairs, listwise, plackett-luce")
-        return problems
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class Comparison:
     margin: float | None = None
 
 
-def load_comparisons(spec: str, ranking_loss: str, *, config: str = "", seed: int = 0) -> list[Comparison]:
+def load_comparisons(spec: str, ranking_loss: RankingLoss, *, config: str = "", seed: int = 0) -> list[Comparison]:
     problems: list[str] = []
     out: list[Comparison] = []
     for rec in read_records(spec, config=config, seed=seed):
@@ -202,7 +199,7 @@ def save_reward_model(run: Run, cfg: Config, model, tokenizer, data: list[Compar
 
 
 def main(cfg: Config) -> int:
-    with start_run(cfg) as run:
+    with start_run(validated(cfg)) as run:
         metrics = train(cfg, run).metrics
     if "eval/accuracy" in metrics:
         run.print(f"rm done: eval accuracy {metrics['eval/accuracy']:.3f} "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.config import TrainConfig, arg
+from rlhfkit.config import TrainConfig, arg, validated
 from rlhfkit.data.chat import Encoded, encode
 from rlhfkit.data.schema import load_sft
 from rlhfkit.errors import InputError
@@ -163,7 +163,7 @@ def train(cfg: Config, run: Run) -> TrainResult:
 
 
 def main(cfg: Config) -> int:
-    with start_run(cfg) as run:
+    with start_run(validated(cfg)) as run:
         metrics = train(cfg, run).metrics
     if metrics:
         run.print(f"sft done: loss {metrics['loss']:.4f}" +

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhfkit.config import arg
+from rlhfkit.config import arg, validated
 from rlhfkit.errors import InputError
 
 log = logging.getLogger("rlhfkit.serve")
@@ -49,7 +49,8 @@ class Config:
     max_n: int = arg(16, "Largest `n` (choices per request) accepted.")
     default_max_tokens: int = arg(256, "Completion length when a request gives no max_tokens "
                                   "(capped by the room left in the context).")
-    max_context: int = arg(0, "Context length (prompt plus completion) in tokens; 0: the model's own.")
+    max_length: int = arg(0, "Context length: most tokens of prompt plus completion; 0: the model's own.",
+                          aliases=("max_context",))
     threads: int = arg(0, "torch CPU threads; 0 keeps torch's default.")
     api_key_env: str = arg("", "Name of an environment variable holding an API key; when set, requests "
                            "need `Authorization: Bearer <key>`.")
@@ -62,7 +63,7 @@ class Config:
         for name in ("max_batch_size", "max_n", "default_max_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("max_context", "threads"):
+        for name in ("max_length", "threads"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.batch_wait_ms < 0:
@@ -300,13 +301,13 @@ def main(cfg: Config) -> int:
 
     from rlhfkit.serve.engine import Engine
 
-    if cfg.threads:
+    if validated(cfg).threads:
         torch.set_num_threads(cfg.threads)
     sock = _bind(cfg.host, cfg.port)  # fail before loading the model if the port is taken
     model, tokenizer = _load(cfg.model, None, cfg.dtype)
     name = cfg.served_model_name or cfg.model
     engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
-                    context_length=cfg.max_context or None)
+                    context_length=cfg.max_length or None)
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     app = create_app(engine, name, max_n=cfg.max_n, default_max_tokens=cfg.default_max_tokens, api_key=api_key)
     url = _url(cfg.host, sock.getsockname()[1])

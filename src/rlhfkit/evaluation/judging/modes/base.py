@@ -52,7 +52,7 @@ class JudgeMode(Protocol):
     name: str               # the --mode value
     question_set: str       # the built-in set `--questions builtin` means in this mode
     needs_checks: bool      # questions must carry a requirement per turn (chat-bench scripts)
-    needs_reference: bool   # needs --reference-model
+    needs_reference: bool   # needs --baseline (the reference candidate)
     emits_battles: bool     # its verdicts are comparisons (--emit-battles allowed)
 
     def candidate_problems(self, names: Sequence[str], reference_model: str) -> list[str]:

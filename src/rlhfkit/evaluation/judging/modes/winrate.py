@@ -1,4 +1,4 @@
-"""``--mode winrate``: every candidate against ``--reference-model``, AlpacaEval style.
+"""``--mode winrate``: every candidate against ``--baseline`` (AlpacaEval's reference model).
 
 Each comparison is judged in both orders as in pairwise mode; the summary gives the raw win rate
 and the length-controlled win rate (:mod:`rlhfkit.evaluation.winrate`), each with a standard
@@ -117,7 +117,7 @@ class WinRateMode:
 
     def candidate_problems(self, names: Sequence[str], reference_model: str) -> list[str]:
         if reference_model not in names:
-            return [f"--reference-model {reference_model!r} is not among the candidates ({', '.join(names)})"]
+            return [f"--baseline {reference_model!r} is not among the candidates ({', '.join(names)})"]
         if len(set(names)) < 2:
             return ["--mode winrate needs at least one candidate besides the reference"]
         return []
