@@ -51,7 +51,7 @@ def test_import_formats_metadata_and_dedup(tmp_path, capsys, db_url):
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                       {"role": "user", "content": "3+3?"}],
          "response_a": "6", "response_b": "Six."},
-        # `rlhfkit generate --n 2` output: prompt + completions (strings or objects)
+        # `rlhfkit generate --samples-per-prompt 2` output: prompt + completions (strings or objects)
         {"prompt": "Tell a joke", "completions": ["Knock knock.", "Why did the chicken..."], "seed": 3},
         {"messages": [{"role": "user", "content": "Count"}],
          "completions": [{"text": "1 2 3", "logprob": -1.5}, {"text": "one two", "logprob": -2.0}]},
