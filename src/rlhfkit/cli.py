@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "judge": ("rlhfkit.evaluation.judge", "LLM-as-judge: single grading, pairwise, win rates, chat-bench."),
     "arena": ("rlhfkit.evaluation.arena", "Elo and Bradley-Terry ratings with bootstrap intervals from battles."),
     "eval-frontier": ("rlhfkit.evaluation.frontier", "Reward vs KL over a run's checkpoints (over-optimisation)."),
+    "cai-revise": ("rlhfkit.label.cai_revise",
+                   "Constitutional AI's supervised phase: critique and revise responses against principles."),
     "label serve": ("rlhfkit.label.commands:serve", "Run the pairwise-feedback web app."),
     "label add-user": ("rlhfkit.label.commands:add_user", "Add an annotator or admin; prints the token last."),
     "label import": ("rlhfkit.label.commands:import_items", "Import response pairs to be judged."),

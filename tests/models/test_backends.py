@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
 
@@ -114,6 +116,29 @@ def test_a_failure_keeps_the_replies_received_before_it(tmp_path):
         with pytest.raises(BackendError, match="HTTP 500: boom"):
             journaled_replies(backend, chats(4), keys, ReplyJournal(path))
     assert sorted(ReplyJournal(path)._done) == sorted(keys[:2])
+
+
+def test_replies_in_flight_when_another_request_fails_are_still_recorded(tmp_path):
+    """With requests in flight, one that fails must not lose the others' replies: the journal
+    records them, and a resumed run does not send them again."""
+    q1_sent = threading.Event()
+
+    def respond(body):
+        if body["messages"][-1]["content"] == "q0":
+            q1_sent.wait(10)  # fail only once q1 is on its way
+            return 401, {"error": {"message": "bad key"}}
+        q1_sent.set()
+        time.sleep(0.3)  # still in flight when q0's failure reaches the caller
+        return _echo(body)
+
+    path = tmp_path / "requests.jsonl"
+    keys = [request_key(c) for c in chats(2)]
+    with ScriptedEndpoint(respond) as ep:
+        backend = OpenAIChatBackend(ep.url, "m", concurrency=2, retries=0)
+        with pytest.raises(BackendError, match="HTTP 401: bad key"):
+            journaled_replies(backend, chats(2), keys, ReplyJournal(path))
+    journal = ReplyJournal(path)
+    assert sorted(journal._done) == [keys[1]] and journal.get(keys[1]).text == "re: q1"
 
 
 def test_a_plain_complete_object_serves_through_replies():

@@ -252,6 +252,13 @@ class OpenAIChatBackend:
             except BaseException:
                 for f in futures:
                     f.cancel()
+                # Replies already answered (or in flight) when one request failed are still reported:
+                # a journal records them, and a resumed run does not send them again.
+                for f, i in futures.items():
+                    if out[i] is None and not f.cancelled() and f.exception() is None:
+                        out[i] = f.result()
+                        if on_reply is not None:
+                            on_reply(i, out[i])
                 raise
         return out
 
