@@ -44,9 +44,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag, save_config
+from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag, save_config, validated
 from rlhfkit.data.constitution import Principle, builtin_file, load_constitution, seeded_principle
-from rlhfkit.errors import InputError
 from rlhfkit.models.backends import (
     BackendError,
     Message,
@@ -213,9 +212,7 @@ def write_outputs(out: Path, chains: Sequence[Chain], cfg: Config, model: str, a
 
 
 def main(cfg: Config) -> int:
-    problems = cfg.validate()
-    if problems:
-        raise InputError(problems)
+    validated(cfg)
     principles = load_constitution(cfg.constitution)
     chains = load_chains(cfg, principles)  # bad prompts: exit 2 before any model is loaded
     out = Path(cfg.output)
