@@ -171,3 +171,13 @@ def test_options_are_validated():
     assert ModelOptions().model_problems() == []
     assert JudgeOptions(judge_model="", judge_url="http://x").judge_problems() == [
         "--judge-url needs --judge-model (the model to request from it)"]
+
+
+def test_local_sampling_draws_a_different_stream_per_request_and_the_same_for_the_same_request(tiny_lm):
+    backend = LocalBackend(tiny_lm, batch_size=1, seed=3)
+    prompts = [[{"role": "user", "content": "same words"}], [{"role": "user", "content": "other words"}]]
+    first = backend.complete(prompts * 2, temperature=1.0, max_tokens=12)
+    assert first[0] == first[2] and first[1] == first[3]  # same request, same reply
+    again = backend.complete([prompts[1], prompts[0]], temperature=1.0, max_tokens=12)
+    assert again == [first[1], first[0]]  # whatever its position in the call
+    assert first[0] != first[1]

@@ -302,14 +302,15 @@ class LocalBackend:
 
         if not conversations:
             return []
-        if temperature and temperature > 0:
-            params = SamplingParams(strategy="sample", max_new_tokens=max_tokens, temperature=temperature, n=1,
-                                    seed=self.seed)
-        else:
-            params = SamplingParams(strategy="greedy", max_new_tokens=max_tokens, n=1)
+        sample = bool(temperature and temperature > 0)
         out: list[Reply] = []
         for start in range(0, len(conversations), self.batch_size):
             chunk = [list(c) for c in conversations[start:start + self.batch_size]]
+            # Seeded by the chats themselves: a different request draws a different stream, and the
+            # same request (a resumed run) draws the same one.
+            params = SamplingParams(strategy="sample" if sample else "greedy", max_new_tokens=max_tokens,
+                                    temperature=temperature if sample else 1.0, n=1,
+                                    seed=int(request_key(self.seed, chunk), 16) % 2**31 if sample else None)
             prompt_ids = [encode_prompt(self.tokenizer, c, self._max_prompt(max_tokens)) for c in chunk]
             responses = [rows[0] for rows in generate_ids(self.model, self.tokenizer, prompt_ids, params,
                                                           self.batch_size)]
