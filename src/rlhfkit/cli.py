@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-frontier": ("rlhfkit.evaluation.frontier", "Reward vs KL over a run's checkpoints (over-optimisation)."),
     "cai-revise": ("rlhfkit.label.cai_revise",
                    "Constitutional AI's supervised phase: critique and revise responses against principles."),
+    "ai-label": ("rlhfkit.label.ai_label", "Preference pairs labelled by an AI judge with a constitution (RLAIF)."),
     "label serve": ("rlhfkit.label.commands:serve", "Run the pairwise-feedback web app."),
     "label add-user": ("rlhfkit.label.commands:add_user", "Add an annotator or admin; prints the token last."),
     "label import": ("rlhfkit.label.commands:import_items", "Import response pairs to be judged."),

@@ -428,7 +428,26 @@ def journaled_replies(backend, conversations: Sequence[Sequence[Message]], keys:
 
 
 @dataclass
-class ModelOptions:
+class TransportOptions:
+    """How requests reach a model, local or endpoint (every command that asks a model for text)."""
+
+    concurrency: int = arg(4, "Requests in flight per endpoint.")
+    request_timeout: float = arg(120.0, "Seconds to wait for one endpoint request (retried on timeouts, "
+                                 "connection errors and HTTP 408/409/429/5xx with exponential backoff).")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype of local models.")
+    generation_batch_size: int = arg(4, "Conversations per generate call of a local model.")
+
+    def transport_problems(self) -> list[str]:
+        problems = []
+        if self.concurrency < 1 or self.generation_batch_size < 1:
+            problems.append("--concurrency and --generation-batch-size must be >= 1")
+        if self.request_timeout <= 0:
+            problems.append("--request-timeout must be > 0")
+        return problems
+
+
+@dataclass
+class ModelOptions(TransportOptions):
     """The model a command asks for text: a local one, or an OpenAI-compatible endpoint."""
 
     model: str = arg("smollm2-135m", "Local model: a path, hub id or embedded name (used when --model-url is "
@@ -438,11 +457,6 @@ class ModelOptions:
     model_name: str = arg("", "The model name sent to --model-url (required with it).")
     api_key_env: str = arg("OPENAI_API_KEY", "Environment variable holding --model-url's API key (unset: no "
                            "key sent; the key is never written anywhere).")
-    concurrency: int = arg(4, "Requests in flight per endpoint.")
-    request_timeout: float = arg(120.0, "Seconds to wait for one endpoint request (retried on timeouts, "
-                                 "connection errors and HTTP 408/409/429/5xx with exponential backoff).")
-    dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype of local models.")
-    generation_batch_size: int = arg(4, "Conversations per generate call of a local model.")
 
     def model_problems(self) -> list[str]:
         problems = []
@@ -453,16 +467,16 @@ class ModelOptions:
                             "local model)")
         if not self.model_url and not self.model:
             problems.append("--model or --model-url is required")
-        if self.concurrency < 1 or self.generation_batch_size < 1:
-            problems.append("--concurrency and --generation-batch-size must be >= 1")
-        if self.request_timeout <= 0:
-            problems.append("--request-timeout must be > 0")
-        return problems
+        return problems + self.transport_problems()
 
 
 @dataclass
 class JudgeOptions:
-    """The judge a command asks for verdicts: a local model or an OpenAI-compatible endpoint."""
+    """The judge a command asks for verdicts: a local model or an OpenAI-compatible endpoint.
+
+    A command whose only model is its judge (``ai-label``) takes it with :class:`TransportOptions`;
+    one that also generates, with :class:`ModelOptions`.
+    """
 
     judge_model: str = arg("smollm2-135m", "Judge: the model name sent to --judge-url, or (without it) a local "
                            "path, hub id or embedded name.")
@@ -495,14 +509,19 @@ def model_backend(cfg, role: str = "model"):
 
 
 def judge_backend(cfg):
-    """The backend of a config with :class:`JudgeOptions` and :class:`ModelOptions`' transport flags."""
+    """The backend of a config with :class:`JudgeOptions` and :class:`TransportOptions` (or ModelOptions)."""
     return make_backend(cfg.judge_model, cfg.judge_url, cfg.judge_model, cfg.judge_api_key_env, role="judge",
                         concurrency=cfg.concurrency, timeout=cfg.request_timeout, dtype=cfg.dtype,
                         batch_size=cfg.generation_batch_size, seed=getattr(cfg, "seed", 0))
 
 
+def endpoint_label(url: str, model: str) -> str:
+    """How outputs name an endpoint's model: ``chat-completions-url (model)``, without credentials."""
+    return f"{redact_url(chat_completions_url(url))} ({model})"
+
+
 def backend_label(backend) -> str:
     """How outputs name a backend: ``url (model)`` for an endpoint (no credentials), else its name."""
     if isinstance(backend, OpenAIChatBackend):
-        return f"{redact_url(backend.url)} ({backend.model})"
+        return endpoint_label(backend.url, backend.model)
     return str(getattr(backend, "name", type(backend).__name__))
