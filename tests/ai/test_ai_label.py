@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from core_helpers import write_jsonl
+from rlhfkit.data.constitution import load_constitution
 from rlhfkit.data.io import Record
 from rlhfkit.data.schema import load_preferences
 from rlhfkit.label.ai_label import FORMAT_REMINDER, parse_comparisons
@@ -202,8 +203,12 @@ def test_relabelling_reports_agreement_with_the_existing_labels(run_cli, files, 
         {"prompt": "BIASED q4", "chosen": "a kind answer 4", "rejected": "a curt answer 4"}])
     out = tmp_path / "out"
     with ScriptedEndpoint(hidden_judge) as ep:
-        result = ai_label(run_cli, ep, data, files["constitution"], out)
+        result = ai_label(run_cli, ep, data, "builtin", out)
+        sent = {shown(body)[2] for body in ep.seen}
     assert result.code == 0, result.err
+    builtin = {p.name: p.preference for p in load_constitution("builtin")}
+    assert sent <= set(builtin.values())
+    assert {r["principle"] for r in read_rows(out)} <= set(builtin)
     assert stats_of(out)["agreement"] == {"labelled_pairs": 5, "compared": 4, "agree": 3, "rate": 0.75,
                                           "mean_p_input_chosen": None}
     assert [r["label_agrees"] for r in read_rows(out)] == [True, True, True, False]
@@ -281,6 +286,15 @@ def test_bad_input_names_file_line_and_field_and_sends_nothing(run_cli, files, t
         f"error: {data}:3: field 'completions': expected a list of at least 2 replies",
         f"error: {data}:4: field 'prompt': missing field",
         f"error: {data}:5: missing field: expected response_a and response_b, completions, or chosen and rejected"]
+
+
+def test_a_bad_constitution_exits_2_before_any_request(run_cli, files, tmp_path):
+    bad = write_jsonl(tmp_path / "c.jsonl", [{**PRINCIPLES[0], "preference": ""}])
+    with ScriptedEndpoint(hidden_judge) as ep:
+        result = ai_label(run_cli, ep, files["data"], bad, tmp_path / "out")
+        assert ep.seen == []
+    assert result.code == 2 and result.errors == [
+        f"error: {bad}:1: field 'preference': expected a non-empty string (got '')"]
 
 
 def test_completions_give_every_pair_or_a_seeded_sample():

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag, save_config
+from rlhfkit.data.constitution import Principle, load_constitution, seeded_principle
 from rlhfkit.data.io import Record, read_records, write_jsonl
 from rlhfkit.data.schema import _check_text_or_messages, parse_preference
 from rlhfkit.errors import InputError
@@ -89,8 +90,6 @@ class Config(JudgeOptions, TransportOptions):
         problems = check_data_flag("data", self.data)
         if not self.output:
             problems.append("--output is required")
-        if self.constitution != "builtin" and not Path(self.constitution).is_file():
-            problems.append(f"--constitution: no such file: {self.constitution} (or `builtin`)")
         if self.pairs_per_prompt < 0:
             problems.append("--pairs-per-prompt must be >= 0")
         if self.judge_max_new_tokens < 1:
@@ -179,24 +178,19 @@ def read_comparisons(cfg: Config) -> list[Comparison]:
 # --------------------------------------------------------------------------------------------
 
 
-def sample_principle(principles: list, comparison: Comparison, seed: int):
-    """The principle of a comparison: a pure function of the seed and the comparison's content."""
-    return principles[random.Random(f"rlhfkit-ai-label:{seed}:{comparison.key}").randrange(len(principles))]
-
-
 @dataclass(frozen=True)
 class Job:
     """One comparison with its principle and the judge's chat in each order (``a`` shown first, second)."""
 
     comparison: Comparison
-    principle: Any
+    principle: Principle
     chats: tuple[list, list]
 
 
-def make_jobs(comparisons: list[Comparison], principles: list, seed: int) -> list[Job]:
+def make_jobs(comparisons: list[Comparison], principles: list[Principle], seed: int) -> list[Job]:
     jobs = []
     for c in comparisons:
-        p = sample_principle(principles, c, seed)
+        p = seeded_principle(principles, seed, "ai-label", c.key)  # the comparison's content: resumes draw the same
         a, b = reply_text(c.a), reply_text(c.b)
         jobs.append(Job(c, p, (principle_pairwise_messages(c.prompt, a, b, p.preference),
                                principle_pairwise_messages(c.prompt, b, a, p.preference))))
@@ -380,8 +374,6 @@ def summary_line(stats: dict, out: Path) -> str:
 
 
 def main(cfg: Config) -> int:
-    from rlhfkit.data.constitution import load_constitution
-
     comparisons = read_comparisons(cfg)
     principles = load_constitution(cfg.constitution)
     jobs = make_jobs(comparisons, principles, cfg.seed)
