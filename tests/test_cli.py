@@ -139,6 +139,7 @@ INVALID_IN_PYTHON = {
     "arena": ({"output": "{out}"}, "--battles is required"),
     "eval-frontier": ({"samples_per_prompt": 0}, "--run is required"),
     "cai-revise": ({"rounds": 0}, "--output is required"),
+    "ai-label": ({"output": "{out}", "data": "{missing}"}, "--data: no such file or directory"),
     "label serve": ({"port": -1}, "--port must be in 0..65535"),
     "label add-user": ({"name": " "}, "NAME is required"),
     "label import": ({"file": "{missing}"}, "no such file"),

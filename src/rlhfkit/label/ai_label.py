@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag, save_config
+from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag, save_config, validated
 from rlhfkit.data.constitution import Principle, load_constitution, seeded_principle
 from rlhfkit.data.io import Record, read_records, write_jsonl
 from rlhfkit.data.schema import _check_text_or_messages, parse_preference
@@ -374,6 +374,7 @@ def summary_line(stats: dict, out: Path) -> str:
 
 
 def main(cfg: Config) -> int:
+    validated(cfg)
     comparisons = read_comparisons(cfg)
     principles = load_constitution(cfg.constitution)
     jobs = make_jobs(comparisons, principles, cfg.seed)
