@@ -169,7 +169,7 @@ def test_rm_everything_dropped_is_an_input_error(run_cli, tiny_lm, tmp_path, no_
     result = run_cli("rm", "--model", tiny_lm, "--data", path, "--output", tmp_path / "o", "--max-length", "48",
                      "--truncation", "drop")
     assert result.code == 2
-    assert result.errors == [f"error: {path}: every comparison is longer than --max-length 48 and was dropped"]
+    assert result.errors == [f"error: {path}: every example is longer than --max-length 48 and was dropped"]
     assert no_model_loading == []
 
 

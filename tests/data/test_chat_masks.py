@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhfkit.data.chat import check_encodable, encode, encode_prompt, render_prompt, segments
+from rlhfkit.data.chat import check_encodable, encode, encode_prompt, raw_text_ids, render_prompt, segments
 from rlhfkit.data.schema import SFTExample
 from rlhfkit.errors import InputError
 from rlhfkit.models.tiny import make_tiny_tokenizer
@@ -134,3 +134,20 @@ def test_a_template_that_rewrites_history_is_refused(tok):
                          "{% if add_generation_prompt %}assistant:{% endif %}")
     with pytest.raises(ValueError, match="prefix-stable"):
         encode(odd, "q", _conversation(("assistant", "a"), ("user", "u"), ("assistant", "b")))
+
+
+def test_one_bos_rule_raw_text_only():
+    """A tokenizer that adds BOS (id 1 here): raw text gets it once, in front (a base model's
+    prompt, its training sequence); text a chat template rendered gets nothing added."""
+    raw = make_tiny_tokenizer(chat_template=False)
+    raw.add_bos_token = True
+    text_ids = raw("hi", add_special_tokens=False)["input_ids"]
+    assert raw_text_ids(raw, "hi") == [1] + text_ids
+    assert encode_prompt(raw, "hi") == [1] + text_ids
+    enc = encode(raw, "hi", "yo")
+    assert enc.input_ids[:len(text_ids) + 1] == [1] + text_ids and enc.input_ids.count(1) == 1
+    assert raw_text_ids(make_tiny_tokenizer(chat_template=False), "hi") == text_ids  # no add_bos_token
+    templated = make_tiny_tokenizer(chat_template=True)
+    templated.add_bos_token = True
+    rendered = templated(render_prompt(templated, "hi"), add_special_tokens=False)["input_ids"]
+    assert encode_prompt(templated, "hi") == rendered  # the template's own <|im_start|>, nothing more

@@ -134,7 +134,8 @@ def _enc(ids, trained):
 
 
 def test_collate_pads_right_and_masks_labels():
-    from rlhfkit.recipes.sft import collate, trained_tokens
+    from rlhfkit.data.collate import collate
+    from rlhfkit.recipes.sft import trained_tokens
 
     a = _enc([5, 6, 7, 8], [False, False, True, True])
     b = _enc([9, 10], [False, True])
@@ -147,7 +148,8 @@ def test_collate_pads_right_and_masks_labels():
 
 
 def test_packing_fills_rows_and_restarts_positions():
-    from rlhfkit.recipes.sft import collate, pack
+    from rlhfkit.data.collate import collate
+    from rlhfkit.recipes.sft import pack
 
     examples = [_enc(range(1, 7), [False] * 3 + [True] * 3), _enc(range(10, 14), [False, True, True, True]),
                 _enc(range(20, 23), [False, True, True]), _enc(range(30, 33), [False, False, True])]

@@ -46,6 +46,19 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def raw_text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of text that no chat template rendered, starting with the tokenizer's BOS when it
+    adds one (``add_bos_token``, as its own ``__call__`` would).
+
+    The one BOS rule of rlhfkit: raw text (a base model's prompt, ``/v1/completions``) gets the
+    tokenizer's BOS; text rendered by a chat template carries whatever its template writes and
+    gets nothing more.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    add = bos is not None and getattr(tokenizer, "add_bos_token", False)
+    return ([bos] if add else []) + _ids(tokenizer, text)
+
+
 def segments(tokenizer, prompt, completion) -> list[tuple[str, bool]]:
     """(text, trained) segments of a prompt and its completion, in order."""
     if not has_template(tokenizer):
@@ -98,11 +111,9 @@ def encode(tokenizer, prompt, completion, max_length: int | None = None,
     """
     ids: list[int] = []
     trained: list[bool] = []
-    bos = getattr(tokenizer, "bos_token_id", None)
+    raw = not has_template(tokenizer)
     for i, (text, is_trained) in enumerate(segments(tokenizer, prompt, completion)):
-        piece = _ids(tokenizer, text)
-        if i == 0 and not has_template(tokenizer) and bos is not None and getattr(tokenizer, "add_bos_token", False):
-            piece = [bos] + piece
+        piece = raw_text_ids(tokenizer, text) if i == 0 and raw else _ids(tokenizer, text)
         ids += piece
         trained += [is_trained] * len(piece)
     enc = Encoded(ids, trained)
@@ -119,10 +130,8 @@ def encode(tokenizer, prompt, completion, max_length: int | None = None,
 
 def encode_prompt(tokenizer, prompt, max_length: int | None = None) -> list[int]:
     """Prompt token ids for generation (kept from the left end when too long)."""
-    ids = _ids(tokenizer, render_prompt(tokenizer, prompt))
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if not has_template(tokenizer) and bos is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [bos] + ids
+    text = render_prompt(tokenizer, prompt)
+    ids = _ids(tokenizer, text) if has_template(tokenizer) else raw_text_ids(tokenizer, text)
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]
     return ids

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.data.chat import as_messages, completion_messages, has_template, prompt_text
+from rlhfkit.data.collate import pad_rows
 from rlhfkit.models.loading import load_tokenizer, resolve_model
 
 OFFSET_KEY = "rlhfkit_reward_offset"
@@ -40,22 +41,23 @@ def load_reward_backbone(name: str, tokenizer, dtype: str = "float32", device=No
 
 
 def reward_inputs(tokenizer, prompts: list, completions: list, max_length: int = 512) -> dict:
-    """Tokenised reward-model inputs (right-padded, truncated from the left of long prompts)."""
+    """Tokenised reward-model inputs, truncated from the left of long prompts and padded on the
+    tokenizer's own padding side by :func:`rlhfkit.data.collate.pad_rows`."""
     if has_template(tokenizer):
         texts = [tokenizer.apply_chat_template(as_messages(p) + completion_messages(c), tokenize=False)
                  for p, c in zip(prompts, completions)]
         side = tokenizer.truncation_side
         tokenizer.truncation_side = "left"  # keep the response when the conversation is long
         try:
-            enc = tokenizer(texts, add_special_tokens=False, padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+            enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)
         finally:
             tokenizer.truncation_side = side
-        return enc
-    firsts = [prompt_text(p) for p in prompts]
-    seconds = [c if isinstance(c, str) else "\n".join(m["content"] for m in c) for c in completions]
-    return tokenizer(firsts, seconds, padding=True, truncation="longest_first", max_length=max_length,
-                     return_tensors="pt")
+    else:
+        firsts = [prompt_text(p) for p in prompts]
+        seconds = [c if isinstance(c, str) else "\n".join(m["content"] for m in c) for c in completions]
+        enc = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length)
+    fill = {"input_ids": tokenizer.pad_token_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    return {key: pad_rows(rows, fill.get(key, 0), tokenizer.padding_side) for key, rows in enc.items()}
 
 
 def forward_rewards(model, batch: dict) -> torch.Tensor:

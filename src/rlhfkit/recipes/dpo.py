@@ -33,8 +33,8 @@ import torch
 
 from rlhfkit.config import TrainConfig, arg, validated
 from rlhfkit.data.chat import encode
+from rlhfkit.data.length import apply_length_policy
 from rlhfkit.data.schema import PreferenceExample, load_preferences
-from rlhfkit.errors import InputError
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models.packed import Group, completion_logps, supports_packing
 from rlhfkit.recipes.sft import build_model
@@ -133,29 +133,17 @@ def encode_pair(tokenizer, ex: PreferenceExample, max_length: int, truncation: s
     return EncodedPair(group, float(ex.margin or 0.0), truncated)
 
 
-def encode_pairs(tokenizer, examples: list[PreferenceExample], cfg, path: str, run: Run | None = None
-                 ) -> list[EncodedPair]:
-    """Every pair of ``path`` tokenised; problems name the file and record; truncation reported."""
-    pairs, problems, truncated, dropped = [], [], 0, 0
-    for ex in examples:
-        try:
-            pair = encode_pair(tokenizer, ex, cfg.max_length, cfg.truncation)
-        except ValueError as e:
-            problems.append(ex.source.problem(None, str(e)) if ex.source else str(e))
-            continue
-        if pair is None:
-            dropped += 1
-            continue
-        truncated += pair.truncated
-        pairs.append(pair)
-    if problems:
-        raise InputError(problems)
-    if not pairs:
-        raise InputError(f"{path}: every pair is longer than --max-length {cfg.max_length} and was dropped")
-    if (truncated or dropped) and run is not None:
-        run.print(f"{path}: {truncated} pair(s) truncated and {dropped} dropped at --max-length "
-                  f"{cfg.max_length} (policy: {cfg.truncation})")
-    return pairs
+def encode_pairs(tokenizer, examples: list[PreferenceExample], path: str, max_length: int,
+                 truncation: str = "truncate", say=None) -> list[EncodedPair]:
+    """Every pair of ``path`` tokenised under the length policy (:mod:`rlhfkit.data.length`);
+    problems name the file and record; ``say`` receives the truncation report."""
+
+    def encode_one(ex: PreferenceExample) -> tuple[EncodedPair | None, bool]:
+        pair = encode_pair(tokenizer, ex, max_length, truncation)
+        return pair, pair is None or pair.truncated
+
+    return apply_length_policy(examples, encode_one, source=path, max_length=max_length, truncation=truncation,
+                               say=say)
 
 
 # ---------------------------------------------------------------- loss
@@ -364,9 +352,9 @@ def train(cfg: Config, run: Run) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id
     train_pairs = encode_pairs(tokenizer, load_preferences(cfg.data, config=cfg.data_config, seed=cfg.seed),
-                               cfg, cfg.data, run)
+                               cfg.data, cfg.max_length, cfg.truncation, run.print)
     eval_pairs = encode_pairs(tokenizer, load_preferences(cfg.eval_data, config=cfg.data_config, seed=cfg.seed),
-                              cfg, cfg.eval_data, run) if cfg.eval_data else []
+                              cfg.eval_data, cfg.max_length, cfg.truncation, run.print) if cfg.eval_data else []
     if cfg.use_margin and cfg.loss not in MARGIN_LOSSES and any(p.margin for p in train_pairs):
         run.print(f"note: --loss {cfg.loss} ignores the records' margin field")
 

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from rlhfkit.config import GENERATION_BATCH_HELP, PROMPTS_HELP, TrainConfig, arg, validated
-from rlhfkit.errors import InputError
 from rlhfkit.generation.decoding import SamplingParams
 from rlhfkit.losses import KL_ESTIMATORS, masked_mean, masked_whiten, ppo_policy_loss, value_loss
 from rlhfkit.rl import shaping
@@ -205,23 +204,18 @@ def iteration_seed(seed: int, iteration: int) -> int:
 
 
 def load_prompt_data(cfg: Config, tokenizer, run: Run) -> list:
-    """The prompts (raw: strings or message lists), after the --max-length policy."""
+    """The prompts (raw: strings or message lists), after the length policy (:mod:`rlhfkit.data.length`):
+    a prompt longer than --max-length − --max-new-tokens is dropped, or kept and cut from the left
+    by the rollout."""
     from rlhfkit.data.chat import encode_prompt
+    from rlhfkit.data.length import apply_length_policy
     from rlhfkit.data.schema import load_prompts
 
     limit = cfg.max_length - cfg.max_new_tokens
-    kept, long = [], 0
-    for ex in load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed):
-        too_long = len(encode_prompt(tokenizer, ex.prompt)) > limit
-        long += too_long
-        if not (too_long and cfg.truncation == "drop"):
-            kept.append(ex.prompt)
-    if long:
-        run.print(f"{long} prompt(s) longer than {limit} tokens (--max-length − --max-new-tokens): "
-                  f"{'dropped' if cfg.truncation == 'drop' else 'their first tokens are cut'}")
-    if not kept:
-        raise InputError(f"{cfg.prompts}: no prompt left (every one is longer than {limit} tokens)")
-    return kept
+    return apply_length_policy(load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed),
+                               lambda ex: (ex.prompt, len(encode_prompt(tokenizer, ex.prompt)) > limit),
+                               source=cfg.prompts, max_length=limit, truncation=cfg.truncation,
+                               limit=f"{limit} prompt tokens (--max-length minus --max-new-tokens)", say=run.print)
 
 
 def build_models(cfg: Config, device=None):

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import TrainConfig, arg, validated
+from rlhfkit.data import length
 from rlhfkit.data.io import read_records
 from rlhfkit.data.schema import parse_preference, parse_ranking
 from rlhfkit.errors import InputError
@@ -92,25 +93,16 @@ def comparison_inputs(tokenizer, comparisons: list[Comparison], max_length: int)
 
 
 def apply_length_policy(tokenizer, comparisons: list[Comparison], cfg: Config, run: Run | None = None):
-    """--max-length and --truncation for reward inputs: count the comparisons holding a longer
-    sequence; ``drop`` skips them, ``truncate`` keeps them (cut from the left by reward_inputs)."""
-    keep = []
+    """--max-length and --truncation for reward inputs (:mod:`rlhfkit.data.length`): a comparison
+    holding a longer sequence is dropped, or kept and cut from the left by reward_inputs."""
+    longest = []
     for i in range(0, len(comparisons), 64):
         chunk = comparisons[i:i + 64]
         lengths = comparison_inputs(tokenizer, chunk, 10**9)["attention_mask"].sum(-1)
-        keep += [int(n.max()) <= cfg.max_length for n in split_rewards(lengths, chunk)]
-    affected = keep.count(False)
-    if not affected:
-        return comparisons
-    dropping = cfg.truncation == "drop"
-    kept = [c for c, ok in zip(comparisons, keep) if ok] if dropping else comparisons
-    if not kept:
-        raise InputError(f"{cfg.data}: every comparison is longer than --max-length {cfg.max_length} "
-                         "and was dropped")
-    if run is not None:
-        run.print(f"{0 if dropping else affected} example(s) truncated and {affected if dropping else 0} "
-                  f"dropped at --max-length {cfg.max_length} (policy: {cfg.truncation})")
-    return kept
+        longest += [int(n.max()) for n in split_rewards(lengths, chunk)]
+    return length.apply_length_policy(zip(comparisons, longest), lambda item: (item[0], item[1] > cfg.max_length),
+                                      source=cfg.data, max_length=cfg.max_length, truncation=cfg.truncation,
+                                      say=run.print if run is not None else None)
 
 
 def split_rewards(flat: torch.Tensor, comparisons: list[Comparison]) -> list[torch.Tensor]:

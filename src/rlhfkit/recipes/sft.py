@@ -15,8 +15,9 @@ import torch
 
 from rlhfkit.config import TrainConfig, arg, validated
 from rlhfkit.data.chat import Encoded, encode
+from rlhfkit.data.collate import collate
+from rlhfkit.data.length import ExampleError, apply_length_policy
 from rlhfkit.data.schema import load_sft
-from rlhfkit.errors import InputError
 from rlhfkit.losses import sft_loss
 from rlhfkit.training import Run, TrainResult, fit, save_final_model, setup_training, start_run
 
@@ -35,31 +36,18 @@ class Config(TrainConfig):
 
 
 def encode_examples(tokenizer, examples, cfg, run: Run | None = None) -> list[Encoded]:
-    """Tokenise every example; refuse empty completion masks; report truncation."""
-    encoded, problems, truncated, dropped = [], [], 0, 0
-    for ex in examples:
-        try:
-            enc = encode(tokenizer, ex.prompt, ex.completion, cfg.max_length, cfg.truncation)
-        except ValueError as e:
-            problems.append(ex.source.problem(None, str(e)))
-            continue
+    """Tokenise every example under the length policy; refuse empty completion masks."""
+
+    def encode_one(ex) -> tuple[Encoded | None, bool]:
+        enc = encode(tokenizer, ex.prompt, ex.completion, cfg.max_length, cfg.truncation)
         if enc is None:
-            dropped += 1
-            continue
+            return None, True
         if not any(enc.trained):
-            problems.append(ex.source.problem("completion", "the completion mask is empty after tokenisation "
-                                              "(nothing to train on)"))
-            continue
-        truncated += enc.truncated
-        encoded.append(enc)
-    if problems:
-        raise InputError(problems)
-    if not encoded:
-        raise InputError(f"{cfg.data}: every example is longer than --max-length {cfg.max_length} and was dropped")
-    if (truncated or dropped) and run is not None:
-        run.print(f"{truncated} example(s) truncated and {dropped} dropped at --max-length {cfg.max_length} "
-                  f"(policy: {cfg.truncation})")
-    return encoded
+            raise ExampleError("the completion mask is empty after tokenisation (nothing to train on)", "completion")
+        return enc, enc.truncated
+
+    return apply_length_policy(examples, encode_one, source=cfg.data, max_length=cfg.max_length,
+                               truncation=cfg.truncation, say=run.print if run is not None else None)
 
 
 def pack(encoded: list[Encoded], max_length: int) -> list[list[Encoded]]:
@@ -76,27 +64,6 @@ def pack(encoded: list[Encoded], max_length: int) -> list[list[Encoded]]:
             rows.append([enc])
             room.append(max_length - len(enc.input_ids))
     return rows
-
-
-def collate(rows: list[list[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels are -100 outside trained tokens. Each row may hold several examples."""
-    flat = [[t for e in row for t in e.input_ids] for row in rows]
-    width = max(len(f) for f in flat)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        pos = 0
-        for e in row:
-            n = len(e.input_ids)
-            t = torch.tensor(e.input_ids)
-            ids[i, pos:pos + n] = t
-            labels[i, pos:pos + n] = torch.where(torch.tensor(e.trained), t, torch.tensor(-100))
-            mask[i, pos:pos + n] = 1
-            positions[i, pos:pos + n] = torch.arange(n)
-            pos += n
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions}
 
 
 def trained_tokens(rows: list[list[Encoded]]) -> int:

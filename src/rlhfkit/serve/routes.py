@@ -81,13 +81,13 @@ def _encode_chat(engine, messages: list[dict]) -> list[int]:
 
 
 def _encode_raw(engine, prompts: list[str]) -> list[list[int]]:
+    from rlhfkit.data.chat import raw_text_ids
+
     tok = engine.tokenizer
     out = []
     with engine.tokenizer_lock:
         for text in prompts:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
-                ids = [tok.bos_token_id] + ids
+            ids = raw_text_ids(tok, text)
             if not ids:  # an empty prompt starts from the document boundary
                 start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
                 if start is None:
