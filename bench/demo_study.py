@@ -109,7 +109,8 @@ def reward_model(name: str, prompts: int, which: str, epochs: int, start: int = 
 
 def ppo_run(name: str, rm_dir: str, overrides: list[str]) -> None:
     from rlhfkit.data.annotators import VaderSentiment
-    from rlhfkit.evaluation.frontier import policy_kl, sample_policy
+    from rlhfkit.evaluation.divergence import kl_to_reference
+    from rlhfkit.evaluation.frontier import sample_groups, sample_policy
     from rlhfkit.models.loading import load_causal_lm, load_policy
     from rlhfkit.models.reward import load_reward_model
     from rlhfkit.recipes import ppo
@@ -134,7 +135,7 @@ def ppo_run(name: str, rm_dir: str, overrides: list[str]) -> None:
     initial, tokenizer = load_policy("smollm2-135m")
     policy = load_causal_lm(str(WORK / f"ppo_{name}")).eval()
     prompt_ids, response_ids, texts = sample_policy(policy, tokenizer, held, TEMPERATURE, MAX_NEW_TOKENS, 2)
-    kl = policy_kl(policy, initial, tokenizer.pad_token_id, prompt_ids, response_ids, TEMPERATURE)
+    kl = kl_to_reference(policy, initial, sample_groups(prompt_ids, response_ids), TEMPERATURE)
     oracle, rm = VaderSentiment(), load_reward_model(rm_dir)
     trained, base = oracle(texts), oracle(data["base"])
     record({"ppo": name, "rm_dir": rm_dir, **given, "train_s": round(seconds), "win_rate": win_rate(trained, base),

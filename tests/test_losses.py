@@ -21,6 +21,7 @@ from rlhfkit.losses import (
     DPO_LOSSES,
     KL_ESTIMATORS,
     bradley_terry_loss,
+    causal_logps,
     dpo_loss,
     entropy_from_logits,
     kl_k1,
@@ -32,7 +33,6 @@ from rlhfkit.losses import (
     masked_whiten,
     plackett_luce_loss,
     ppo_policy_loss,
-    sequence_logps,
     sft_loss,
     token_logps,
     value_loss,
@@ -88,39 +88,86 @@ def _two_step_logits():
 
 
 def test_token_logps_hand_worked():
+    """Aligned rows (no shift). Row [0, 0] → softmax [0.5, 0.5]: log p(1) = −0.693147. Row [ln 3, 0]
+    → [0.75, 0.25]: log p(0) = log 0.75 = −0.287682. At τ = 0.5 the row is [2 ln 3, 0] = [ln 9, 0]
+    → [0.9, 0.1]: log p(0) = log 0.9 = −0.105361, log p(1) = log 0.1 = −2.302585."""
+    logits = T([[0.0, 0.0], [math.log(3.0), 0.0]])
+    close(token_logps(logits, T([1, 0])), [-0.693147, -0.287682])
+    close(token_logps(logits[1:], T([0]), temperature=0.5), [-0.105361])
+    close(token_logps(logits[None, 1:], T([[1]]), temperature=0.5), [[-2.302585]])  # any leading shape
+    with pytest.raises(ValueError, match="token_logps"):
+        token_logps(logits, T([1]))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logps_value_and_one_buffer_gradient(temperature, monkeypatch):
+    """Random logits: equal to log_softmax(logits / τ).gather(...), gradients included (float64
+    gradcheck of the custom backward); chunking the rows changes nothing."""
+    import rlhfkit.losses as losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 7, 50, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    targets = torch.randint(0, 50, (2, 7), generator=g)
+    expected = torch.log_softmax(logits / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+    got = token_logps(logits, targets, temperature)
+    torch.testing.assert_close(got, expected)
+    assert torch.autograd.gradcheck(lambda x: token_logps(x, targets, temperature), (logits,))
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 120)  # 2 rows per chunk
+    with torch.no_grad():
+        assert torch.equal(token_logps(logits, targets, temperature), got.detach())
+
+
+def test_token_logps_half_precision_keeps_float32_normaliser():
+    """bf16 logits: the log-probs (float32) and the gradient (bf16) agree with the float32 ones
+    to bf16 precision."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 40, generator=g) * 4
+    targets = torch.randint(0, 40, (9,), generator=g)
+    full = logits.clone().requires_grad_(True)
+    half = logits.bfloat16().requires_grad_(True)
+    a, b = token_logps(full, targets, 0.8), token_logps(half, targets, 0.8)
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, a, atol=0.1, rtol=0.02)
+    a.sum().backward()
+    b.sum().backward()
+    assert half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(half.grad.float(), full.grad, atol=0.02, rtol=0.02)
+
+
+def test_causal_logps_hand_worked():
     """labels [9, 1, 0] (label 0 is never predicted: no logit precedes it).
     logp[1] = log softmax([0, 0])[1] = log 0.5 = −0.693147;
     logp[2] = log softmax([ln 3, 0])[0] = log 0.75 = −0.287682; the last logit row is unused.
     sequence log-prob = −0.980829. With labels [9, −100, 0] only position 2 counts."""
-    logps, mask = token_logps(_two_step_logits(), T([[9, 1, 0]]).clamp(max=1))
+    logps, mask = causal_logps(_two_step_logits(), T([[9, 1, 0]]).clamp(max=1))
     close(logps, [[0.0, -0.693147, -0.287682]])
     assert mask.tolist() == [[False, True, True]]
-    close(sequence_logps(_two_step_logits(), T([[0, 1, 0]])), [-0.980829])
-    logps, mask = token_logps(_two_step_logits(), T([[0, -100, 0]]))
+    close(causal_logps(_two_step_logits(), T([[0, 1, 0]]))[0].sum(-1), [-0.980829])
+    logps, mask = causal_logps(_two_step_logits(), T([[0, -100, 0]]))
     close(logps, [[0.0, 0.0, -0.287682]])
     assert mask.tolist() == [[False, False, True]]
 
 
-def test_token_logps_matches_log_softmax_and_bf16():
+def test_causal_logps_matches_log_softmax_and_bf16():
     """Random logits: equal to log_softmax(...).gather(...) on shifted positions; bf16 logits
     agree with the float32 result to bf16 precision (normaliser computed in float32)."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 6, 11, generator=g) * 3
     labels = torch.randint(0, 11, (3, 6), generator=g)
     labels[1, 4:] = -100
-    logps, mask = token_logps(logits, labels)
+    logps, mask = causal_logps(logits, labels)
     ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     ref = torch.where(labels[:, 1:] != -100, ref, 0.0)
     torch.testing.assert_close(logps[:, 1:], ref)
     leaf = logits.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(token_logps(leaf, labels)[0].sum(), leaf)
+    (grad,) = torch.autograd.grad(causal_logps(leaf, labels)[0].sum(), leaf)
     leaf_ref = logits.clone().requires_grad_(True)
     ref_sum = torch.log_softmax(leaf_ref[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     (grad_ref,) = torch.autograd.grad(torch.where(labels[:, 1:] != -100, ref_sum, 0.0).sum(), leaf_ref)
     torch.testing.assert_close(grad, grad_ref)
     assert (logps[:, 0] == 0).all() and not mask[:, 0].any()
     assert mask[:, 1:].tolist() == (labels[:, 1:] != -100).tolist()
-    bf16_logps, _ = token_logps(logits.bfloat16(), labels)
+    bf16_logps, _ = causal_logps(logits.bfloat16(), labels)
     torch.testing.assert_close(bf16_logps, logps, atol=0.1, rtol=0.02)
 
 

@@ -244,13 +244,14 @@ def evaluate_method(name, model, reference, tokenizer, held_out, baseline_oracle
                     results: Results, sample_dtype: str) -> list[str]:
     """One reply per held-out prompt sampled from ``model`` (its decoding copy in ``sample_dtype``),
     its oracle win rate over the baseline replies, and its KL to ``reference`` (measured with ``model``)."""
-    from rlhfkit.evaluation.frontier import policy_kl
+    from rlhfkit.evaluation.divergence import kl_to_reference
+    from rlhfkit.evaluation.frontier import sample_groups
     from rlhfkit.generation.decoding import decoding_copy
 
     prompt_ids, response_ids, texts = sample_policy(decoding_copy(model, sample_dtype), tokenizer, held_out, preset,
                                                     seed, progress=f"{name} replies")
 
-    kl = policy_kl(model, reference, tokenizer.pad_token_id, prompt_ids, response_ids, preset.temperature)
+    kl = kl_to_reference(model, reference, sample_groups(prompt_ids, response_ids), preset.temperature)
     results.methods[name] = _method_row(texts, baseline_oracle, held_out, oracle, reward, kl)
     return texts
 

@@ -35,7 +35,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "token_logps",
-    "sequence_logps",
+    "causal_logps",
     "sft_loss",
     "entropy_from_logits",
     "bradley_terry_loss",
@@ -136,48 +136,109 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 # --------------------------------------------------------------------------------------------
 
 
-def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """Per-token log-probabilities of ``labels`` under causal-LM ``logits``.
+_CHUNK_ELEMENTS = 1 << 22
+"""Logit elements per chunk of rows in :func:`token_logps`' forward (16 MB of float32)."""
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """float32 for half-precision logits, else their own dtype."""
+    return torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+
+
+def _picked_and_lse(logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(z[target], logsumexp z) per row of ``logits`` [n, V], z = logits / τ (half precision upcast to
+    float32), a chunk of rows at a time so that the temporaries stay small."""
+    step = max(1, _CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+    picked, lse = [], []
+    for rows, index in zip(logits.split(step), targets.split(step)):
+        rows = rows.to(_compute_dtype(rows))
+        if temperature != 1.0:
+            rows = rows / temperature
+        picked.append(rows.gather(-1, index[:, None]).squeeze(-1))
+        lse.append(torch.logsumexp(rows, dim=-1))
+    if not picked:
+        empty = logits.new_zeros(0, dtype=_compute_dtype(logits))
+        return empty, empty
+    return torch.cat(picked), torch.cat(lse)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """z[target] − logsumexp(z), z = logits / τ, with a backward that writes one [n, V] buffer.
+
+    Autograd's own backward of the same expression allocates three (the softmax from logsumexp,
+    the zero-filled scatter of gather, their sum): d/dlogits = (onehot(target) − softmax(z))·g / τ.
+    Only the logits (as given, not an upcast copy) and the [n] normaliser are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        picked, lse = _picked_and_lse(logits, targets, temperature)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature = temperature
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        temperature = ctx.temperature
+        g = logits.to(_compute_dtype(logits), copy=True)  # the one [n, V] buffer
+        if temperature != 1.0:
+            g.div_(temperature)
+        g.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+        g.scatter_add_(-1, targets[:, None], grad[:, None].to(g.dtype))
+        if temperature != 1.0:
+            g.div_(temperature)
+        return g.to(logits.dtype), None, None
+
+
+def token_logps(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """log-probability of each target token: the one per-token log-prob primitive of rlhfkit.
+
+        logp[i] = log softmax(logits[i] / τ)[targets[i]]
+                = logits[i, targets[i]] / τ − logsumexp_v (logits[i, v] / τ)
+
+    ``logits`` ``[..., V]`` and ``targets`` ``[...]`` are aligned (no causal shift: see
+    :func:`causal_logps`); τ = ``temperature`` gives the log-probs of the distribution a sampler
+    at that temperature draws from. Returns ``[...]``, in float32 for half-precision logits (upcast
+    a chunk of rows at a time).
+
+    Memory: the gathered logit minus the log-normaliser, never a full ``log_softmax``; the
+    forward's temporaries are one chunk of rows, and when gradients are needed the backward
+    writes a single ``[n, V]`` buffer (:class:`_TokenLogps`).
+    """
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"token_logps: logits [..., V] and targets [...], got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        logps = _TokenLogps.apply(flat_logits, flat_targets, temperature)
+    else:
+        picked, lse = _picked_and_lse(flat_logits, flat_targets, temperature)
+        logps = picked - lse
+    return logps.view(targets.shape)
+
+
+def causal_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Per-token log-probabilities of ``labels`` under causal-LM ``logits`` (:func:`token_logps`).
 
         logp[b, t] = log softmax(logits[b, t−1])[labels[b, t]]
-                   = logits[b, t−1, labels[b, t]] − logsumexp_v logits[b, t−1, v]
 
     for t ≥ 1 (the causal shift: the logits at position t−1 predict token t). The result is
     aligned with ``labels``: ``[B, T]``, with position 0 (which no logit predicts) and every
     ``ignore_index`` label masked out and set to 0. Returns ``(logps [B, T], mask [B, T] bool)``.
-
-    Memory: the gathered logit minus the log-normaliser (``logsumexp``), computed one sequence
-    at a time, so no second ``[B, T, V]`` tensor (a full ``log_softmax``) is materialised for
-    float32 logits; the only temporary is one ``[T, V]`` row. Half-precision logits are upcast
-    to float32 one row at a time (under autograd those float32 rows are kept for the
-    backward pass) and the log-probs come back in float32.
+    The logits are read in place (no shifted copy): the last position, which predicts nothing,
+    is scored against a dummy target and dropped.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"token_logps: logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+            f"causal_logps: logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
-    shifted_logits = logits[:, :-1, :]
-    target = labels[:, 1:]
-    valid = target != ignore_index
-    index = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(-1)
-    low_precision = logits.dtype in (torch.float16, torch.bfloat16)
-    rows = []
-    for row_logits, row_index in zip(shifted_logits, index):
-        if low_precision:
-            row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_index).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    logps = torch.stack(rows) if rows else shifted_logits.new_zeros(target.shape)
+    valid = F.pad(labels[:, 1:] != ignore_index, (0, 1), value=False)      # valid[b, t]: t predicts t + 1
+    following = F.pad(labels[:, 1:], (0, 1), value=0)
+    logps = token_logps(logits, torch.where(valid, following, torch.zeros_like(following)))
     logps = torch.where(valid, logps, torch.zeros_like(logps))
-    logps = F.pad(logps, (1, 0), value=0.0)
-    mask = F.pad(valid, (1, 0), value=False)
-    return logps, mask
-
-
-def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """log π(y | x) = Σ_t logp[b, t] over the labelled tokens: ``[B]`` (see :func:`token_logps`)."""
-    logps, _ = token_logps(logits, labels, ignore_index)
-    return logps.sum(dim=-1)
+    return F.pad(logps[:, :-1], (1, 0), value=0.0), F.pad(valid[:, :-1], (1, 0), value=False)
 
 
 def sft_loss(
@@ -195,7 +256,7 @@ def sft_loss(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"sft_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
-    logps, mask = token_logps(logits, labels, ignore_index)
+    logps, mask = causal_logps(logits, labels, ignore_index)
     total = -logps.sum()
     num_tokens = mask.sum()
     if reduction == "sum":

@@ -45,19 +45,22 @@ def test_frontier_rejects_a_folder_that_is_not_a_run(run_cli, tmp_path):
     assert "not an rlhfkit run folder" in result.err
 
 
-def test_sequence_logprobs_use_the_sampling_temperature(tiny_lm):
-    """The KL of samples drawn at temperature T compares softmax(logits / T) of both models."""
+def test_completion_logps_use_the_sampling_temperature(tiny_lm):
+    """The KL of samples drawn at temperature T compares softmax(logits / T) of both models: the
+    sequence log-prob API scores at T on both of its paths (the fused packed head and padded rows)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.evaluation.divergence import sequence_logprobs
+    from rlhfkit.models.packed import Group, completion_logps
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     prompt, response = [3, 4, 5], [6, 7]
     with torch.no_grad():
         logits = model(torch.tensor([prompt + response])).logits[0].float()
-    for temperature in (1.0, 0.7):
-        logp = torch.log_softmax(logits / temperature, dim=-1)
-        expected = float(logp[2, 6] + logp[3, 7])   # position t predicts token t + 1
-        got = sequence_logprobs(model, [prompt], [response], pad_id=0, temperature=temperature)[0]
-        assert abs(got - expected) < 1e-5
+        for temperature in (1.0, 0.7):
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            expected = float(logp[2, 6] + logp[3, 7])   # position t predicts token t + 1
+            for packed in (True, False):
+                got = completion_logps(model, [Group(prompt, [response])], packed=packed,
+                                       temperature=temperature).logps
+                assert abs(float(got[0]) - expected) < 1e-5, (temperature, packed)

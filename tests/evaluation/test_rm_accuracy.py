@@ -108,3 +108,56 @@ def test_bad_reward_specs_exit_2(spec, message, eval_set, run_cli, tmp_path):
     result = run_cli("eval-rm", "--reward", spec.format(dir=tmp_path), "--data", data)
     assert result.code == 2
     assert len(result.errors) == 1 and message.format(dir=tmp_path) in result.errors[0]
+
+
+# ------------------------------------------------------------------ --ref: DPO's implicit reward
+
+LONG_PAIRS = [
+    {"prompt": "Say something nice.", "chosen": "You are wonderful.", "rejected": "Go away."},
+    # longer than --max-length 64 together: the prompt is cut from the left, then both completions
+    {"prompt": "Tell me a story about " + "dragons " * 4, "chosen": "Once upon a time " * 3,
+     "rejected": "No.", "margin": 1.5},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+     "chosen": [{"role": "assistant", "content": "Hello there, " * 5}],
+     "rejected": [{"role": "assistant", "content": "What do you want"}]},
+    {"prompt": "How are you?", "chosen": "Great, thanks for asking!", "rejected": "Bad." * 12},
+]
+
+
+def test_ref_implicit_reward_equals_dpo_training_rewards(run_cli, tmp_path):
+    """DPO logs rewards/chosen = mean over pairs of β·(log π(y_c) − log π_ref(y_c)) at step 1
+    (before its update: π = the initial policy) and eval/rewards/* with the final policy. ``eval-rm
+    --ref`` on the same pairs, with the same --max-length, gives the same numbers (to 1e-5): pairs
+    truncated together, the margin not part of the reward."""
+    from rlhfkit.data.schema import load_preferences
+    from rlhfkit.evaluation.rm_accuracy import implicit_reward_scores
+    from rlhfkit.models.loading import load_tokenizer
+    from rlhfkit.models.tiny import make_tiny_causal_lm
+    from rlhfkit.recipes.dpo import encode_pair
+    from rlhfkit.training import read_metrics
+
+    policy = make_tiny_causal_lm(tmp_path / "policy", seed=0)
+    ref = make_tiny_causal_lm(tmp_path / "ref", seed=1)
+    data = write_jsonl(tmp_path / "pairs.jsonl", LONG_PAIRS)
+    examples = load_preferences(data)
+    tokenizer = load_tokenizer(policy)
+    assert sum(encode_pair(tokenizer, ex, 64).truncated for ex in examples) == 3  # long pairs included
+    out = tmp_path / "dpo"
+    result = run_cli("dpo", "--model", policy, "--ref-model", ref, "--data", data, "--eval-data", data,
+                     "--output", out, "--max-length", 64, "--batch-size", 4, "--max-steps", 1, "--lr", "1e-3",
+                     "--beta", 0.2, "--no-progress")
+    assert result.code == 0, result.err
+    assert "3 example(s) truncated and 0 dropped at --max-length 64 (policy: truncate)" in result.out
+    (row,) = read_metrics(out)
+    for model, prefix in ((policy, ""), (str(out), "eval/")):
+        chosen, rejected = implicit_reward_scores(model, ref, examples, 0.2, 2, 64, data)
+        assert len(chosen) == len(rejected) == 4
+        assert sum(chosen) / 4 == pytest.approx(row[f"{prefix}rewards/chosen"], abs=1e-5)
+        assert sum(rejected) / 4 == pytest.approx(row[f"{prefix}rewards/rejected"], abs=1e-5)
+        assert abs(row[f"{prefix}rewards/chosen"]) > 1e-3  # π ≠ π_ref: a comparison that can fail
+    # the command itself: its mean margin is DPO's eval/rewards/margins
+    result = run_cli("eval-rm", "--reward", out, "--ref", ref, "--data", data, "--beta", 0.2, "--max-length", 64,
+                     "--output", tmp_path / "report")
+    assert result.code == 0, result.err
+    report = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert report["margin"] == pytest.approx(row["eval/rewards/margins"], abs=1e-5)

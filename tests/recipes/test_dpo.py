@@ -166,14 +166,3 @@ def test_inconsistent_flags_exit_2(tiny, pairs_file, tmp_path, capsys, argv, mes
     code = cli(["dpo", "--model", str(tiny), "--data", str(pairs_file), "--output", str(tmp_path / "o"), *argv])
     assert code == 2
     assert message in capsys.readouterr().err
-
-
-def test_selected_logps_value_and_gradient():
-    from rlhfkit.models.packed import selected_logps
-
-    torch.manual_seed(0)
-    logits = torch.randn(7, 50, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 50, (7,))
-    expected = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
-    torch.testing.assert_close(selected_logps(logits, targets), expected)
-    assert torch.autograd.gradcheck(lambda x: selected_logps(x, targets), (logits,))

@@ -1,7 +1,9 @@
-"""Sequence log-probabilities and the KL between two policies, estimated from samples.
+"""The KL between two policies, estimated from samples of one of them; the analytic KL of best-of-N.
 
-KL(π ‖ π_ref) = E_{y∼π}[log π(y|x) − log π_ref(y|x)]: the mean log-ratio over responses
-sampled from π (Schulman's k1 at the sequence level: unbiased; k3 is reported beside it).
+KL(π ‖ π_ref) = E_{y∼π}[log π(y|x) − log π_ref(y|x)]: the mean sequence log-ratio over
+completions sampled from π (Schulman's k1 at the sequence level: unbiased). One function,
+:func:`kl_to_reference`, serves rejection sampling, ``eval-frontier`` and the demo; PPO's
+per-token estimates (``rlhfkit.rl.metrics``) use the same estimators (``losses.KL_ESTIMATORS``).
 """
 
 from __future__ import annotations
@@ -10,42 +12,41 @@ import math
 
 import torch
 
-from rlhfkit.losses import token_logps
+from rlhfkit.losses import KL_ESTIMATORS
+from rlhfkit.models.packed import Group, completion_logps
+
+
+def _sequence_logps(model, groups: list[Group], temperature: float, batch_size: int) -> torch.Tensor:
+    """log π(y|x) of every completion of ``groups`` (group-major), in eval mode, as float64."""
+    was_training = model.training
+    model.eval()
+    try:
+        return completion_logps(model, groups, temperature=temperature, batch_size=batch_size).logps.double()
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
-def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
-                      batch_size: int = 8, temperature: float = 1.0) -> list[float]:
-    """Σ_t log π(y_t | x, y_<t) for each (prompt, response) pair of token-id lists, under the
-    distribution softmax(logits / ``temperature``) the samples were drawn from."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        rows = [p + r for p, r in zip(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size])]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, p) in enumerate(zip(rows, prompt_ids[start:start + batch_size])):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-            labels[i, len(p):len(row)] = torch.tensor(row[len(p):], dtype=torch.long)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logps, _ = token_logps(logits.float() / temperature, labels.to(device))
-        out += logps.sum(-1).tolist()
-    model.train(was_training)
-    return out
+def kl_to_reference(policy, reference, groups: list[Group], temperature: float = 1.0, batch_size: int = 8,
+                    estimator: str = "k1") -> float:
+    """KL(π ‖ π_ref) in nats per completion, from completions sampled from π.
 
+        KL ≈ mean_y k(log π(y|x), log π_ref(y|x))
 
-def kl_from_logratios(logratios: list[float]) -> dict[str, float]:
-    """k1 (mean log-ratio, unbiased) and k3 (never negative) from per-sample log π − log π_ref."""
-    if not logratios:
-        return {"kl_k1": float("nan"), "kl_k3": float("nan")}
-    k1 = sum(logratios) / len(logratios)
-    k3 = sum(math.expm1(-lr) + lr for lr in logratios) / len(logratios)
-    return {"kl_k1": k1, "kl_k3": k3}
+    ``groups``: each prompt with the completions ``policy`` sampled for it (token ids). k is an
+    estimator of :data:`rlhfkit.losses.KL_ESTIMATORS` applied to whole-sequence log-probs: k1
+    (the default) is the mean log-ratio, unbiased; k3 = (r − 1) − log r with r = π_ref(y)/π(y)
+    is unbiased too and never negative. Both models score under softmax(logits / τ), τ =
+    ``temperature`` (the distribution the samples were drawn from, as in PPO's penalty); the
+    samples must come from the policy without top-p/top-k truncation for the estimate to be
+    unbiased. One :func:`~rlhfkit.models.packed.completion_logps` pass per model, ``batch_size``
+    groups per forward.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(sorted(KL_ESTIMATORS))}")
+    logps = _sequence_logps(policy, groups, temperature, batch_size)
+    ref_logps = _sequence_logps(reference, groups, temperature, batch_size)
+    return float(KL_ESTIMATORS[estimator](logps, ref_logps).mean())
 
 
 def best_of_n_kl(n: int) -> float:

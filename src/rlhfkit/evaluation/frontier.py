@@ -74,25 +74,25 @@ def sample_policy(model, tokenizer, prompts: list, temperature: float, max_new_t
     return flat_prompts, flat_responses, [decode_response(tokenizer, r) for r in flat_responses]
 
 
-def policy_kl(model, reference, pad_id: int, prompt_ids, response_ids, temperature: float = 1.0) -> float:
-    """KL(π ‖ π_ref) from samples of π: the mean sequence log-ratio (k1, unbiased). Both are the
-    distributions at the sampling ``temperature`` (as in PPO's penalty)."""
-    from rlhfkit.evaluation.divergence import kl_from_logratios, sequence_logprobs
+def sample_groups(prompt_ids: list[list[int]], response_ids: list[list[int]], n: int = 1) -> list:
+    """:func:`sample_policy`'s flat lists (``n`` samples per prompt, consecutive) as packed groups."""
+    from rlhfkit.models.packed import Group
 
-    lp = sequence_logprobs(model, prompt_ids, response_ids, pad_id, temperature=temperature)
-    lp_ref = sequence_logprobs(reference, prompt_ids, response_ids, pad_id, temperature=temperature)
-    return kl_from_logratios([a - b for a, b in zip(lp, lp_ref)])["kl_k1"]
+    return [Group(prompt_ids[i], response_ids[i:i + n]) for i in range(0, len(prompt_ids), n)]
 
 
 def frontier_point(step, model, reference, tokenizer, prompts, reward, oracle, temperature, max_new_tokens,
                    seed, n=1, sampler=None, progress: str | None = None) -> dict:
     """Reward (and oracle) mean and KL to ``reference`` of samples of ``model`` (drawn from
-    ``sampler``, its decoding copy, when given; the KL is always measured with ``model``)."""
+    ``sampler``, its decoding copy, when given; the KL is always measured with ``model``, at the
+    sampling temperature: :func:`rlhfkit.evaluation.divergence.kl_to_reference`)."""
+    from rlhfkit.evaluation.divergence import kl_to_reference
+
     prompt_ids, response_ids, texts = sample_policy(sampler if sampler is not None else model, tokenizer, prompts,
                                                     temperature, max_new_tokens, seed, n, progress)
     shown = [p for p in prompts for _ in range(n)]
-    kl = 0.0 if model is reference else policy_kl(model, reference, tokenizer.pad_token_id, prompt_ids, response_ids,
-                                                  temperature)
+    kl = 0.0 if model is reference else kl_to_reference(model, reference, sample_groups(prompt_ids, response_ids, n),
+                                                        temperature)
     point = {"step": step, "kl": kl, "reward": sum(reward(shown, texts)) / len(texts)}
     if oracle is not None:
         point["oracle"] = sum(oracle(shown, texts)) / len(texts)

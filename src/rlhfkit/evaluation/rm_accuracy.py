@@ -46,7 +46,8 @@ class Config:
     beta: float = arg(0.1, "beta of the implicit DPO reward (only scales the margins).")
     output: str = arg("", "Folder for results.json and report.md (optional).")
     eval_batch_size: int = arg(8, "Sequences per forward of --model and --ref-model.", aliases=("batch_size",))
-    max_length: int = arg(512, "Maximum tokens per scored sequence.")
+    max_length: int = arg(512, "Maximum tokens of prompt plus completion (with --model: each pair is truncated "
+                          "together, as DPO training does).")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype of the scoring models (on the GPU "
                                                 "when there is one).")
 
@@ -87,32 +88,29 @@ def subset_report(examples, chosen: list[float], rejected: list[float]) -> dict:
 
 
 def implicit_reward_scores(policy: str, ref: str, examples, beta: float, batch_size: int, max_length: int,
-                           dtype: str = "float32"):
+                           path: str = "", dtype: str = "float32") -> tuple[list[float], list[float]]:
+    """DPO's implicit rewards β·(log π(y|x) − log π_ref(y|x)) of the chosen and the rejected
+    completion of every pair, exactly as DPO training computes its ``rewards/chosen`` and
+    ``rewards/rejected``: each pair encoded by :func:`rlhfkit.recipes.dpo.encode_pairs` (one
+    shared prompt, the two sequences truncated together to ``max_length``) and scored by the one
+    sequence log-prob API, :func:`rlhfkit.models.packed.completion_logps`, ``batch_size`` pairs
+    per forward."""
     import torch
 
-    from rlhfkit.data.chat import encode
-    from rlhfkit.losses import sequence_logps
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.packed import completion_logps
+    from rlhfkit.recipes.dpo import encode_pairs
 
     tokenizer = load_tokenizer(policy)
-    models = [load_causal_lm(policy, dtype).eval(), load_causal_lm(ref, dtype).eval()]
-
-    @torch.no_grad()
-    def logps(model, prompt_completions):
-        from rlhfkit.recipes.sft import collate
-
-        rows = [[encode(tokenizer, p, c, max_length)] for p, c in prompt_completions]
-        batch = {k: v.to(next(model.parameters()).device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, batch["labels"]).tolist()
-
-    scores = {"chosen": [], "rejected": []}
-    for side in scores:
-        for i in range(0, len(examples), batch_size):
-            chunk = [(ex.prompt, getattr(ex, side)) for ex in examples[i:i + batch_size]]
-            pol, reference = logps(models[0], chunk), logps(models[1], chunk)
-            scores[side] += [beta * (a - b) for a, b in zip(pol, reference)]
-    return scores["chosen"], scores["rejected"]
+    groups = [pair.group for pair in encode_pairs(tokenizer, examples, path, max_length, say=print)]
+    logps = []
+    for name in (policy, ref):
+        with torch.no_grad():
+            scored = completion_logps(load_causal_lm(name, dtype).eval(), groups, pad_id=tokenizer.pad_token_id,
+                                      batch_size=batch_size)
+        logps.append(scored.logps.view(-1, 2).double())
+    rewards = beta * (logps[0] - logps[1])
+    return rewards[:, 0].tolist(), rewards[:, 1].tolist()
 
 
 def main(cfg: Config) -> int:
@@ -120,8 +118,8 @@ def main(cfg: Config) -> int:
 
     examples = load_preferences(validated(cfg).data, config=cfg.data_config)
     if cfg.model:
-        chosen, rejected = implicit_reward_scores(cfg.model, cfg.ref_model, examples, cfg.beta, cfg.eval_batch_size,
-                                                  cfg.max_length, cfg.dtype)
+        chosen, rejected = implicit_reward_scores(cfg.model, cfg.ref_model, examples, cfg.beta,
+                                                  max(1, cfg.eval_batch_size // 2), cfg.max_length, cfg.data, cfg.dtype)
     else:
         from rlhfkit.rl.rewards import load_reward
 

@@ -15,9 +15,10 @@ fast path lays every group of a batch out in one row, with no padding::
   transformers' ``AttentionInterface`` and selected only for this forward;
 - the LM head is applied only at the positions that predict a scored token
   (``logits_to_keep`` with an index tensor), and for a plain Linear head it is fused with the
-  log-probabilities (:class:`_HeadLogps`): one [n, V] buffer for the n scored tokens holds the
-  logits, then in place the softmax, then its gradient; no log-softmax, no logits for prompts
-  or padding.
+  log-probabilities (:class:`_HeadLogps`, equal to :func:`rlhfkit.losses.token_logps` of the
+  head's logits, which any other head uses): one [n, V] buffer for the n scored tokens holds
+  the logits, then in place the softmax, then its gradient; no log-softmax, no logits for
+  prompts or padding.
 
 Every projection and MLP matmul then runs on exactly the real tokens. The fast path covers the
 Llama family (Llama, Mistral, Qwen2/3, SmolLM); any other model falls back to a right-padded
@@ -31,6 +32,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from rlhfkit.data.chat import Encoded
+from rlhfkit.data.collate import collate
+from rlhfkit.losses import token_logps
 
 ATTENTION_NAME = "rlhfkit_packed_groups"
 PACKED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -221,27 +226,6 @@ def _attention(model, name: str):
 # -------------------------------------------------------------------------------- forwards
 
 
-class _SelectedLogps(torch.autograd.Function):
-    """logit[target] − logsumexp(logits), with a backward that writes one [n, V] buffer.
-
-    Autograd's own backward of the same expression allocates three (softmax from logsumexp,
-    the zero-filled scatter of gather, their sum): d/dlogits = onehot(target) − softmax.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, targets, lse)
-        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, targets, lse = ctx.saved_tensors
-        g = torch.sub(logits, lse[:, None]).exp_().mul_(-grad[:, None])
-        g.scatter_add_(-1, targets[:, None], grad[:, None].to(g.dtype))
-        return g, None
-
-
 class _HeadLogps(torch.autograd.Function):
     """log softmax(h·Wᵀ + b)[target] for rows h [n, d]: the LM head and the log-probs in one step.
 
@@ -289,11 +273,13 @@ def _inner(model):
 
 
 @contextlib.contextmanager
-def _head_returns_logps(model, targets: torch.Tensor):
+def _head_returns_logps(model, targets: torch.Tensor, temperature: float = 1.0):
     """Make the LM head return log p(target) ([1, n, 1]) instead of logits, for one forward.
 
     The model's own forward still runs (so DDP, PEFT and hooks see a normal call); only the
-    head's output changes. Yields False (nothing patched) for a head that is not a plain Linear.
+    head's output changes. A temperature τ divides the head's input and bias, which divides the
+    logits: (h/τ)·Wᵀ + b/τ = (h·Wᵀ + b)/τ. Yields False (nothing patched) for a head that is not
+    a plain Linear.
     """
     head = _inner(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear:
@@ -301,22 +287,16 @@ def _head_returns_logps(model, targets: torch.Tensor):
         return
 
     def forward(hidden):
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        return _HeadLogps.apply(flat, head.weight, head.bias, targets).view(*hidden.shape[:-1], 1)
+        flat, bias = hidden.reshape(-1, hidden.shape[-1]), head.bias
+        if temperature != 1.0:
+            flat, bias = flat / temperature, None if bias is None else bias / temperature
+        return _HeadLogps.apply(flat, head.weight, bias, targets).view(*hidden.shape[:-1], 1)
 
     head.forward = forward
     try:
         yield True
     finally:
         del head.forward
-
-
-def selected_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per row of ``logits`` [n, V], without a [n, V] log-softmax."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    if logits.requires_grad:
-        return _SelectedLogps.apply(logits, targets)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 @dataclass
@@ -328,53 +308,54 @@ class Scored:
     tokens: int              # tokens the forward processed (packed: prompts once, no padding)
 
 
-def packed_forward(model, groups: list[Group]) -> Scored:
+def packed_forward(model, groups: list[Group], temperature: float = 1.0) -> Scored:
     """The fast path: one packed row, prompts once, the LM head only where a scored token is predicted."""
     _register()
     batch = pack_groups(groups)
     device = next(model.parameters()).device
     targets = batch.targets.to(device)
-    with _attention(model, ATTENTION_NAME), _head_returns_logps(model, targets) as fused:
+    with _attention(model, ATTENTION_NAME), _head_returns_logps(model, targets, temperature) as fused:
         out = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
                     logits_to_keep=batch.predict_at.to(device), use_cache=False,
                     rlhfkit_layout=batch.layout.to(device))
-    token_logps = out.logits[0, :, 0] if fused else selected_logps(out.logits[0], targets)
-    sums = token_logps.new_zeros(batch.num_sequences).index_add(0, batch.sequence.to(device), token_logps)
+    logps = out.logits[0, :, 0] if fused else token_logps(out.logits[0], targets, temperature)
+    sums = logps.new_zeros(batch.num_sequences).index_add(0, batch.sequence.to(device), logps)
     return Scored(sums, batch.lengths.to(device), batch.num_tokens)
 
 
-def padded_forward(model, groups: list[Group], pad_id: int = 0) -> Scored:
+def padded_forward(model, groups: list[Group], pad_id: int = 0, temperature: float = 1.0) -> Scored:
     """The reference path: one right-padded row per (prompt + completion); same results as packed."""
-    rows, labels = [], []
-    for g in groups:
-        for completion, scored in zip(g.completions, g.scored):
-            rows.append(g.prompt + completion)
-            labels.append([-100] * len(g.prompt) + [t if k else -100 for t, k in zip(completion, scored)])
-    width = max(len(r) for r in rows)
+    rows = [[Encoded(g.prompt + completion, [False] * len(g.prompt) + list(scored))]
+            for g in groups for completion, scored in zip(g.completions, g.scored)]
     device = next(model.parameters()).device
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        ids[i, :len(r)] = torch.tensor(r)
-        lab[i, :len(l)] = torch.tensor(l)
-        mask[i, :len(r)] = 1
-    ids, lab, mask = ids.to(device), lab.to(device), mask.to(device)
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    width = batch["input_ids"].shape[1]
     # Hidden states of the last position predict nothing: keep all but it.
-    out = model(input_ids=ids, attention_mask=mask, logits_to_keep=slice(0, width - 1), use_cache=False)
-    target = lab[:, 1:]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=slice(0, width - 1), use_cache=False)
+    target = batch["labels"][:, 1:]
     valid = target != -100
-    logits = out.logits
-    flat = selected_logps(logits[valid], target[valid])
+    flat = token_logps(out.logits[valid], target[valid], temperature)
     sums = flat.new_zeros(len(rows)).index_add(0, valid.nonzero()[:, 0], flat)
-    return Scored(sums, valid.sum(-1), int(mask.sum()))
+    return Scored(sums, valid.sum(-1), int(batch["attention_mask"].sum()))
 
 
-def completion_logps(model, groups: list[Group], packed: bool | None = None, pad_id: int = 0) -> Scored:
+def completion_logps(model, groups: list[Group], packed: bool | None = None, pad_id: int = 0,
+                     temperature: float = 1.0, batch_size: int = 0) -> Scored:
     """Summed log π(completion | prompt) for every completion of every group (group-major order).
 
-    ``packed=None`` picks the packed path when the model supports it.
+    The one sequence log-prob API of rlhfkit (DPO, rejection sampling, ``eval-rm --ref``, KL to a
+    reference, the demo). ``temperature`` τ scores under softmax(logits / τ), the distribution a
+    sampler at τ draws from. ``batch_size`` groups per forward (0: all in one). ``packed=None``
+    picks the packed path when the model supports it. Gradients flow unless the caller disables them.
     """
     if packed is None:
         packed = supports_packing(model)
-    return packed_forward(model, groups) if packed else padded_forward(model, groups, pad_id)
+    step = batch_size or max(len(groups), 1)
+    parts = [packed_forward(model, groups[i:i + step], temperature) if packed
+             else padded_forward(model, groups[i:i + step], pad_id, temperature)
+             for i in range(0, len(groups), step)]
+    if len(parts) == 1:
+        return parts[0]
+    return Scored(torch.cat([p.logps for p in parts]), torch.cat([p.lengths for p in parts]),
+                  sum(p.tokens for p in parts))

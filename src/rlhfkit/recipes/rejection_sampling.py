@@ -6,9 +6,9 @@
     2. fine-tune the previous policy on them with the SFT recipe (rlhfkit.recipes.sft.train):
        round-k/ holds the new policy π_k (a full model; LoRA runs are merged each round)
     3. sample N completions per prompt from π_k and score them: the next round's candidates,
-       and the measure of π_k. KL(π_k ‖ π_0) is estimated on them:
-       mean over samples of Σ_t log π_k(y_t|·) − log π_0(y_t|·) (k1; exact in expectation when
-       sampling at temperature 1 without top-p/top-k truncation)
+       and the measure of π_k. KL(π_k ‖ π_0) is estimated on them (evaluation.divergence.
+       kl_to_reference): mean over samples of Σ_t log π_k(y_t|·) − log π_0(y_t|·) (k1; exact in
+       expectation when sampling at temperature 1 without top-p/top-k truncation)
     4. log one row per round in metrics.jsonl: reward/mean_all and reward/mean_kept (the samples
        of π_{k-1} that round k chose from), reward/mean_policy (π_k's samples), objective/kl
 
@@ -24,15 +24,14 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from rlhfkit.config import GENERATION_BATCH_HELP, PROMPTS_HELP, TrainConfig, arg, flag, validated
 from rlhfkit.data.chat import encode_prompt
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.data.schema import load_prompts
+from rlhfkit.evaluation.divergence import kl_to_reference
 from rlhfkit.generation.best_of_n import score_completions
 from rlhfkit.generation.decoding import SamplingParams, decode_response, generate_ids
-from rlhfkit.models.packed import Group, completion_logps
+from rlhfkit.models.packed import Group
 from rlhfkit.recipes import sft
 from rlhfkit.training import Run, TrainResult, list_checkpoints, start_run
 
@@ -118,17 +117,9 @@ def keep_best(samples: Samples, k: int) -> list[list[int]]:
     return [sorted(range(len(s)), key=lambda i: (-s[i], i))[:k] for s in samples.scores]
 
 
-@torch.no_grad()
-def kl_to_initial(policy, initial, samples: Samples, batch_size: int = 4) -> float:
-    """k1 estimate of KL(π ‖ π_0) per completion: mean of Σ_t log π(y_t) − log π_0(y_t) over samples."""
-    total, count = 0.0, 0
-    for start in range(0, len(samples.prompt_ids), batch_size):
-        groups = [Group(p, rows) for p, rows in zip(samples.prompt_ids[start:start + batch_size],
-                                                    samples.response_ids[start:start + batch_size])]
-        diff = completion_logps(policy, groups).logps - completion_logps(initial, groups).logps
-        total += float(diff.sum())
-        count += diff.numel()
-    return total / max(count, 1)
+def sample_groups(samples: Samples) -> list[Group]:
+    """Each prompt with its sampled completions, for :func:`~rlhfkit.evaluation.divergence.kl_to_reference`."""
+    return [Group(p, rows) for p, rows in zip(samples.prompt_ids, samples.response_ids)]
 
 
 def write_samples(path: Path, prompts: list, samples: Samples) -> None:
@@ -189,7 +180,7 @@ def train(cfg: Config, run: Run) -> RejectionSamplingResult:
         policy = load_policy(current, cfg.dtype, device)[0]
         # 3. sample from the new policy: its measure, and the next round's candidates
         new_samples = sample(policy, tokenizer, prompts, reward, cfg.sampling_params(k), cfg.generation_batch_size)
-        kl = kl_to_initial(policy, initial, new_samples)
+        kl = kl_to_reference(policy, initial, sample_groups(new_samples), batch_size=4)
         row = {"step": k, "round": k, "reward/mean_all": samples.mean(),
                "reward/mean_kept": sum(kept_scores) / len(kept_scores),
                "reward/mean_policy": new_samples.mean(), "objective/kl": kl,
