@@ -2,7 +2,10 @@
 
 transformers does the search (greedy, beam, top-k, top-p, min-p, temperature, repetition
 penalty, KV cache); this module renders chat prompts, batches them with left padding, seeds the
-sampler, cuts responses at EOS or a stop string, and returns plain records.
+sampler, cuts responses at EOS or a stop string, and returns plain records. Every sampler of
+rlhfkit goes through it: :func:`generate_ids` (generate, best-of-N, rejection sampling, the
+server, evaluation) and :func:`generate_rows` (PPO's rollout, which also keeps the logits and
+hidden states that generation computed).
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
+import torch.nn.functional as F
 
 from rlhfkit.data.chat import encode_prompt
+from rlhfkit.data.collate import pad_batch
 
 Strategy = Literal["greedy", "beam", "sample"]
 
@@ -77,16 +82,6 @@ def generation_kwargs(params: SamplingParams, tokenizer) -> dict:
     return kw
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 def trim_response(tokens: list[int], eos_id: int | None, pad_id: int | None) -> tuple[list[int], bool]:
     """Cut a generated row after its first EOS (kept); drop padding. Returns (tokens, ended)."""
     out = []
@@ -105,6 +100,31 @@ def apply_stop(text: str, stop: list[str]) -> str:
     return text if cut < 0 else text[:cut]
 
 
+class Generated(NamedTuple):
+    """New tokens of a batch of rows and, on request, what ``generate`` computed for them anyway."""
+
+    ids: torch.Tensor                    # [N, R] new tokens, right-padded with the pad token
+    logits: torch.Tensor | None          # [N, R, V] the raw (unprocessed) logits that predicted each token
+    hidden: torch.Tensor | None          # [N, R, H] the trunk's final (normed) hidden state they came from
+
+
+def _generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, kw: dict, *, with_logits: bool = False,
+              with_hidden: bool = False) -> Generated:
+    """One ``model.generate`` call on a left-padded batch (the only one in rlhfkit)."""
+    device = next(model.parameters()).device
+    if with_logits or with_hidden:
+        kw = {**kw, "return_dict_in_generate": True, "output_logits": with_logits,
+              "output_hidden_states": with_hidden}
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kw)
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    logits = torch.stack(out.logits, dim=1) if with_logits else None
+    hidden = None
+    if with_hidden:  # step 0 holds the whole prompt: keep its last position
+        last = [out.hidden_states[0][-1][:, -1:]] + [h[-1] for h in out.hidden_states[1:]]
+        hidden = torch.cat(last, dim=1)
+    return Generated(sequences[:, input_ids.shape[1]:], logits, hidden)
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: SamplingParams,
                  batch_size: int = 8, stopping_criteria: list | None = None,
@@ -118,9 +138,12 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: Sampling
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     out: list[list[list[int]]] = []
     kw = generation_kwargs(params, tokenizer)
+    if stopping_criteria:
+        from transformers import StoppingCriteriaList
+
+        kw["stopping_criteria"] = StoppingCriteriaList(list(stopping_criteria))
     starts = range(0, len(prompt_ids), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -130,14 +153,7 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: Sampling
         batch = prompt_ids[start:start + batch_size]
         if params.seed is not None:
             torch.manual_seed(params.seed + start)
-        ids, mask = left_pad(batch, tokenizer.pad_token_id)
-        extra = {}
-        if stopping_criteria:
-            from transformers import StoppingCriteriaList
-
-            extra["stopping_criteria"] = StoppingCriteriaList(list(stopping_criteria))
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw, **extra)
-        new = generated[:, ids.shape[1]:].tolist()
+        new = _generate(model, *pad_batch(batch, tokenizer.pad_token_id, side="left"), kw).ids.tolist()
         copies = params.n if params.strategy != "greedy" else 1
         for i in range(len(batch)):
             rows = new[i * copies:(i + 1) * copies]
@@ -147,6 +163,34 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: Sampling
             out.append(responses)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def generate_rows(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
+                  batch_size: int = 0, *, with_logits: bool = False, with_hidden: bool = False) -> Generated:
+    """One response per row of a left-padded prompt batch ``[N, P]`` (PPO's rollout, whose rows
+    already repeat each prompt once per sample), with the KV cache.
+
+    In chunks of ``batch_size`` rows (0: all at once), drawing from torch's global RNG as it is
+    (seed it before the call). ``with_logits`` / ``with_hidden`` keep what generation computed
+    anyway, so that the policy's log-probs and a value head need no second pass over the
+    sequences. The chunks are right-padded to the longest (ids with the pad token, the rest 0).
+    """
+    kw = generation_kwargs(replace(params, n=1), tokenizer)
+    step = batch_size or prompt_ids.shape[0]
+    chunks = [_generate(model, prompt_ids[i:i + step], prompt_mask[i:i + step].long(), kw,
+                        with_logits=with_logits, with_hidden=with_hidden)
+              for i in range(0, prompt_ids.shape[0], step)]
+    width = max(c.ids.shape[1] for c in chunks)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def stack(parts: list, value: int = 0) -> torch.Tensor | None:
+        if any(p is None for p in parts):
+            return None
+        return torch.cat([F.pad(p, (0, 0) * (p.dim() - 2) + (0, width - p.shape[1]), value=value) for p in parts])
+
+    return Generated(stack([c.ids.cpu() for c in chunks], pad), stack([c.logits for c in chunks]),
+                     stack([c.hidden for c in chunks]))
 
 
 DecodingDtype = Literal["auto", "float32", "bfloat16"]

@@ -16,11 +16,13 @@ Tensor layout (N samples, P prompt columns, R response columns)::
 
 Samples of one prompt are consecutive (``group``), as the RLOO / GRPO baselines expect.
 
-Speed: sampling uses ``model.generate`` with the KV cache; afterwards one trunk pass per model
-gives the policy log-probs *and* the values (value head on the same hidden states), one more
-gives the reference (the same weights with the LoRA adapters disabled, or a frozen copy). The
-vocabulary projection is applied to the response positions only, and the columns that are
-padding in every row are cut before each pass.
+Speed: sampling goes through the decoding layer (:func:`rlhfkit.generation.decoding.generate_rows`:
+``model.generate`` with the KV cache), which keeps the logits and hidden states generation
+computed, so the policy's log-probs (:func:`rlhfkit.losses.token_logps`), entropies and value-head
+values need no pass of their own; one trunk pass gives the reference (the same weights with the
+LoRA adapters disabled, or a frozen copy), one more a separate critic's values. The vocabulary
+projection is applied to the response positions only, and the columns that are padding in every
+row are cut before each pass.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhfkit.data.chat import encode_prompt
-from rlhfkit.generation.decoding import SamplingParams, decode_response, generation_kwargs, left_pad
-from rlhfkit.losses import entropy_from_logits
+from rlhfkit.data.collate import pad_batch
+from rlhfkit.generation.decoding import Generated, SamplingParams, decode_response, generate_rows
+from rlhfkit.losses import entropy_from_logits, token_logps
 from rlhfkit.rl.value import ActorCritic
 
 __all__ = ["Rollout", "rollout", "score", "response_mask", "position_ids", "forward_response",
-           "reference_logprobs", "critic_values", "generate_responses", "Generated", "ResponseOutput"]
+           "reference_logprobs", "critic_values", "ResponseOutput"]
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,16 @@ class ResponseOutput(NamedTuple):
     entropy: Tensor | None        # [N, R], 0 off the mask
 
 
-def _token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log softmax(logits)[token] without materialising the full log-softmax."""
-    logits = logits.float()
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _logps_and_entropy(logits: Tensor, targets: Tensor, real: Tensor, temperature: float,
+                       with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and the entropy) of softmax(logits / τ) at the real positions, 0 elsewhere."""
+    zero = torch.zeros((), device=logits.device)
+    logprobs = torch.where(real, token_logps(logits, targets, temperature), zero)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.where(real, entropy_from_logits(logits.detach().float() / temperature), zero)
+    return logprobs, entropy
 
 
 class _Packed(NamedTuple):
@@ -158,16 +167,10 @@ def forward_response(model, prompt_ids: Tensor, prompt_mask: Tensor, response_id
     packed = _pack(prompt_ids, prompt_mask, response_ids, mask, device)
     logits, values = model(packed.ids, packed.attention_mask, packed.position_ids, packed.start, packed.width,
                            with_values)
-    if temperature != 1.0:
-        logits = logits / temperature
     real = mask[:, :packed.width].to(device)
     targets = response_ids[:, :packed.width].to(device)
+    logprobs, entropy = _logps_and_entropy(logits, targets, real, temperature, with_entropy)
     zero = torch.zeros((), device=device)
-    logprobs = torch.where(real, _token_logprobs(logits, targets), zero)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = torch.where(real, entropy_from_logits(logits.detach()), zero)
     if values is not None:
         values = torch.where(real, values.float(), zero)
     columns = response_ids.shape[1]
@@ -209,55 +212,48 @@ def reference_logprobs(model, reference, prompt_ids: Tensor, prompt_mask: Tensor
                             with_values=False).logprobs
 
 
-class Generated(NamedTuple):
-    ids: Tensor                   # [N, R] sampled ids, right-padded with the pad token
-    logits: Tensor | None         # [N, R, V] the policy's raw logits at each sampling step
-    hidden: Tensor | None         # [N, R, H] the trunk's final hidden state at each step
+class _Sampled(NamedTuple):
+    prompt_ids: Tensor            # [N, P] left-padded
+    prompt_mask: Tensor           # [N, P] bool
+    response_ids: Tensor          # [N, R]
+    mask: Tensor                  # [N, R] bool: real response tokens
+    has_eos: Tensor               # [N] bool
+    generated: Generated          # with generation's logits (and hidden states) unless recomputed
 
 
-@torch.no_grad()
-def generate_responses(policy, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams,
-                       batch_size: int = 0, *, with_logits: bool = False, with_hidden: bool = False) -> Generated:
-    """Sample one response per prompt row with ``model.generate`` and the KV cache.
-
-    In chunks of ``batch_size`` rows (0: all at once). ``with_logits`` / ``with_hidden`` keep
-    what generation computed anyway: the raw (unprocessed) logits that predicted each sampled
-    token and the final (normed) hidden state they came from, so that the policy's log-probs
-    and a value head need no second pass over the sequences.
-    """
-    kw = generation_kwargs(dataclasses.replace(params, n=1), tokenizer)
-    if with_logits or with_hidden:
-        kw.update(return_dict_in_generate=True, output_logits=with_logits, output_hidden_states=with_hidden)
-    device = next(policy.parameters()).device
-    ids, logits, hidden = [], [], []
-    step = batch_size or prompt_ids.shape[0]
-    for i in range(0, prompt_ids.shape[0], step):
-        rows_ids, rows_mask = prompt_ids[i:i + step].to(device), prompt_mask[i:i + step].to(device).long()
-        out = policy.generate(input_ids=rows_ids, attention_mask=rows_mask, **kw)
-        sequences = out.sequences if hasattr(out, "sequences") else out
-        ids.append(sequences[:, rows_ids.shape[1]:].cpu())
-        if with_logits:
-            logits.append(torch.stack(out.logits, dim=1))
-        if with_hidden:  # step 0 holds the whole prompt: keep its last position
-            last = [out.hidden_states[0][-1][:, -1:]] + [h[-1] for h in out.hidden_states[1:]]
-            hidden.append(torch.cat(last, dim=1))
-    width = max(c.shape[1] for c in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def stack(chunks, value=0):
-        if not chunks:
-            return None
-        padding = lambda c: (0, 0, 0, width - c.shape[1]) if c.dim() == 3 else (0, width - c.shape[1])  # noqa: E731
-        return torch.cat([F.pad(c, padding(c), value=value) for c in chunks])
-
-    return Generated(stack(ids, pad), stack(logits), stack(hidden))
+def _sample(actor: ActorCritic, tokenizer, prompts: Sequence, params: SamplingParams, max_prompt_length: int | None,
+            batch_size: int, keep_outputs: bool) -> _Sampled:
+    """``params.n`` responses per prompt, one row each (samples of a prompt consecutive)."""
+    encoded = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+    repeated = [ids for ids in encoded for _ in range(params.n)]
+    prompt_ids, prompt_mask = pad_batch(repeated, tokenizer.pad_token_id, side="left")
+    prompt_mask = prompt_mask.bool()
+    generated = generate_rows(actor.policy, tokenizer, prompt_ids, prompt_mask, params, batch_size,
+                              with_logits=keep_outputs, with_hidden=keep_outputs and actor.value_head is not None)
+    mask, has_eos = response_mask(generated.ids, tokenizer.eos_token_id)
+    return _Sampled(prompt_ids, prompt_mask, generated.ids, mask, has_eos, generated)
 
 
-def _logprobs_and_entropy(logits: Tensor, tokens: Tensor, mask: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    logits = logits.float() / temperature
-    zero = torch.zeros((), device=logits.device)
-    logprobs = torch.where(mask, _token_logprobs(logits, tokens), zero)
-    return logprobs, torch.where(mask, entropy_from_logits(logits), zero)
+def _measure(model, actor: ActorCritic, reference, sampled: _Sampled, rows: slice, temperature: float,
+             recompute: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(log-probs, entropy, values or None, reference log-probs) of the samples ``rows``, on the CPU."""
+    args = (sampled.prompt_ids[rows], sampled.prompt_mask[rows], sampled.response_ids[rows], sampled.mask[rows],
+            temperature)
+    if recompute:
+        out = forward_response(model, *args, with_values=actor.has_values, with_entropy=True)
+        logprobs, entropy, values = out.logprobs, out.entropy, out.values
+    else:
+        logits = sampled.generated.logits[rows]
+        real = sampled.mask[rows].to(logits.device)
+        logprobs, entropy = _logps_and_entropy(logits, sampled.response_ids[rows].to(logits.device), real,
+                                               temperature, with_entropy=True)
+        values = None
+        if actor.value_head is not None:
+            values = torch.where(real, actor.value_head(sampled.generated.hidden[rows]).float(), 0.0)
+        elif actor.critic is not None:
+            values = critic_values(actor.critic, *args[:4])
+    ref = reference_logprobs(model, reference, *args)
+    return logprobs.cpu(), entropy.cpu(), None if values is None else values.cpu(), ref.cpu()
 
 
 @torch.no_grad()
@@ -271,7 +267,8 @@ def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingPara
     ``prompts``: strings or message lists (the chat template is applied). Prompts longer than
     ``max_prompt_length`` tokens keep their last tokens. ``batch_size`` bounds the rows per
     ``generate`` call and per forward pass (0: all at once). Sampling draws from torch's global
-    RNG: seed it before the call for a reproducible rollout.
+    RNG (:func:`rlhfkit.generation.decoding.generate_rows`): seed it before the call for a
+    reproducible rollout.
 
     Passes: the policy's log-probs, entropy and value-head values come from the logits and
     hidden states that ``generate`` computed (in float32 they equal a fresh forward pass to
@@ -282,67 +279,38 @@ def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingPara
     forward passes (``forward``).
     """
     actor = _unwrap(model)
-    policy = actor.policy
     if recompute is None:
-        recompute = next(policy.parameters()).dtype != torch.float32
+        recompute = next(actor.policy.parameters()).dtype != torch.float32
     was_training = actor.training
     actor.eval()
     t0 = time.perf_counter()
-    k = params.n
-    encoded = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
-    repeated = [ids for ids in encoded for _ in range(k)]
-    prompt_ids, prompt_mask = left_pad(repeated, tokenizer.pad_token_id)
-    prompt_mask = prompt_mask.bool()
-    generated = generate_responses(policy, tokenizer, prompt_ids, prompt_mask, params, batch_size,
-                                   with_logits=not recompute,
-                                   with_hidden=not recompute and actor.value_head is not None)
-    response_ids = generated.ids
-    mask, has_eos = response_mask(response_ids, tokenizer.eos_token_id)
+    sampled = _sample(actor, tokenizer, prompts, params, max_prompt_length, batch_size, keep_outputs=not recompute)
     t1 = time.perf_counter()
-
-    step = batch_size or prompt_ids.shape[0]
-    parts: dict[str, list] = {"logprobs": [], "values": [], "entropy": [], "ref": []}
-    for i in range(0, prompt_ids.shape[0], step):
-        rows = slice(i, i + step)
-        args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows], mask[rows], params.temperature)
-        if recompute:
-            out = forward_response(model, *args, with_values=actor.has_values, with_entropy=True)
-            logprobs, entropy, values = out.logprobs, out.entropy, out.values
-        else:
-            device = generated.logits.device
-            real = mask[rows].to(device)
-            logprobs, entropy = _logprobs_and_entropy(generated.logits[rows], response_ids[rows].to(device), real,
-                                                      params.temperature)
-            values = None
-            if actor.value_head is not None:
-                values = torch.where(real, actor.value_head(generated.hidden[rows]).float(), 0.0)
-            elif actor.critic is not None:
-                values = critic_values(actor.critic, *args[:4])
-        parts["logprobs"].append(logprobs.cpu())
-        parts["entropy"].append(entropy.cpu())
-        if values is not None:
-            parts["values"].append(values.cpu())
-        parts["ref"].append(reference_logprobs(model, reference, *args).cpu())
+    n = sampled.response_ids.shape[0]
+    step = batch_size or n
+    parts = [_measure(model, actor, reference, sampled, slice(i, i + step), params.temperature, recompute)
+             for i in range(0, n, step)]
+    logprobs, entropy, values, ref = (list(column) for column in zip(*parts))
     t2 = time.perf_counter()
     actor.train(was_training)
     if timings is not None:
         timings["generation"] = t1 - t0
         timings["forward"] = t2 - t1
 
-    completions = tuple(decode_response(tokenizer, row[m].tolist()) for row, m in zip(response_ids, mask))
+    response_ids, mask = sampled.response_ids, sampled.mask
     return Rollout(
-        prompts=tuple(p for p in prompts for _ in range(k)),
-        completions=completions,
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
+        prompts=tuple(p for p in prompts for _ in range(params.n)),
+        completions=tuple(decode_response(tokenizer, row[m].tolist()) for row, m in zip(response_ids, mask)),
+        prompt_ids=sampled.prompt_ids,
+        prompt_mask=sampled.prompt_mask,
         response_ids=response_ids,
         response_mask=mask,
-        logprobs=torch.cat(parts["logprobs"]),
-        ref_logprobs=torch.cat(parts["ref"]),
-        values=torch.cat(parts["values"]) if parts["values"] else None,
-        entropy=torch.cat(parts["entropy"]),
-        has_eos=has_eos,
-        group=torch.arange(len(prompts)).repeat_interleave(k),
+        logprobs=torch.cat(logprobs),
+        ref_logprobs=torch.cat(ref),
+        values=None if values[0] is None else torch.cat(values),
+        entropy=torch.cat(entropy),
+        has_eos=sampled.has_eos,
+        group=torch.arange(len(prompts)).repeat_interleave(params.n),
     )
 
 
