@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from core_helpers import write_jsonl, write_text
+from core_helpers import read_metrics, write_jsonl, write_text
 from rlhfkit.evaluation.rm_accuracy import agreement
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,7 +134,6 @@ def test_ref_implicit_reward_equals_dpo_training_rewards(run_cli, tmp_path):
     from rlhfkit.models.loading import load_tokenizer
     from rlhfkit.models.tiny import make_tiny_causal_lm
     from rlhfkit.recipes.dpo import encode_pair
-    from rlhfkit.training import read_metrics
 
     policy = make_tiny_causal_lm(tmp_path / "policy", seed=0)
     ref = make_tiny_causal_lm(tmp_path / "ref", seed=1)
