@@ -56,7 +56,7 @@ def _dpo(cfg, data, packed: bool):
     from rlhfkit.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    pairs = dpo.encode_pairs(tokenizer, load_preferences(data)[:4], cfg, data)
+    pairs = dpo.encode_pairs(tokenizer, load_preferences(data)[:4], data, cfg.max_length, cfg.truncation)
     model = sft.build_model(cfg)
     dpo.disable_dropout(model)
     reference = dpo.Reference(model=copy.deepcopy(model).eval().requires_grad_(False))
