@@ -110,7 +110,7 @@ def test_bad_reward_specs_exit_2(spec, message, eval_set, run_cli, tmp_path):
     assert len(result.errors) == 1 and message.format(dir=tmp_path) in result.errors[0]
 
 
-# ------------------------------------------------------------------ --ref: DPO's implicit reward
+# ------------------------------------------------------------------ --model/--ref-model: DPO's implicit reward
 
 LONG_PAIRS = [
     {"prompt": "Say something nice.", "chosen": "You are wonderful.", "rejected": "Go away."},
@@ -127,7 +127,7 @@ LONG_PAIRS = [
 def test_ref_implicit_reward_equals_dpo_training_rewards(run_cli, tmp_path):
     """DPO logs rewards/chosen = mean over pairs of β·(log π(y_c) − log π_ref(y_c)) at step 1
     (before its update: π = the initial policy) and eval/rewards/* with the final policy. ``eval-rm
-    --ref`` on the same pairs, with the same --max-length, gives the same numbers (to 1e-5): pairs
+    --model`` on the same pairs, with the same --max-length, gives the same numbers (to 1e-5): pairs
     truncated together, the margin not part of the reward."""
     from rlhfkit.data.schema import load_preferences
     from rlhfkit.evaluation.rm_accuracy import implicit_reward_scores
@@ -155,7 +155,7 @@ def test_ref_implicit_reward_equals_dpo_training_rewards(run_cli, tmp_path):
         assert sum(rejected) / 4 == pytest.approx(row[f"{prefix}rewards/rejected"], abs=1e-5)
         assert abs(row[f"{prefix}rewards/chosen"]) > 1e-3  # π ≠ π_ref: a comparison that can fail
     # the command itself: its mean margin is DPO's eval/rewards/margins
-    result = run_cli("eval-rm", "--reward", out, "--ref", ref, "--data", data, "--beta", 0.2, "--max-length", 64,
+    result = run_cli("eval-rm", "--model", out, "--ref-model", ref, "--data", data, "--beta", 0.2, "--max-length", 64,
                      "--output", tmp_path / "report")
     assert result.code == 0, result.err
     report = json.loads((tmp_path / "report" / "results.json").read_text())
