@@ -271,7 +271,8 @@ def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, targets: str = "
 
 
 @contextlib.contextmanager
-def _attention_implementation(config, name: str):
+def attention_implementation(config, name: str):
+    """Run the block with ``config``'s attention implementation set to ``name`` (restored after)."""
     previous = config._attn_implementation
     config._attn_implementation = name
     try:
@@ -291,7 +292,7 @@ def enable_gradient_checkpointing(model) -> None:
     config = model.config
 
     def same_attention_on_recompute():
-        return contextlib.nullcontext(), _attention_implementation(config, config._attn_implementation)
+        return contextlib.nullcontext(), attention_implementation(config, config._attn_implementation)
 
     kwargs = {"use_reentrant": False, "context_fn": same_attention_on_recompute}
     if hasattr(model, "activation_checkpointing_enable"):  # newer transformers, where the old name warns

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from rlhfkit.data.chat import Encoded
 from rlhfkit.data.collate import collate
 from rlhfkit.losses import token_logps
+from rlhfkit.models.loading import attention_implementation
 
 ATTENTION_NAME = "rlhfkit_packed_groups"
 PACKED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -212,15 +213,8 @@ def supports_packing(model) -> bool:
     return getattr(config, "final_logit_softcapping", None) is None
 
 
-@contextlib.contextmanager
 def _attention(model, name: str):
-    config = _config(model)
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    return attention_implementation(_config(model), name)
 
 
 # -------------------------------------------------------------------------------- forwards
