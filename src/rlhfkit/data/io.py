@@ -165,6 +165,8 @@ def _read_source(source: DataSource, config: str) -> list[Record]:
         records = _read_parquet(path)
     elif path.endswith(".json"):
         records = _read_json(path)
+    elif path.endswith((".csv", ".tsv")):
+        records = _read_csv(path)
     else:
         records = _read_jsonl(path)
     if not records:
@@ -257,6 +259,29 @@ def _read_json(path: str) -> list[Record]:
     if problems:
         raise InputError(problems)
     return [Record(v, path, i) for i, v in enumerate(value, start=1)]
+
+
+def _read_csv(path: str) -> list[Record]:
+    """A CSV file (TSV for ``.tsv``) with a header row: one record per row, every value a string,
+    numbered by the line the row starts on. A row with fewer values than the header lacks the last
+    columns (a missing field where a command reads them); one with more is a problem."""
+    import csv
+
+    records, problems = [], []
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+        header = reader.fieldnames or []  # reads the header row
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row:
+                problems.append(record_problem(path, start, None, f"{len(header) + len(row[None])} values for "
+                                               f"{len(header)} header columns"))
+            else:
+                records.append(Record({k: v for k, v in row.items() if v is not None}, path, start))
+            start = reader.line_num + 1
+    if problems:
+        raise InputError(problems)
+    return records
 
 
 def _read_parquet(path: str) -> list[Record]:
