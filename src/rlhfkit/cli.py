@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from rlhfkit.errors import InputError
+from rlhfkit.models.backends import BackendError
 
 # name -> (module, one-line description). Two-word names are sub-commands of a group.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("rlhfkit.recipes.ppo", "RL against a reward with a KL penalty: PPO, RLOO or GRPO."),
     "dpo": ("rlhfkit.recipes.dpo", "Direct preference optimisation and its relatives (IPO, SLiC, SimPO, ...)."),
     "generate": ("rlhfkit.generation.command", "Decode completions (greedy, beam, sampling) and best-of-N."),
+    "self-instruct": ("rlhfkit.synthetic.self_instruct",
+                      "Synthetic instructions and responses bootstrapped from seed tasks (Self-Instruct)."),
+    "templatize": ("rlhfkit.synthetic.templatize",
+                   "FLAN-style instruction records from a labelled dataset (several phrasings per task)."),
     "rejection-sampling": ("rlhfkit.recipes.rejection_sampling",
                            "Rejection-sampling fine-tuning: sample N, keep the best, SFT, repeat."),
     "serve": ("rlhfkit.serve.server", "OpenAI-compatible HTTP server over any checkpoint."),
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    except BackendError as e:  # an endpoint or model that cannot answer: one line, the outputs so far kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
