@@ -3,30 +3,50 @@
     rlhfkit generate --model M --prompts prompts.jsonl --output out.jsonl [--strategy sample --samples-per-prompt 4]
     rlhfkit generate --model M --prompts prompts.jsonl --output out.jsonl --best-of 8 --reward R
 
+    rlhfkit generate --model-url URL --model-name NAME --prompts prompts.jsonl --output out.jsonl
+
 ``--best-of N`` is best-of-N mode: it sets ``--samples-per-prompt`` to N and marks the best.
 
 Each output line is the input record plus ``completions`` (a list of strings); with
 ``--reward``, also ``scores`` (one float per completion) and ``best`` (the highest-scoring one).
+
+With ``--model-url`` the completions come from an OpenAI-compatible endpoint instead (distilling
+SFT data from a stronger model): the same output, through :mod:`rlhfkit.models.backends`
+(``--concurrency`` requests in flight, retries). Only what an endpoint's API has a field for
+applies: the strategy (sample, or greedy as temperature 0), ``--temperature``, ``--top-p``,
+``--max-new-tokens``, ``--stop`` (at most 4), and ``--samples-per-prompt`` as that many requests
+per prompt (one for greedy); the other decoding flags are refused. Each reply is journaled in
+``OUTPUT.requests.jsonl`` (``out.requests.jsonl`` for ``out.jsonl``) as it arrives, so a rerun
+sends only the requests that never got one; after an endpoint error the prompts whose completions
+all arrived are written, and the command exits 1.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from rlhfkit.config import DATA_CONFIG_HELP, GENERATION_BATCH_HELP, PROMPTS_HELP, arg, check_data_flag, flag, validated
 from rlhfkit.generation.decoding import SamplingParams, Strategy, generate_chat
+from rlhfkit.models.backends import ModelOptions
+
+# Decoding flags an OpenAI-compatible endpoint has no field for, and the value that turns each off.
+LOCAL_ONLY = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "max_prompt_length": 0}
+ENDPOINT_MAX_STOP = 4  # OpenAI's limit on stop sequences
 
 
 @dataclass
-class Config:
-    """Decode completions (greedy, beam search, sampling) and best-of-N."""
+class Config(ModelOptions):
+    """Decode completions (greedy, beam search, sampling) and best-of-N, locally or from an endpoint."""
 
     prompts: str = arg("", PROMPTS_HELP + " Other fields are copied to the output.")
     data_config: str = arg("", DATA_CONFIG_HELP)
     output: str = arg("", "Output JSONL file: each input record plus `completions` (and `scores`, `best`).")
-    model: str = arg("smollm2-135m", "Policy: a local path, LoRA adapter folder, hub id, or embedded name.")
+    model: str = arg("smollm2-135m", "Policy: a local path, LoRA adapter folder, hub id, or embedded name (or "
+                     "--model-url and --model-name: an endpoint).")
     strategy: Strategy = arg("sample", "greedy (argmax), beam (beam search), or sample.")
     samples_per_prompt: int = arg(1, "Completions per prompt (beam: the best beams).", aliases=("n",))
     num_beams: int = arg(4, "Beams for --strategy beam.")
@@ -56,11 +76,11 @@ class Config:
     def validate(self) -> list[str]:
         from rlhfkit.rl.rewards import check_reward_spec
 
-        problems = check_data_flag("prompts", self.prompts)
+        problems = check_data_flag("prompts", self.prompts) + self.model_problems()
         if not self.output:
             problems.append("--output is required")
-        if self.generation_batch_size < 1:
-            problems.append("--generation-batch-size must be >= 1")
+        if self.model_url:
+            problems += self.endpoint_problems()
         if self.max_prompt_length < 0:
             problems.append("--max-prompt-length must be >= 0")
         if self.best_of < 0:
@@ -80,34 +100,101 @@ class Config:
         problems += self.sampling_params().problems({**spelled, "n": "--samples-per-prompt"})
         return problems
 
+    def endpoint_problems(self) -> list[str]:
+        """With --model-url: the decoding flags an endpoint cannot honour."""
+        problems = [f"--{flag(name)} applies to a local model only (OpenAI's API has no such field); leave it at "
+                    f"{off!r} with --model-url" for name, off in LOCAL_ONLY.items() if getattr(self, name) != off]
+        if self.strategy == "beam":
+            problems.append("--strategy beam needs a local model (an endpoint samples, or decodes greedily at "
+                            "temperature 0)")
+        if len(self.stop) > ENDPOINT_MAX_STOP:
+            problems.append(f"--stop: an endpoint takes at most {ENDPOINT_MAX_STOP} stop strings")
+        return problems
 
-def generate_records(model, tokenizer, records: list[dict], prompts: list, cfg: Config, reward=None) -> list[dict]:
+    def endpoint_request(self) -> tuple[float, dict]:
+        """The temperature and the other sampling fields of every endpoint request."""
+        if self.strategy == "greedy":
+            return 0.0, ({"stop": list(self.stop)} if self.stop else {})
+        fields = {"top_p": self.top_p} if self.top_p < 1 else {}
+        return self.temperature, {**fields, **({"stop": list(self.stop)} if self.stop else {})}
+
+
+def with_completions(records: list[dict], prompts: list, completions: list[list[str]], reward=None) -> list[dict]:
     """The input records plus ``completions`` (and ``scores``/``best`` when ``reward`` is given)."""
     from rlhfkit.generation.best_of_n import score_completions, select_best
 
-    completions = generate_chat(model, tokenizer, prompts, cfg.sampling_params(), cfg.generation_batch_size,
-                                cfg.max_prompt_length or None)
     rows = [{**rec, "completions": comps} for rec, comps in zip(records, completions)]
-    if reward is not None:
+    if reward is not None and rows:
         for row, chosen in zip(rows, select_best(completions, score_completions(reward, prompts, completions))):
             row["scores"], row["best"] = chosen.scores, chosen.best
     return rows
 
 
+def local_completions(prompts: list, cfg: Config) -> list[list[str]]:
+    from rlhfkit.models.loading import load_policy
+
+    model, tokenizer = load_policy(cfg.model, cfg.dtype)  # on default_device(): the GPU when there is one
+    return generate_chat(model, tokenizer, prompts, cfg.sampling_params(), cfg.generation_batch_size,
+                         cfg.max_prompt_length or None)
+
+
+def endpoint_completions(prompts: list, cfg: Config) -> tuple[list[list[str] | None], Exception | None]:
+    """Each prompt's completions from ``--model-url``, and the endpoint error that stopped the run if
+    one did (then None for each prompt whose completions did not all arrive before it)."""
+    from rlhfkit.data.chat import as_messages
+    from rlhfkit.models.backends import BackendError, ReplyJournal, backend_label, journaled_replies, model_backend
+    from rlhfkit.models.backends import request_key as key
+
+    temperature, fields = cfg.endpoint_request()
+    n = cfg.best_of or cfg.samples_per_prompt
+    draws = 1 if cfg.strategy == "greedy" else n  # greedy: one request, its reply n times
+    backend = model_backend(cfg, role="model", sampling=fields)
+    journal = ReplyJournal(journal_path(cfg.output))
+    chats = [as_messages(p) for p in prompts]
+    label = backend_label(backend)
+    keys = [[key("generate", label, chat, temperature, fields, cfg.max_new_tokens, i) for i in range(draws)]
+            for chat in chats]
+    unique = {k: chat for chat, row in zip(chats, keys) for k in row}  # a prompt given twice is asked once
+    failure = None
+    try:
+        journaled_replies(backend, list(unique.values()), list(unique), journal, temperature, cfg.max_new_tokens)
+    except BackendError as e:  # every reply that arrived is in the journal
+        failure = e
+    finally:
+        backend.close()
+    return [[journal.get(row[i % draws]).text for i in range(n)] if all(k in journal for k in row) else None
+            for row in keys], failure
+
+
+def journal_path(output: str) -> Path:
+    """Where ``--model-url`` replies are journaled: ``out.requests.jsonl`` next to ``out.jsonl``."""
+    return Path(output).with_suffix(".requests.jsonl")
+
+
 def main(cfg: Config) -> int:
     from rlhfkit.data.io import write_jsonl
     from rlhfkit.data.schema import load_prompts
-    from rlhfkit.models.loading import load_policy
     from rlhfkit.rl.rewards import load_reward
 
     validated(cfg)
     examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
     reward = load_reward(cfg.reward, cfg.dtype) if cfg.reward else None
-    model, tokenizer = load_policy(cfg.model, cfg.dtype)  # on default_device(): the GPU when there is one
+    records, prompts = [dict(ex.source.data) for ex in examples], [ex.prompt for ex in examples]
     t0 = time.time()
-    rows = generate_records(model, tokenizer, [dict(ex.source.data) for ex in examples],
-                            [ex.prompt for ex in examples], cfg, reward)
+    failure = None
+    if cfg.model_url:
+        completions, failure = endpoint_completions(prompts, cfg)
+        done = [i for i, c in enumerate(completions) if c is not None]
+        records, prompts, completions = [records[i] for i in done], [prompts[i] for i in done], \
+            [completions[i] for i in done]
+    else:
+        completions = local_completions(prompts, cfg)
+    rows = with_completions(records, prompts, completions, reward)
     write_jsonl(cfg.output, rows)
+    if failure is not None:
+        print(f"error: {failure} ({len(rows)} of {len(examples)} prompts with all their completions are in "
+              f"{cfg.output}; rerun the same command to continue)", file=sys.stderr)
+        return 1
     total = sum(len(r["completions"]) for r in rows)
     line = f"generate: {total} completions for {len(rows)} prompts in {time.time() - t0:.1f} s -> {cfg.output}"
     if reward is not None:

@@ -158,7 +158,7 @@ class OpenAIChatBackend:
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  timeout: float = 120.0, concurrency: int = 4, retries: int = 3,
                  retry_wait: float = 1.0, role: str = "judge", client: Any = None,
-                 key_env: str | None = None):
+                 key_env: str | None = None, sampling: dict | None = None):
         import httpx
 
         self.url = chat_completions_url(base_url)
@@ -170,6 +170,7 @@ class OpenAIChatBackend:
         self.retry_wait = retry_wait
         self.key_env = key_env
         self.logprobs_supported = True
+        self.sampling = dict(sampling or {})  # more OpenAI sampling fields for every request (top_p, stop)
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -181,7 +182,7 @@ class OpenAIChatBackend:
 
     def _payload(self, messages: Sequence[Message], temperature: float, max_tokens: int, top_logprobs: int) -> dict:
         payload = {"model": self.model, "messages": list(messages), "temperature": temperature,
-                   "max_tokens": max_tokens}
+                   "max_tokens": max_tokens, **self.sampling}
         if top_logprobs and self.logprobs_supported:
             payload.update(logprobs=True, top_logprobs=top_logprobs)
         return payload
@@ -493,19 +494,24 @@ class JudgeOptions:
 
 
 def make_backend(local: str, url: str, name: str, key_env: str, *, role: str, concurrency: int = 4,
-                 timeout: float = 120.0, dtype: str = "float32", batch_size: int = 4, seed: int = 0):
-    """An endpoint backend when ``url`` is given (the key read from ``key_env``), else a local model."""
+                 timeout: float = 120.0, dtype: str = "float32", batch_size: int = 4, seed: int = 0,
+                 sampling: dict | None = None):
+    """An endpoint backend when ``url`` is given (the key read from ``key_env``), else a local model.
+    ``sampling``: more OpenAI request fields for an endpoint (``top_p``, ``stop``); a local model
+    takes none."""
     if url:
         return OpenAIChatBackend(url, name, api_key=os.environ.get(key_env) or None, timeout=timeout,
-                                 concurrency=concurrency, role=role, key_env=key_env)
+                                 concurrency=concurrency, role=role, key_env=key_env, sampling=sampling)
+    if sampling:
+        raise ValueError(f"sampling fields {sorted(sampling)} are sent to an endpoint; a local model takes none")
     return LocalBackend(local, dtype=dtype, batch_size=batch_size, seed=seed)
 
 
-def model_backend(cfg, role: str = "model"):
+def model_backend(cfg, role: str = "model", sampling: dict | None = None):
     """The backend of a config with :class:`ModelOptions` (and a ``seed``)."""
     return make_backend(cfg.model, cfg.model_url, cfg.model_name, cfg.api_key_env, role=role,
                         concurrency=cfg.concurrency, timeout=cfg.request_timeout, dtype=cfg.dtype,
-                        batch_size=cfg.generation_batch_size, seed=getattr(cfg, "seed", 0))
+                        batch_size=cfg.generation_batch_size, seed=getattr(cfg, "seed", 0), sampling=sampling)
 
 
 def judge_backend(cfg):
