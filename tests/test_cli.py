@@ -140,6 +140,8 @@ INVALID_IN_PYTHON = {
     "eval-frontier": ({"samples_per_prompt": 0}, "--run is required"),
     "cai-revise": ({"rounds": 0}, "--output is required"),
     "ai-label": ({"output": "{out}", "data": "{missing}"}, "--data: no such file or directory"),
+    "self-instruct": ({"output": "{out}", "seed_tasks": "{missing}"}, "--seed-tasks: no such file or directory"),
+    "templatize": ({"output": "{out}", "data": "{missing}"}, "--data: no such file or directory"),
     "label serve": ({"port": -1}, "--port must be in 0..65535"),
     "label add-user": ({"name": " "}, "NAME is required"),
     "label import": ({"file": "{missing}"}, "no such file"),

@@ -10,7 +10,6 @@ import pytest
 
 from core_helpers import read_metrics, write_jsonl
 from rlhfkit.synthetic.self_instruct import (
-    BUILTIN_SEED_TASKS,
     InstructionPool,
     drop_reason,
     load_seed_tasks,
@@ -30,9 +29,9 @@ def read(path):
 
 def test_numbered_items_are_parsed_with_their_continuation_lines():
     reply = ("Sure! Here are more tasks:\n\n9. Explain how tides\n   work.\n10) Name three rivers.\n"
-             "Task 11: Write a limerick.\n12.\n\nI hope these help!\n13. Last one")
+             "Task 11: Write a limerick.\n12.\n\nI hope these help!\n13. Last one\n- A bullet\n* Another")
     assert parse_numbered_list(reply) == ["Explain how tides work.", "Name three rivers.", "Write a limerick.",
-                                          "Last one"]
+                                          "Last one", "A bullet", "Another"]
     assert parse_numbered_list("No list here, just prose.") == []
 
 
@@ -66,6 +65,23 @@ def test_rouge_l_against_the_pool_by_hand():
     assert pool.is_duplicate("name three FAMOUS painters!") and not pool.is_duplicate("Name three painters.")
 
 
+def test_nearest_is_the_maximum_over_every_pool_instruction():
+    """The pruned search (a word-count bound per pair) finds what scoring every pair finds."""
+    from rouge_score import rouge_scorer
+
+    pool_texts = [t.instruction for t in load_seed_tasks("builtin")]
+    candidates = ["Give three tips for staying calm before an exam.", "Rewrite the sentence in the future tense.",
+                  "Write a haiku about autumn leaves.", "Explain the difference between a lake and a pond.",
+                  "Zebra.", "Sort the numbers from largest to smallest."]
+    pool = InstructionPool(pool_texts)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for text in candidates:
+        every = [scorer.score(p, text)["rougeL"].fmeasure for p in pool_texts]
+        score, nearest = pool.nearest(text)
+        assert score == max(every) and (score == 0 or every[pool_texts.index(nearest)] == score)
+    assert pool.nearest("Zebra.") == (0.0, "")
+
+
 def test_the_builtin_seed_tasks_pass_every_filter_and_are_mutually_distinct():
     tasks = load_seed_tasks("builtin")
     assert len(tasks) >= 20 and all(t.output for t in tasks)
@@ -76,7 +92,6 @@ def test_the_builtin_seed_tasks_pass_every_filter_and_are_mutually_distinct():
         assert not pool.is_duplicate(t.instruction)
         assert pool.nearest(t.instruction)[0] < 0.7, t.instruction
         pool.add(t.instruction)
-    assert BUILTIN_SEED_TASKS.name == "seed_tasks.jsonl"
 
 
 def test_a_bad_seed_file_names_each_problem(run_cli, tmp_path, no_model_loading):
@@ -129,7 +144,7 @@ def test_self_instruct_against_an_endpoint_filters_responds_and_resumes(run_cli,
         assert len(ep.seen) == 3  # one proposal, the sky's response, the watches' refused response
         assert first.code == 1
         assert first.err.count("\n") == 1 and "error: model endpoint http://127.0.0.1:" in first.err
-        assert "HTTP 401: invalid API key" in first.err
+        assert "HTTP 401: invalid API key" in first.err and "1 answered instruction(s) so far" in first.err
         # what arrived before the error stays in the output
         assert [r["messages"][1]["content"] for r in read(out / "sft.jsonl")] == [
             "Answer: Explain why the sky looks blue on a clear day."]

@@ -4,7 +4,7 @@
     rlhfkit self-instruct --model-url http://127.0.0.1:8000/v1 --model-name M --seed-tasks tasks.jsonl --output si/
 
 The pool starts as the seed tasks' instructions (``--seed-tasks builtin``: 26 tasks written for this
-project, ``seed_tasks.jsonl`` next to this module). Each round:
+project, ``data/builtin/seed_tasks.jsonl``). Each round:
 
 1. **Prompt** (:func:`proposal_prompt`): ``--prompts-per-round`` requests, each showing
    ``--examples-per-prompt`` instructions sampled from the pool (up to ``--generated-examples`` of
@@ -38,21 +38,23 @@ from __future__ import annotations
 import random
 import re
 import string
+import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlhfkit.config import arg, check_data_flag
+from rlhfkit.data.constitution import builtin_file
 from rlhfkit.models.backends import ModelOptions
-
-BUILTIN_SEED_TASKS = Path(__file__).with_name("seed_tasks.jsonl")
 
 # Self-Instruct's blacklist (bootstrap_instructions.py): tasks a language model cannot do in text.
 BLOCKED_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
                  "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 BLOCKED = re.compile(r"\b(" + "|".join(re.escape(w) for w in BLOCKED_WORDS) + r")\b", re.IGNORECASE)
 FILTERS = ("length", "keyword", "format", "duplicate", "rouge")  # in the order they are applied
-NUMBERED_ITEM = re.compile(r"^\s*(?:task\s*)?\d+\s*[.):]\s*(.*)$", re.IGNORECASE)
+# "3. ...", "3) ...", "Task 3: ...", and bullets ("- ...", "* ...", "• ..."), which small models write instead
+LIST_ITEM = re.compile(r"^\s*(?:(?:task\s*)?\d+\s*[.):]|[-*\u2022])\s*(.*)$", re.IGNORECASE)
 
 
 @dataclass
@@ -123,7 +125,7 @@ def load_seed_tasks(spec: str) -> list[SeedTask]:
     from rlhfkit.data.io import read_records
     from rlhfkit.errors import InputError
 
-    records = read_records(str(BUILTIN_SEED_TASKS) if spec == "builtin" else spec)
+    records = read_records(str(builtin_file("seed_tasks.jsonl")) if spec == "builtin" else spec)
     tasks, problems = [], []
     for rec in records:
         values = {}
@@ -156,12 +158,13 @@ def proposal_prompt(examples: list[str], wanted: int) -> list[dict]:
 
 
 def parse_numbered_list(text: str) -> list[str]:
-    """The items of a numbered list (``1. ...``, ``2) ...``, ``Task 3: ...``) in a reply, each with its
-    continuation lines up to the next item or blank line, whitespace collapsed; empty items dropped."""
+    """The items of a numbered list (``1. ...``, ``2) ...``, ``Task 3: ...``; bullets too) in a reply,
+    each with its continuation lines up to the next item or blank line, whitespace collapsed; empty
+    items dropped."""
     items: list[list[str]] = []
     open_item = False
     for line in text.splitlines():
-        match = NUMBERED_ITEM.match(line)
+        match = LIST_ITEM.match(line)
         if match:
             items.append([match.group(1)])
             open_item = True
@@ -203,9 +206,9 @@ class _TokenCache:
 class InstructionPool:
     """The instructions a candidate is compared against: the seed tasks', then every kept one.
 
-    ROUGE-L is the paper's measure (``rouge_score``, no stemming); each candidate costs one
-    longest-common-subsequence per pool instruction (O(pool) per candidate; docs/ai_feedback.md
-    has the measured cost), with every text tokenised once.
+    ROUGE-L F1 is the paper's measure (``rouge_score``, no stemming). A longest common subsequence
+    per pool instruction would make each candidate cost O(pool) LCS computations; :meth:`nearest`
+    finds the same maximum while computing few of them (docs/ai_feedback.md has the measured cost).
     """
 
     def __init__(self, seed_instructions: list[str]):
@@ -214,7 +217,9 @@ class InstructionPool:
         self.seed = list(seed_instructions)
         self.generated: list[str] = []
         self._normalised = {self.normalise(t) for t in self.seed}
-        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_TokenCache())
+        self._tokens = _TokenCache()
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=self._tokens)
+        self._counts = {t: Counter(self._tokens.tokenize(t)) for t in self.seed}
 
     @property
     def instructions(self) -> list[str]:
@@ -228,9 +233,26 @@ class InstructionPool:
         return self.normalise(text) in self._normalised
 
     def nearest(self, text: str) -> tuple[float, str]:
-        """The highest ROUGE-L F1 of ``text`` against a pool instruction, and that instruction."""
-        best, nearest = 0.0, ""
+        """The highest ROUGE-L F1 of ``text`` against a pool instruction, and that instruction.
+
+        Exact, and cheap: a common subsequence uses each word at most as often as both texts have
+        it, so F1 = 2 LCS / (m + n) <= 2 |common words| / (m + n). Pool instructions are scored in
+        decreasing order of that bound (a word count per pair), stopping once the bound cannot beat
+        the best score found.
+        """
+        counts = Counter(self._tokens.tokenize(text))
+        length = sum(counts.values())
+        bounds = []
         for other in self.instructions:
+            other_counts = self._counts[other]
+            total = length + sum(other_counts.values())
+            common = sum(min(c, other_counts.get(word, 0)) for word, c in counts.items())
+            bounds.append((2 * common / total if total else 0.0, other))
+        bounds.sort(key=lambda pair: -pair[0])  # stable: ties in pool order
+        best, nearest = 0.0, ""
+        for bound, other in bounds:
+            if bound <= best:
+                break
             score = self._scorer.score(other, text)["rougeL"].fmeasure
             if score > best:
                 best, nearest = score, other
@@ -239,6 +261,7 @@ class InstructionPool:
     def add(self, text: str) -> None:
         self.generated.append(text)
         self._normalised.add(self.normalise(text))
+        self._counts[text] = Counter(self._tokens.tokenize(text))
 
 
 @dataclass
@@ -392,14 +415,11 @@ def summary_line(stats: dict, out: Path) -> str:
 
 
 def main(cfg: Config) -> int:
-    from rlhfkit.config import save_config
-    from rlhfkit.errors import InputError
-    from rlhfkit.models.backends import ReplyJournal, model_backend
+    from rlhfkit.config import save_config, validated
+    from rlhfkit.models.backends import BackendError, ReplyJournal, model_backend
 
-    problems = cfg.validate()
-    if problems:
-        raise InputError(problems)
-    seeds = load_seed_tasks(cfg.seed_tasks)
+    validated(cfg)
+    seeds = load_seed_tasks(cfg.seed_tasks)  # a bad seed file: exit 2 before any model is loaded
     out = Path(cfg.output)
     save_config(cfg, out)
     seed_records = [sft_record(t.user_turn(), t.output) for t in seeds] if cfg.include_seed_tasks else []
@@ -407,11 +427,18 @@ def main(cfg: Config) -> int:
     journal = ReplyJournal(out / "requests.jsonl")
     progress, t0 = Progress(), time.time()
     write = lambda p: write_outputs(out, p, seed_records, time.time() - t0)  # noqa: E731
+    failure = None
     try:
         bootstrap(backend, journal, seeds, cfg, progress, on_round=write)
+    except BackendError as e:
+        failure = e
     finally:  # an endpoint error or an interruption: what arrived so far stays in the outputs
         stats = write(progress)
         backend.close()
+    if failure is not None:
+        print(f"error: {failure} ({len(progress.records)} answered instruction(s) so far are in "
+              f"{out / 'sft.jsonl'}; rerun the same command to continue)", file=sys.stderr)
+        return 1
     line = summary_line(stats, out)
     if stats["kept"] < cfg.num_instructions:
         line += f" (fewer than --num-instructions {cfg.num_instructions} after --max-rounds {cfg.max_rounds})"

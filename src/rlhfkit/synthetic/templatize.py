@@ -214,14 +214,11 @@ def templatize(rows: list[dict[str, str]], cfg: Config) -> list[dict]:
 
 
 def main(cfg: Config) -> int:
-    from rlhfkit.config import save_config
+    from rlhfkit.config import save_config, validated
     from rlhfkit.data.io import read_records, write_jsonl
-    from rlhfkit.errors import InputError
     from rlhfkit.evaluation.report import write_json
 
-    problems = cfg.validate()
-    if problems:
-        raise InputError(problems)
+    validated(cfg)
     t0 = time.time()
     rows = read_fields(read_records(cfg.data, config=cfg.data_config, seed=cfg.seed), cfg)
     records = templatize(rows, cfg)
