@@ -181,3 +181,13 @@ def test_local_sampling_draws_a_different_stream_per_request_and_the_same_for_th
     again = backend.complete([prompts[1], prompts[0]], temperature=1.0, max_tokens=12)
     assert again == [first[1], first[0]]  # whatever its position in the call
     assert first[0] != first[1]
+
+
+def test_a_request_given_twice_in_one_call_is_sent_once(tmp_path):
+    conversations = chats(2) + chats(2)
+    keys = [request_key(c) for c in conversations]
+    with ScriptedEndpoint(_echo) as ep:
+        out = journaled_replies(OpenAIChatBackend(ep.url, "m"), conversations, keys,
+                                ReplyJournal(tmp_path / "j.jsonl"))
+        assert len(ep.seen) == 2
+    assert [r.text for r in out] == ["re: q0", "re: q1", "re: q0", "re: q1"]

@@ -414,9 +414,13 @@ def journaled_replies(backend, conversations: Sequence[Sequence[Message]], keys:
     """Replies for ``conversations``, sending only those whose key the journal lacks.
 
     Each new reply is recorded as it arrives: an interruption (or a BackendError) loses none of
-    the replies received before it.
+    the replies received before it. A key given twice is sent once (the same request has one
+    reply, as it would after a resume).
     """
-    missing = [i for i, k in enumerate(keys) if k not in journal]
+    first = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    missing = [i for k, i in first.items() if k not in journal]
     if missing:
         replies(backend, [conversations[i] for i in missing], temperature, max_tokens, top_logprobs,
                 on_reply=lambda j, r: journal.add(keys[missing[j]], r))
