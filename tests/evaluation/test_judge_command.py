@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -13,6 +11,7 @@ from rlhfkit.config import build_config
 from rlhfkit.evaluation.judge import Config, run
 from rlhfkit.evaluation.judging.prompts import JUDGE_SYSTEM
 from rlhfkit.models.backends import BackendError, OpenAIChatBackend, chat_completions_url
+from scripted_endpoint import ScriptedEndpoint
 
 # ---------------------------------------------------------------------------- the stub endpoint
 
@@ -35,48 +34,19 @@ def _stub_judgment(user: str) -> str:
     return "Helpful. Rating: [[9]]" if "GOOD" in material else "Weak. Rating: [[3]]"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                 "body": body})
-        if self.path != "/v1/chat/completions":
-            return self._send(404, {"error": {"message": f"no route {self.path}"}})
-        if body["model"] == "unknown":
-            return self._send(404, {"error": {"message": "model 'unknown' not found",
-                                              "type": "invalid_request_error"}})
-        messages = body["messages"]
-        if messages[0]["role"] == "system" and messages[0]["content"] == JUDGE_SYSTEM:
-            content = _stub_judgment(messages[-1]["content"])
-        else:  # a candidate being asked a question
-            content = f"GOOD reply from {body['model']} to: {messages[-1]['content'][:30]}"
-        self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": content}}]})
+def _respond(body: dict):
+    if body["model"] == "unknown":
+        return 404, {"error": {"message": "model 'unknown' not found", "type": "invalid_request_error"}}
+    messages = body["messages"]
+    if messages[0]["role"] == "system" and messages[0]["content"] == JUDGE_SYSTEM:
+        return _stub_judgment(messages[-1]["content"])
+    return f"GOOD reply from {body['model']} to: {messages[-1]['content'][:30]}"  # a candidate's answer
 
 
 @pytest.fixture
 def stub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.seen = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with ScriptedEndpoint(_respond) as endpoint:
+        yield endpoint, endpoint.url
 
 
 def _answers(path, model, marker, n=20, turns=2, qids=None):
@@ -111,8 +81,8 @@ def test_pairwise_through_endpoint_then_arena(tmp_path, stub, monkeypatch, capsy
     judgments = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
     assert len(judgments) == 12 and {j["game"] for j in judgments} == {1, 2}
     assert all(j["judgment"] and j["verdict"] in ("A", "B") for j in judgments)
-    assert {s["auth"] for s in server.seen} == {"Bearer sekrit"}
-    assert {s["body"]["model"] for s in server.seen} == {"stub"}
+    assert {h["Authorization"] for h in server.headers} == {"Bearer sekrit"}
+    assert {body["model"] for body in server.seen} == {"stub"}
     report = (out / "report.md").read_text()
     assert "| good | bad | 6 | 0 | 0 |" in report
     rows = [json.loads(line) for line in battles.read_text().splitlines()]
@@ -141,8 +111,8 @@ def test_single_grading_with_candidates_from_endpoint(tmp_path, stub, capsys):
     assert len(generated) == 2 and generated[0]["model_id"] == "cand-a"
     assert len(generated[0]["choices"][0]["turns"]) == 2
     # turn 2 was asked with the candidate's own first reply in the history
-    second = [s["body"]["messages"] for s in server.seen
-              if s["body"]["model"] == "cand-a" and len(s["body"]["messages"]) == 3]
+    second = [body["messages"] for body in server.seen
+              if body["model"] == "cand-a" and len(body["messages"]) == 3]
     assert second and second[0][1]["role"] == "assistant" and second[0][1]["content"].startswith("GOOD")
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
     assert "cand-a: 9.00 / 10" in capsys.readouterr().out
