@@ -4,14 +4,25 @@
 returns the reply text (wrapped in an OpenAI chat completion) or a raw status and JSON body. With
 ``logprobs`` requested, each reply carries per-token log-probs from ``token_logprobs(body, text)`` when
 that is given (else the request is answered without them). Every request body is kept in ``seen``.
+A scripted pairwise judge reads what it was shown with :func:`pairwise_shown`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_PAIRWISE_SHOWN = re.compile(r"\[Assistant A's reply\]\n(.*?)\n\[End of assistant A's reply\]\n\n"
+                             r"\[Assistant B's reply\]\n(.*?)\n\[End of assistant B's reply\]\n\n"
+                             r"The principle:\n(.*?)\n\n", re.S)
+
+
+def pairwise_shown(body: dict) -> tuple[str, str, str]:
+    """(reply shown as A, reply shown as B, principle text) of an ai-label judge request."""
+    return _PAIRWISE_SHOWN.search(body["messages"][1]["content"]).groups()
 
 
 def chat_completion(model: str, content: str, logprobs: list | None = None) -> dict:

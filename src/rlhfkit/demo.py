@@ -2,7 +2,9 @@
 
     1. prompts: the English chatterbot-corpus conversations, split into train and held-out
     2. preference collection: four sampled replies per train prompt, every pair judged by a
-       simulated annotator (VADER prefers the warmer reply, with Bradley–Terry label noise), 8-point Likert
+       simulated annotator (VADER prefers the warmer reply, with Bradley–Terry label noise), 8-point Likert;
+       or, with ``--feedback ai``, by an AI judge as ``rlhfkit ai-label`` judges (a sampled principle,
+       both presentation orders, ties and position-inconsistent pairs held back)
     3. a reward model (all-MiniLM-L6-v2 backbone, Bradley–Terry with the Likert margin)
     4. PPO against the reward model with a KL penalty to the initial policy
     5. DPO on the same preference pairs; best-of-N with the same reward model
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -27,21 +30,24 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rlhfkit.config import arg, validated
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.errors import InputError
 from rlhfkit.generation.decoding import DecodingDtype
+from rlhfkit.models.backends import JudgeOptions
 
 if TYPE_CHECKING:
+    from rlhfkit.data.constitution import Principle
+    from rlhfkit.label.ai_label import Labelling
     from rlhfkit.recipes.ppo import PPOResult
     from rlhfkit.recipes.rm import RewardModelResult
     from rlhfkit.training import TrainResult
 
 
 @dataclass
-class Config:
+class Config(JudgeOptions):
     """The embedded end-to-end RLHF pipeline (offline, CPU): preferences -> RM -> PPO, DPO, best-of-N -> report."""
 
     output: str = arg("demo-out", "Output folder: data, models, metrics, report.md, report.html and plots.")
@@ -57,6 +63,15 @@ class Config:
         "auto", "Precision of the copy that preference and evaluation replies are sampled from: auto (bfloat16 on "
         "a CPU with native bfloat16, about twice as fast), float32 or bfloat16. Log-probs and KL are always "
         "float32; PPO's rollouts are the policy's own.")
+    feedback: Literal["simulated", "ai"] = arg(
+        "simulated", "Who labels the preference pairs: the simulated annotator (offline) or an AI judge "
+        "(--judge-model, --judge-url), asked as `rlhfkit ai-label` asks it; the report then adds the judge's "
+        "agreement with the oracle and its position bias.")
+    judge_model: str = arg("", "--feedback ai: the judge, a local path, hub id or embedded name, or the model "
+                           "name sent to --judge-url.")
+    constitution: str = arg("builtin", "--feedback ai: the principles, one sampled per pair (`builtin`, or a "
+                            "JSONL/YAML file as for `rlhfkit ai-label`).")
+    judge_max_new_tokens: int = arg(512, "--feedback ai: maximum tokens of each judgment.")
 
     def validate(self) -> list[str]:
         problems = []
@@ -64,6 +79,14 @@ class Config:
             problems.append("--annotator-temperature must be > 0")
         if self.ppo_steps < 0:
             problems.append("--ppo-steps must be >= 0")
+        if self.feedback == "ai":
+            problems += self.judge_problems() if self.judge_model else [
+                "--feedback ai needs a judge: --judge-model NAME|PATH (a local model) or --judge-url URL "
+                "--judge-model NAME (an OpenAI-compatible endpoint)"]
+            if self.judge_max_new_tokens < 1:
+                problems.append("--judge-max-new-tokens must be >= 1")
+        elif self.judge_model or self.judge_url or self.constitution != "builtin":
+            problems.append("--judge-model, --judge-url and --constitution apply only with --feedback ai")
         return problems
 
 
@@ -140,43 +163,82 @@ def timed(name: str, results: Results):
 # ------------------------------------------------------------------------------------ phases
 
 
-def collect_preferences(model, tokenizer, prompts: list[str], annotator, preset: Preset, seed: int) -> list[dict]:
+def sample_replies(model, tokenizer, prompts: list[str], preset: Preset, seed: int) -> list[list[str]]:
     """``preset.samples_per_prompt`` replies per prompt sampled from ``model`` (the initial policy
-    or its decoding copy) and every pair of them judged by the annotator (InstructGPT's K-wise
-    comparisons: K replies give K(K-1)/2 pairs for the cost of generating K); identical or empty
-    replies are not compared. Pairs of one prompt are consecutive."""
+    or its decoding copy). Each generate call is seeded alike, so the first prompts get the same
+    replies however many prompts follow them."""
     from tqdm.auto import tqdm
 
     from rlhfkit.generation.decoding import SamplingParams, generate_chat
 
     params = SamplingParams(strategy="sample", temperature=preset.temperature, max_new_tokens=preset.max_new_tokens,
                             n=preset.samples_per_prompt, seed=seed)
-    pairs = []
+    replies = []
     chunk_size = 64 // preset.samples_per_prompt  # 64 rows per generate call: small batches are overhead-bound
     for start in tqdm(range(0, len(prompts), chunk_size), desc="preferences", dynamic_ncols=True):
         chunk = prompts[start:start + chunk_size]
-        for prompt, replies in zip(chunk, generate_chat(model, tokenizer, chunk, params, batch_size=chunk_size)):
-            pairs += judge_all_pairs(prompt, replies, annotator)
-    return pairs
+        replies += generate_chat(model, tokenizer, chunk, params, batch_size=chunk_size)
+    return replies
+
+
+def candidate_pairs(replies: list[str]) -> list[tuple[str, str]]:
+    """Every pair of ``replies`` worth comparing: identical or empty replies are not compared."""
+    from itertools import combinations
+
+    return [(a, b) for a, b in combinations(replies, 2) if a and b and a != b]
 
 
 def judge_all_pairs(prompt: str, replies: list[str], annotator) -> list[dict]:
-    """Every pair of ``replies`` judged by the annotator, as preference records (chosen, rejected,
-    the Likert value and its margin, ``rlhfkit.data.likert``); identical or empty replies are not compared."""
-    from itertools import combinations
-
+    """Every candidate pair of ``replies`` judged by the annotator, as preference records (chosen,
+    rejected, the Likert value and its margin, ``rlhfkit.data.likert``)."""
     from rlhfkit.data.likert import to_preference
 
     pairs = []
-    for a, b in combinations(replies, 2):
-        if not a or not b or a == b:
-            continue
+    for a, b in candidate_pairs(replies):
         likert = annotator.judge(prompt, a, b)
         a_preferred, margin = to_preference(likert)
         chosen, rejected = (a, b) if a_preferred else (b, a)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin,
                       "likert": likert, "response_a": a, "response_b": b})
     return pairs
+
+
+def label_with_judge(cfg: Config, principles: list[Principle], comparisons: list[tuple[str, str, str]],
+                     out: Path) -> Labelling:
+    """``--feedback ai``: the pairs ``(prompt, a, b)`` labelled by the judge with ``rlhfkit ai-label``'s
+    machinery (a principle sampled per pair, both presentation orders, ties, position-inconsistent
+    and unparsed pairs held back), its outputs in ``OUT/ai_label`` and the pairs it was given in
+    ``OUT/data/pairs_candidates.jsonl`` (its config.yaml reruns it as ``rlhfkit ai-label``). Every
+    judge reply is journaled: rerunning the demo with the same --output asks nothing twice. An
+    endpoint error ends the demo (exit 1) with one line naming the endpoint."""
+    from rlhfkit.label import ai_label
+    from rlhfkit.models.backends import BackendError
+
+    data = write_jsonl(out / "data" / "pairs_candidates.jsonl",
+                       [{"prompt": p, "response_a": a, "response_b": b} for p, a, b in comparisons])
+    label_cfg = ai_label.Config(data=data, output=str(out / "ai_label"), constitution=cfg.constitution,
+                                judge_model=cfg.judge_model, judge_url=cfg.judge_url,
+                                judge_api_key_env=cfg.judge_api_key_env,
+                                judge_max_new_tokens=cfg.judge_max_new_tokens, seed=cfg.seed)
+    labelling = ai_label.label_comparisons(label_cfg, [ai_label.Comparison(p, a, b) for p, a, b in comparisons],
+                                           principles)
+    if labelling.failure is not None:
+        raise BackendError(f"{labelling.failure} (the judge's replies so far are kept in {out / 'ai_label'}: "
+                           "rerun the same demo command to continue)")
+    return labelling
+
+
+def judge_summary(labelling: Labelling, labels: dict) -> dict:
+    """The report's AI-feedback figures: what the judge labelled and held back, its position bias
+    (ai-label's verdict balance), and its agreement with the oracle on its confident labels
+    (``labels``: :func:`oracle_agreement` of its rows) with one binomial standard error."""
+    stats = labelling.stats
+    rate, n = labels["oracle_agreement"], labels["oracle_pairs"]
+    return {"judge": labelling.judge, "pairs_judged": stats["pairs"], "labelled": stats["labelled"],
+            "ties": stats["ties"], "position_inconsistent": stats["position_inconsistent"],
+            "unparsed": stats["unparsed"], "position_bias": stats["position_bias"],
+            "oracle_agreement": rate if n else None,
+            "oracle_agreement_stderr": math.sqrt(rate * (1 - rate) / n) if n else None, "oracle_pairs": n}
 
 
 def sample_policy(model, tokenizer, prompts: list[str], preset: Preset, seed: int, n: int = 1, progress=None):
@@ -312,10 +374,11 @@ def plot_frontier(frontier: list[dict], methods: dict, out: Path) -> str:
     return "reward_vs_kl.png"
 
 
-def write_report(out: Path, results: Results, plots: list[str]) -> None:
-    from rlhfkit.evaluation.report import md_escape, md_table
-
+def summary_lines(results: Results) -> list[str]:
+    """The report's opening: win rate, KL, sampling precision, reward model, and with --feedback ai the judge."""
     ppo = results.methods.get("ppo", {})
+    ai = results.preferences.get("ai_feedback")
+    labeller = "annotator" if ai is None else "judge"
     lines = ["# rlhfkit demo report", "",
              f"win rate: {100 * ppo.get('win_rate', float('nan')):.0f}% "
              f"(± {100 * ppo.get('win_rate_stderr', float('nan')):.0f} points, one standard error over prompts) "
@@ -327,13 +390,39 @@ def write_report(out: Path, results: Results, plots: list[str]) -> None:
              "(log-probs and KL in float32; PPO samples its own rollouts in float32)", "",
              f"reward model held-out accuracy: {100 * results.reward_model.get('eval/accuracy', float('nan')):.1f}% "
              f"(on {results.reward_model.get('eval_pairs', 0)} pairs of the initial policy's replies to the "
-             "held-out prompts, against the annotator's noisy labels); "
-             f"annotator agreement with the noise-free oracle: "
+             f"held-out prompts, against the {'' if ai is None else 'simulated '}annotator's noisy labels); "
+             f"{labeller} agreement with the noise-free oracle: "
              f"{100 * results.preferences.get('oracle_agreement', float('nan')):.1f}%; reward model agreement "
              f"with the oracle on the held-out pairs it separates: "
              f"{100 * results.reward_model.get('oracle_agreement', float('nan')):.1f}% "
-             f"(of {results.reward_model.get('oracle_pairs', 0)})", "",
-             "## Methods side by side", ""]
+             f"(of {results.reward_model.get('oracle_pairs', 0)})", ""]
+    return lines if ai is None else lines + judge_lines(ai)
+
+
+def judge_lines(ai: dict) -> list[str]:
+    """--feedback ai: what the judge labelled and held back, its agreement with the oracle, its position bias."""
+    from rlhfkit.evaluation.report import md_escape
+
+    bias = ai["position_bias"]
+    share = "n/a" if bias["first_share"] is None else f"{bias['first_share']:.2f}"
+    agreement = "n/a" if ai["oracle_agreement"] is None else (
+        f"{100 * ai['oracle_agreement']:.1f}% ± {100 * ai['oracle_agreement_stderr']:.1f}")
+    return [f"AI feedback: the judge {md_escape(ai['judge'])} labelled {ai['labelled']} of {ai['pairs_judged']} "
+            "preference pairs confidently (a principle sampled per pair, both presentation orders asked); held "
+            f"back: {ai['ties']} ties, {ai['position_inconsistent']} position-inconsistent, {ai['unparsed']} "
+            "unparsed. The reward model (and DPO) train on its labels; the held-out pairs keep the simulated "
+            "annotator's.", "",
+            f"judge agreement with the oracle (VADER, the demo's hidden reward): {agreement} (one binomial "
+            f"standard error) on the {ai['oracle_pairs']} confidently labelled pairs the oracle separates", "",
+            f"judge position bias: the reply shown first was chosen in {bias['first']} verdicts, the second in "
+            f"{bias['second']}, tie in {bias['tie']} (first-position share {share}; 0.50 is none)", ""]
+
+
+def write_report(out: Path, results: Results, plots: list[str]) -> None:
+    from rlhfkit.evaluation.report import md_escape, md_table
+
+    summary = summary_lines(results)
+    lines = summary + ["## Methods side by side", ""]
     header = ["method", "oracle win rate vs initial (± s.e.)", "KL to initial (nats)", "oracle mean", "RM mean",
               "words"]
     rows = [[name, f"{100 * m['win_rate']:.0f}% ± {100 * m['win_rate_stderr']:.0f}", f"{m['kl']:.2f}",
@@ -354,7 +443,7 @@ def write_report(out: Path, results: Results, plots: list[str]) -> None:
                         for s in results.samples]), ""]
     lines += ["## Timings (seconds)", "", md_table(["phase", "s"], [[k, v] for k, v in results.timings.items()]), ""]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "report.html").write_text(render_html(results, plots, "\n".join(lines[:9])))
+    (out / "report.html").write_text(render_html(results, plots, "\n".join(summary).rstrip("\n")))
 
 
 def render_html(results: Results, plots: list[str], summary: str) -> str:
@@ -382,9 +471,11 @@ def render_html(results: Results, plots: list[str], summary: str) -> str:
 
 def main(cfg: Config) -> int:
     from rlhfkit.data.annotators import VaderSentiment, vader_annotator
+    from rlhfkit.data.constitution import load_constitution
     from rlhfkit.training import seed_everything
 
     preset = QUICK if validated(cfg).quick else DEFAULT
+    principles = load_constitution(cfg.constitution) if cfg.feedback == "ai" else None  # checked before any model
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
@@ -397,7 +488,7 @@ def main(cfg: Config) -> int:
     with timed("preference collection", results):  # 2.
         oracle = VaderSentiment()
         annotator = vader_annotator(cfg.annotator_temperature, cfg.seed)
-        preferences = collect_phase(start, annotator, oracle, preset, cfg.seed, out, results)
+        preferences = collect_phase(cfg, start, annotator, principles, oracle, preset, out, results)
     with timed("held-out initial replies", results):
         baseline = baseline_phase(start, annotator, oracle, preset, cfg.seed + 1, out, results)
         start.sampler = None  # its memory is needed for training
@@ -483,14 +574,29 @@ def prompts_and_model(cfg: Config, preset: Preset, out: Path, results: Results) 
     return Start(train_prompts, held_out, pref_prompts, prompts_file, initial, tokenizer, sampler)
 
 
-def collect_phase(start: Start, annotator, oracle, preset: Preset, seed: int, out: Path,
-                  results: Results) -> Preferences:
-    pairs = collect_preferences(start.sampler, start.tokenizer, start.preference_prompts, annotator, preset, seed)
+def collect_phase(cfg: Config, start: Start, annotator, principles: list[Principle] | None, oracle, preset: Preset,
+                  out: Path, results: Results) -> Preferences:
+    """Replies to the preference prompts and their pairs labelled by the simulated annotator or,
+    with ``--feedback ai``, by the judge (its confident labels only)."""
+    prompts = start.preference_prompts
+    replies = sample_replies(start.sampler, start.tokenizer, prompts, preset, cfg.seed)
+    labelling = None
+    if cfg.feedback == "ai":
+        labelling = label_with_judge(cfg, principles, [(prompt, a, b) for prompt, rs in zip(prompts, replies)
+                                                       for a, b in candidate_pairs(rs)], out)
+        pairs = labelling.rows
+    else:
+        pairs = [pair for prompt, rs in zip(prompts, replies) for pair in judge_all_pairs(prompt, rs, annotator)]
     if len(pairs) < 4:
-        raise InputError("the demo collected fewer than 4 usable preference pairs")
+        held = "" if labelling is None else (
+            f" (the judge labelled {len(pairs)} of {labelling.stats['pairs']} pairs confidently; see "
+            f"{out / 'ai_label' / 'stats.json'} for what it held back)")
+        raise InputError(f"the demo collected fewer than 4 usable preference pairs{held}")
     labels = oracle_agreement(oracle, pairs)
     results.preferences = {"pairs": len(pairs), "oracle_agreement": labels["oracle_agreement"],
                            "ties_by_oracle": len(pairs) - labels["oracle_pairs"]}
+    if labelling is not None:
+        results.preferences["ai_feedback"] = judge_summary(labelling, labels)
     return Preferences(pairs, write_jsonl(out / "data" / "pairs_train.jsonl", pairs))
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from rlhfkit.data.constitution import load_constitution
 from rlhfkit.data.io import Record
 from rlhfkit.data.schema import load_preferences
 from rlhfkit.label.ai_label import FORMAT_REMINDER, parse_comparisons
-from scripted_endpoint import ScriptedEndpoint
+from scripted_endpoint import ScriptedEndpoint, pairwise_shown
 
 PRINCIPLES = [
     {"name": "kindness", "critique": "Point out anything unkind.", "revision": "Rewrite it kindly.",
@@ -45,17 +44,8 @@ COMPARISONS = (
        {"prompt": "question 8", "response_a": "plain answer 8", "response_b": "another plain answer 8"}]
 )
 
-SHOWN = re.compile(r"\[Assistant A's reply\]\n(.*?)\n\[End of assistant A's reply\]\n\n"
-                   r"\[Assistant B's reply\]\n(.*?)\n\[End of assistant B's reply\]\n\nThe principle:\n(.*?)\n\n", re.S)
-
-
-def shown(body) -> tuple[str, str, str]:
-    """(reply shown as A, reply shown as B, principle text) of a judge request."""
-    return SHOWN.search(body["messages"][1]["content"]).groups()
-
-
 def hidden_judge(body) -> str:
-    a, b, _ = shown(body)
+    a, b, _ = pairwise_shown(body)
     user = body["messages"][1]["content"]
     if "MUMBLE" in user and (body["messages"][-1]["content"] != FORMAT_REMINDER or "ALWAYS" in user):
         return "Hmm, hard to say."
@@ -94,7 +84,7 @@ def test_labels_follow_the_hidden_preference_in_both_orders_and_hold_back_positi
     assert len(bodies) == 2 * len(COMPARISONS)  # both orders, once each
     by_pair = {}
     for body in bodies:
-        a, b, principle = shown(body)
+        a, b, principle = pairwise_shown(body)
         by_pair.setdefault(frozenset((a, b)), []).append((a, b, principle))
     assert len(by_pair) == len(COMPARISONS)
     for asked in by_pair.values():
@@ -204,7 +194,7 @@ def test_relabelling_reports_agreement_with_the_existing_labels(run_cli, files, 
     out = tmp_path / "out"
     with ScriptedEndpoint(hidden_judge) as ep:
         result = ai_label(run_cli, ep, data, "builtin", out)
-        sent = {shown(body)[2] for body in ep.seen}
+        sent = {pairwise_shown(body)[2] for body in ep.seen}
     assert result.code == 0, result.err
     builtin = {p.name: p.preference for p in load_constitution("builtin")}
     assert sent <= set(builtin.values())

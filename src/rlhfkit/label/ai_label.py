@@ -113,7 +113,7 @@ class Comparison:
     prompt: Any
     a: Any
     b: Any
-    source: Record
+    source: Record | None = None  # None: comparisons made in memory (the demo's)
     labelled: bool = False
 
     @property
@@ -347,12 +347,14 @@ def statistics(judged: list[Judged], pending: int, written: int) -> dict:
     }
 
 
-def write_outputs(out: Path, judged: list[Judged], pending: int, judge: str, keep_ties: bool) -> dict:
+def write_outputs(out: Path, judged: list[Judged], pending: int, judge: str,
+                  keep_ties: bool) -> tuple[list[dict], dict]:
+    """preferences.jsonl and stats.json; returns their rows and statistics."""
     rows = [r for r in (row_of(j, judge) for j in judged) if r is not None and (keep_ties or not r["tie"])]
     write_jsonl(str(out / "preferences.jsonl"), rows)
     stats = statistics(judged, pending, len(rows))
     write_json(out / "stats.json", stats)
-    return stats
+    return rows, stats
 
 
 def summary_line(stats: dict, out: Path) -> str:
@@ -373,10 +375,21 @@ def summary_line(stats: dict, out: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def main(cfg: Config) -> int:
-    validated(cfg)
-    comparisons = read_comparisons(cfg)
-    principles = load_constitution(cfg.constitution)
+@dataclass(frozen=True)
+class Labelling:
+    """What :func:`label_comparisons` made: the rows and statistics written, and the endpoint
+    error that stopped it (None: every comparison was judged)."""
+
+    rows: list[dict]
+    stats: dict
+    judge: str
+    failure: BackendError | None
+
+
+def label_comparisons(cfg: Config, comparisons: list[Comparison], principles: list[Principle]) -> Labelling:
+    """Steps 1-5 for ``comparisons`` (from a file or made in memory): the judge asked for whatever
+    ``cfg.output``'s journal lacks, and preferences.jsonl, stats.json and config.yaml written there.
+    A KeyboardInterrupt is raised again after the outputs for what was judged are written."""
     jobs = make_jobs(comparisons, principles, cfg.seed)
     out = Path(cfg.output)
     save_config(cfg, out)
@@ -389,12 +402,20 @@ def main(cfg: Config) -> int:
     finally:
         asker.close()
     judged, pending = collect(asker, jobs)
-    stats = write_outputs(out, judged, pending, asker.label, cfg.keep_ties)
+    rows, stats = write_outputs(out, judged, pending, asker.label, cfg.keep_ties)
     if isinstance(failure, KeyboardInterrupt):
         raise failure
-    if failure is not None:
-        print(f"error: {failure} ({stats['written']} pairs labelled before it are in {out / 'preferences.jsonl'}; "
-              "rerun the same command to continue)", file=sys.stderr)
+    return Labelling(rows, stats, asker.label, failure)
+
+
+def main(cfg: Config) -> int:
+    validated(cfg)
+    comparisons = read_comparisons(cfg)
+    labelling = label_comparisons(cfg, comparisons, load_constitution(cfg.constitution))
+    out, stats = Path(cfg.output), labelling.stats
+    if labelling.failure is not None:
+        print(f"error: {labelling.failure} ({stats['written']} pairs labelled before it are in "
+              f"{out / 'preferences.jsonl'}; rerun the same command to continue)", file=sys.stderr)
         return 1
     print(summary_line(stats, out))
     return 0
