@@ -87,7 +87,7 @@ def _check_messages(rec: Record, name: str, value: Any, problems: list[str], *, 
     return ok
 
 
-def _check_text_or_messages(rec, name, value, problems, *, assistant_only=False) -> bool:
+def check_text_or_messages(rec, name, value, problems, *, assistant_only=False) -> bool:
     if isinstance(value, str):
         if not value.strip():
             problems.append(rec.problem(name, "is empty"))
@@ -116,8 +116,8 @@ def parse_sft(rec: Record, problems: list[str]) -> SFTExample | None:
     if "prompt" not in d and "completion" not in d:
         problems.append(rec.problem(None, "missing field: expected 'messages' or 'prompt' and 'completion'"))
         return None
-    ok = _check_text_or_messages(rec, "prompt", d.get("prompt"), problems)
-    ok &= _check_text_or_messages(rec, "completion", d.get("completion"), problems, assistant_only=True)
+    ok = check_text_or_messages(rec, "prompt", d.get("prompt"), problems)
+    ok &= check_text_or_messages(rec, "completion", d.get("completion"), problems, assistant_only=True)
     if ok and isinstance(d["prompt"], str) != isinstance(d["completion"], str):
         problems.append(rec.problem("completion", "prompt and completion must both be strings or both message lists"))
         return None
@@ -140,9 +140,9 @@ def parse_preference(rec: Record, problems: list[str]) -> list[PreferenceExample
         return r.pairs() if r else []
     ok = True
     if "prompt" in d:
-        ok &= _check_text_or_messages(rec, "prompt", d["prompt"], problems)
+        ok &= check_text_or_messages(rec, "prompt", d["prompt"], problems)
     for name in ("chosen", "rejected"):
-        ok &= _check_text_or_messages(rec, name, d.get(name), problems)
+        ok &= check_text_or_messages(rec, name, d.get(name), problems)
     margin = d.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         problems.append(rec.problem("margin", f"expected a number, got {margin!r}"))
@@ -166,13 +166,13 @@ def parse_preference(rec: Record, problems: list[str]) -> list[PreferenceExample
 
 def parse_ranking(rec: Record, problems: list[str]) -> RankingExample | None:
     d = rec.data
-    ok = _check_text_or_messages(rec, "prompt", d.get("prompt"), problems)
+    ok = check_text_or_messages(rec, "prompt", d.get("prompt"), problems)
     comps, ranking = d.get("completions"), d.get("ranking")
     if not isinstance(comps, list) or len(comps) < 2:
         problems.append(rec.problem("completions", "expected a list of at least 2 completions"))
         return None
     for i, c in enumerate(comps):
-        ok &= _check_text_or_messages(rec, f"completions[{i}]", c, problems)
+        ok &= check_text_or_messages(rec, f"completions[{i}]", c, problems)
     if not isinstance(ranking, list) or sorted(ranking) != list(range(len(comps))) \
             or any(isinstance(x, bool) for x in ranking):
         problems.append(rec.problem("ranking", f"expected a permutation of 0..{len(comps) - 1} (best first)"))
@@ -193,7 +193,7 @@ def parse_prompt(rec: Record, problems: list[str]) -> PromptExample | None:
                 return None
         prompt = msgs
     else:
-        if not _check_text_or_messages(rec, "prompt", d.get("prompt"), problems):
+        if not check_text_or_messages(rec, "prompt", d.get("prompt"), problems):
             return None
         prompt = d["prompt"]
     extra = {k: v for k, v in d.items() if k not in ("prompt", "messages")}

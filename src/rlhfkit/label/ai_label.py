@@ -45,7 +45,7 @@ from typing import Any
 from rlhfkit.config import DATA_CONFIG_HELP, arg, check_data_flag, save_config, validated
 from rlhfkit.data.constitution import Principle, load_constitution, seeded_principle
 from rlhfkit.data.io import Record, read_records, write_jsonl
-from rlhfkit.data.schema import _check_text_or_messages, parse_preference
+from rlhfkit.data.schema import check_text_or_messages, parse_preference
 from rlhfkit.errors import InputError
 from rlhfkit.evaluation.judging.pairwise import PairOutcome, combine_verdicts
 from rlhfkit.evaluation.judging.prompts import principle_pairwise_messages
@@ -127,9 +127,9 @@ def reply_text(reply: Any) -> str:
 
 
 def _replies_checked(rec: Record, fields: list[tuple[str, Any]], problems: list[str]) -> bool:
-    ok = _check_text_or_messages(rec, "prompt", rec.data.get("prompt"), problems)
+    ok = check_text_or_messages(rec, "prompt", rec.data.get("prompt"), problems)
     for name, value in fields:
-        ok &= _check_text_or_messages(rec, name, value, problems, assistant_only=True)
+        ok &= check_text_or_messages(rec, name, value, problems, assistant_only=True)
     return ok
 
 
