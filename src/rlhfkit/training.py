@@ -476,17 +476,35 @@ def run_steps(run: Run, cfg, training: Training, step_fn: Callable[[int], dict[s
     return logged
 
 
+@torch.no_grad()
+def evaluate_means(model, num_examples: int, batch_size: int, loss_fn: Callable[[list[int]], tuple],
+                   prefix: str = "eval/") -> dict[str, float]:
+    """Held-out means of a recipe's ``loss_fn(indices) -> (loss_sum, stats)`` (sums over the
+    examples, as :func:`fit` takes it) over examples 0..num_examples-1, ``batch_size`` at a time,
+    the model in eval mode: ``{prefix + "loss": ..., prefix + stat: ...}`` (``tokens`` left out)."""
+    model.eval()
+    totals: dict[str, float] = {}
+    for start in range(0, num_examples, batch_size):
+        loss, stats = loss_fn(list(range(start, min(start + batch_size, num_examples))))
+        for k, v in {"loss": loss, **stats}.items():
+            if k != "tokens":
+                totals[k] = totals.get(k, 0.0) + float(v)
+    model.train()
+    return {f"{prefix}{k}": v / num_examples for k, v in totals.items()}
+
+
 def fit(run: Run, cfg, training: Training, loss_fn: Callable, *, desc: str,
         normalizer: Callable[[list[int]], float] | None = None, per_example: tuple[str, ...] = (),
-        postfix: dict[str, str] | None = None, evaluate: Callable[[], dict[str, float]] | None = None
-        ) -> list[dict[str, Any]]:
+        postfix: dict[str, str] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
+        constants: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """The step loop of step-based recipes (sft, rm, dpo): each step is one :func:`optimizer_step`
     over this rank's micro-batches of the StepPlan, scheduled by :func:`run_steps`.
 
     ``loss_fn(indices) -> (loss_sum, stats)`` sums over the examples ``indices`` (one micro-batch);
     ``normalizer(global_indices)`` is the count that sum is divided by (default: the examples of
     the global batch; SFT: its trained tokens). A row is :func:`step_row` plus the summed ``stats``
-    named in ``per_example``, as means over the global batch. Returns the rows logged.
+    named in ``per_example``, as means over the global batch, plus ``constants`` (statistics of the
+    whole run, e.g. offline RL's fraction of examples kept). Returns the rows logged.
     """
     acc, plan = run.accelerator, training.plan
 
@@ -498,7 +516,7 @@ def fit(run: Run, cfg, training: Training, loss_fn: Callable, *, desc: str,
                                normalizer=normalizer(batch) if normalizer else len(batch),
                                max_grad_norm=cfg.max_grad_norm)
         row = step_row(run, plan, step, stats, training.scheduler, time.time() - t0)
-        return {**row, **{k: stats[k] / plan.global_batch for k in per_example}}
+        return {**row, **{k: stats[k] / plan.global_batch for k in per_example}, **(constants or {})}
 
     return run_steps(run, cfg, training, step_fn, desc=desc, evaluate=evaluate,
                      postfix={"loss": "loss", **(postfix or {})})

@@ -300,6 +300,16 @@ class Scored:
     logps: torch.Tensor      # [num_sequences] summed log π(completion | prompt) over scored tokens
     lengths: torch.Tensor    # [num_sequences] scored tokens per completion
     tokens: int              # tokens the forward processed (packed: prompts once, no padding)
+    # [sum(lengths)] log π of each scored token, sequence after sequence (split by ``lengths``)
+    token_logps: torch.Tensor | None = None
+
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps [num_sequences, T], mask [num_sequences, T])``: each sequence's token log-probs
+        right-padded to the longest, the mask True on real tokens (gradients flow)."""
+        rows = self.token_logps.split(self.lengths.tolist())
+        width = int(self.lengths.max()) if len(self.lengths) else 0
+        mask = torch.arange(width, device=self.lengths.device) < self.lengths[:, None]
+        return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True), mask
 
 
 def packed_forward(model, groups: list[Group], temperature: float = 1.0) -> Scored:
@@ -314,7 +324,7 @@ def packed_forward(model, groups: list[Group], temperature: float = 1.0) -> Scor
                     rlhfkit_layout=batch.layout.to(device))
     logps = out.logits[0, :, 0] if fused else token_logps(out.logits[0], targets, temperature)
     sums = logps.new_zeros(batch.num_sequences).index_add(0, batch.sequence.to(device), logps)
-    return Scored(sums, batch.lengths.to(device), batch.num_tokens)
+    return Scored(sums, batch.lengths.to(device), batch.num_tokens, logps)
 
 
 def padded_forward(model, groups: list[Group], pad_id: int = 0, temperature: float = 1.0) -> Scored:
@@ -331,7 +341,7 @@ def padded_forward(model, groups: list[Group], pad_id: int = 0, temperature: flo
     valid = target != -100
     flat = token_logps(out.logits[valid], target[valid], temperature)
     sums = flat.new_zeros(len(rows)).index_add(0, valid.nonzero()[:, 0], flat)
-    return Scored(sums, valid.sum(-1), int(batch["attention_mask"].sum()))
+    return Scored(sums, valid.sum(-1), int(batch["attention_mask"].sum()), flat)
 
 
 def completion_logps(model, groups: list[Group], packed: bool | None = None, pad_id: int = 0,
@@ -352,4 +362,4 @@ def completion_logps(model, groups: list[Group], packed: bool | None = None, pad
     if len(parts) == 1:
         return parts[0]
     return Scored(torch.cat([p.logps for p in parts]), torch.cat([p.lengths for p in parts]),
-                  sum(p.tokens for p in parts))
+                  sum(p.tokens for p in parts), torch.cat([p.token_logps for p in parts]))

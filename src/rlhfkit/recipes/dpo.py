@@ -21,10 +21,6 @@ so). --no-use-margin ignores it everywhere.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -36,9 +32,11 @@ from rlhfkit.data.chat import encode
 from rlhfkit.data.length import apply_length_policy
 from rlhfkit.data.schema import PreferenceExample, load_preferences
 from rlhfkit.losses import dpo_loss
+from rlhfkit.models import reference as ref_cache
 from rlhfkit.models.packed import Group, completion_logps, supports_packing
+from rlhfkit.models.reference import adapters_disabled, model_fingerprint
 from rlhfkit.recipes.sft import build_model
-from rlhfkit.training import Run, TrainResult, fit, progress, save_final_model, setup_training, start_run
+from rlhfkit.training import Run, TrainResult, evaluate_means, fit, save_final_model, setup_training, start_run
 
 LossName = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "apo_zero", "bco_pair"]
 MARGIN_LOSSES = {"sigmoid", "robust", "hinge"}        # act on βΔ: the margin is an offset there
@@ -193,15 +191,10 @@ class Reference:
         if self.model is None and not self.adapters_off:
             return None  # reference-free
         model = self.model if self.model is not None else policy_model
-        context = _adapters_disabled(policy_model) if self.adapters_off else nullcontext()
+        context = adapters_disabled(policy_model) if self.adapters_off else nullcontext()
         with torch.no_grad(), context:
             scored = completion_logps(model, [pairs[i].group for i in indices], packed, pad_id)
         return scored.logps.view(-1, 2)
-
-
-def _adapters_disabled(model):
-    inner = getattr(model, "module", model)
-    return inner.disable_adapter()
 
 
 def batch_loss(model, pairs: list[EncodedPair], indices: list[int], reference: Reference, cfg, packed: bool,
@@ -221,77 +214,26 @@ def batch_loss(model, pairs: list[EncodedPair], indices: list[int], reference: R
 # ---------------------------------------------------------------- reference log-probs
 
 
-def _model_fingerprint(name: str) -> dict:
-    """What identifies a model's weights without reading them all: the resolved path and its files' stats."""
-    from rlhfkit.models.loading import resolve_model
-
-    path = resolve_model(name)
-    info: dict = {"name": name, "path": os.path.abspath(path) if os.path.exists(path) else path}
-    if os.path.isdir(path):
-        info["files"] = sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
-                               for f in os.listdir(path) if f.endswith((".json", ".safetensors", ".bin")))
-    return info
-
-
 def reference_key(cfg, splits: dict[str, list[EncodedPair]]) -> str:
     """Hash of the tokenised pairs (covers data, tokenizer, template, truncation) and the reference."""
-    h = hashlib.sha256()
-    source = cfg.ref_model or cfg.model
-    h.update(json.dumps({"ref": _model_fingerprint(source), "dtype": cfg.dtype,
-                         "adapters_off": bool(cfg.lora_r and not cfg.ref_model)}, sort_keys=True).encode())
-    for name, pairs in sorted(splits.items()):
-        h.update(name.encode())
-        for pair in pairs:
-            g = pair.group
-            h.update(json.dumps([g.prompt, g.completions, g.scored]).encode())
-    return h.hexdigest()[:16]
+    identity = {"ref": model_fingerprint(cfg.ref_model or cfg.model), "dtype": cfg.dtype,
+                "adapters_off": bool(cfg.lora_r and not cfg.ref_model)}
+    return ref_cache.reference_key(identity, {name: [p.group for p in pairs] for name, pairs in splits.items()})
 
 
-@torch.no_grad()
 def precompute_reference(run: Run, cfg, model, splits: dict[str, list[EncodedPair]], packed: bool, pad_id: int,
                          adapters_off: bool = False) -> dict[str, torch.Tensor]:
-    """log π_ref of every [chosen, rejected] pair of every split, cached as ref-logps-<key>.pt in --output.
+    """log π_ref of every [chosen, rejected] pair of every split ([N, 2] float64), cached as
+    ref-logps-<key>.pt in --output (:func:`rlhfkit.models.reference.precompute_reference`)."""
 
-    Each process computes a strided share of the pairs; the shares are gathered.
-    """
-    from accelerate.utils import gather_object
+    def score(groups: list[Group]) -> list:
+        return completion_logps(model, groups, packed, pad_id).logps.view(-1, 2).double().cpu().tolist()
 
-    acc = run.accelerator
-    key = reference_key(cfg, splits)
-    path = run.output / f"ref-logps-{key}.pt"
-    if path.exists():
-        run.print(f"reference log-probs: reusing {path.name}")
-        return torch.load(path)
-    was_training = model.training
-    model.eval()
-    t0 = time.time()
-    table = {}
-    context = _adapters_disabled(model) if adapters_off else nullcontext()
-    total = sum(len(p) for p in splits.values())
-    bar = progress(run, total, 0, "reference log-probs", cfg.progress)
-    with context:
-        for split, pairs in splits.items():
-            mine = list(range(acc.process_index, len(pairs), acc.num_processes))
-            rows = []
-            for start in range(0, len(mine), cfg.ref_batch_size):
-                chunk = mine[start:start + cfg.ref_batch_size]
-                scored = completion_logps(model, [pairs[i].group for i in chunk], packed, pad_id)
-                rows += [(i, lp) for i, lp in zip(chunk, scored.logps.view(-1, 2).double().cpu().tolist())]
-                bar.update(len(chunk) * acc.num_processes)
-            gathered = gather_object(rows) if acc.num_processes > 1 else rows
-            values = torch.zeros(len(pairs), 2, dtype=torch.float64)
-            for i, lp in gathered:
-                values[i] = torch.tensor(lp, dtype=torch.float64)
-            table[split] = values
-    bar.close()
-    model.train(was_training)
-    if run.is_main:
-        tmp = path.with_suffix(".tmp")
-        torch.save(table, tmp)
-        os.replace(tmp, path)
-    acc.wait_for_everyone()
-    run.print(f"reference log-probs: {total} pairs in {time.time() - t0:.1f} s, cached as {path.name}")
-    return table
+    return ref_cache.precompute_reference(
+        run, model, {name: [p.group for p in pairs] for name, pairs in splits.items()}, score,
+        name="ref-logps", key=reference_key(cfg, splits), batch_size=cfg.ref_batch_size, adapters_off=adapters_off,
+        desc="reference log-probs", unit="pairs", show_progress=cfg.progress,
+        finish=lambda rows: torch.tensor(rows, dtype=torch.float64).view(-1, 2))
 
 
 def disable_dropout(model, adapters: bool = False) -> None:
@@ -331,18 +273,11 @@ def build_reference(run: Run, cfg, model, splits, packed: bool, pad_id: int) -> 
 # ---------------------------------------------------------------- recipe
 
 
-@torch.no_grad()
 def evaluate(model, pairs: list[EncodedPair], reference: Reference, cfg, packed: bool, pad_id: int) -> dict:
-    model.eval()
-    totals: dict[str, float] = {}
-    for start in range(0, len(pairs), cfg.eval_batch_size):
-        indices = list(range(start, min(start + cfg.eval_batch_size, len(pairs))))
-        loss, stats = batch_loss(model, pairs, indices, reference, cfg, packed, pad_id, split="eval")
-        for k, v in {"loss": loss, **stats}.items():
-            if k != "tokens":
-                totals[k] = totals.get(k, 0.0) + float(v)
-    model.train()
-    return {f"eval/{k}": v / len(pairs) for k, v in totals.items()}
+    def loss_fn(indices: list[int]):
+        return batch_loss(model, pairs, indices, reference, cfg, packed, pad_id, split="eval")
+
+    return evaluate_means(model, len(pairs), cfg.eval_batch_size, loss_fn)
 
 
 def train(cfg: Config, run: Run) -> TrainResult:
