@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import math
 import warnings
 from collections import defaultdict
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 from rlhfkit.losses import (
     DPO_LOSSES,
     KL_ESTIMATORS,
+    OFFLINE_LOSSES,
+    alol_loss,
+    alol_token_loss,
+    awr_loss,
     bradley_terry_loss,
     causal_logps,
     dpo_loss,
@@ -31,6 +36,7 @@ from rlhfkit.losses import (
     masked_mean,
     masked_var,
     masked_whiten,
+    offline_loss,
     plackett_luce_loss,
     ppo_policy_loss,
     sft_loss,
@@ -553,6 +559,102 @@ def test_value_loss_hand_worked():
     loss.backward()
     # d/dV ½·mean: V=0.6 → (0.6 − 1)/3 = −0.133333; V=0 → (0 − 1)/3 = −0.333333
     close(values.grad, [[0.0, -0.133333, -0.333333, 0.0]])
+
+
+# ------------------------------------------------------------------------ offline RL (A-LoL, AWR)
+
+
+def _offline_batch():
+    """Three completions, their token log-probs under π and π_ref (padding set to garbage that must
+    not leak) and advantages A = [0.5, −0.2, 0]:
+    example 0: log π = [−1, −2], log π_ref = [−1 − ln 1.5, −2 − ln 0.5]: per-token ratios 1.5 and 0.5,
+               sequence ratio 1.5·0.5 = 0.75; log π(y|x) = −3
+    example 1: one token, log π = −0.5 = log π_ref (A < 0)
+    example 2: three tokens of −1, ratio 1 (A = 0)"""
+    pad = 123.0
+    logps = T([[-1.0, -2.0, pad], [-0.5, pad, pad], [-1.0, -1.0, -1.0]], requires_grad=True)
+    ref = T([[-1.0 - math.log(1.5), -2.0 - math.log(0.5), -pad], [-0.5, pad, pad], [-1.0, -1.0, -1.0]])
+    mask = T([[True, True, False], [True, False, False], [True, True, True]])
+    return logps, ref, mask, T([0.5, -0.2, 0.0])
+
+
+def test_alol_sequence_weight_hand_worked():
+    """A-LoL: L = −A⁺·clip(π/π_ref, 1 − ε, 1 + ε)·log π(y|x).
+    ε = 0.9: w₀ = clip(0.75, 0.1, 1.9) = 0.75 → L₀ = −0.5·0.75·(−3) = 1.125, not clipped.
+    ε = 0.2: w₀ = clip(0.75, 0.8, 1.2) = 0.8 → L₀ = −0.5·0.8·(−3) = 1.2, clipped.
+    A ≤ 0 drops examples 1 and 2: loss 0 and no gradient, whatever their ratio.
+    ∇ wrt each token log-prob of example 0: −A·w = −0.4 (ε = 0.2); the weight is a constant."""
+    logps, ref, mask, adv = _offline_batch()
+    losses, stats = alol_loss(logps, ref, mask, adv, clip=0.9)
+    close(losses, [1.125, 0.0, 0.0])
+    close(stats["importance_weight"], [0.75, 1.0, 1.0])
+    close(stats["clipfrac"], [0.0, 0.0, 0.0])
+    losses, stats = alol_loss(logps, ref, mask, adv, clip=0.2)
+    close(losses, [1.2, 0.0, 0.0])
+    close(stats["clipfrac"], [1.0, 0.0, 0.0])
+    losses.sum().backward()
+    close(logps.grad, [[-0.4, -0.4, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_alol_token_weights_hand_worked():
+    """A-LoL seq.: L = −A⁺·Σ_t clip(π_t/π_ref,t, 1 − ε, 1 + ε)·log π_t.
+    ε = 0.9: w = [1.5, 0.5] (inside [0.1, 1.9]) → L₀ = −0.5·(1.5·(−1) + 0.5·(−2)) = 1.25.
+    ε = 0.2: w = [1.2, 0.8] (both clipped) → L₀ = −0.5·(−1.2 − 1.6) = 1.4, where the sequence
+    weight gave 1.2: each token keeps its own weight. ∇ = −A·w_t = [−0.6, −0.4]."""
+    logps, ref, mask, adv = _offline_batch()
+    losses, stats = alol_token_loss(logps, ref, mask, adv, clip=0.9)
+    close(losses, [1.25, 0.0, 0.0])
+    close(stats["importance_weight"], [1.0, 1.0, 1.0])  # (1.5 + 0.5)/2; the others are exactly 1
+    close(stats["clipfrac"], [0.0, 0.0, 0.0])
+    losses, stats = alol_token_loss(logps, ref, mask, adv, clip=0.2)
+    close(losses, [1.4, 0.0, 0.0])
+    close(stats["clipfrac"], [1.0, 0.0, 0.0])
+    losses.sum().backward()
+    close(logps.grad, [[-0.6, -0.4, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_alol_at_the_clip_boundary():
+    """A ratio at 1 + ε keeps its value (w = 1.2); one above it is clipped to the same weight, and
+    one below 1 − ε is raised to 0.8: the weight is clamped, the gradient never cut."""
+    logp = T([[0.0]])
+    ones = torch.ones(1, 1, dtype=torch.bool)
+    _, at = alol_loss(logp, T([[-math.log(1.2)]]), ones, T([1.0]), clip=0.2)
+    _, above = alol_loss(logp, T([[-math.log(1.3)]]), ones, T([1.0]), clip=0.2)
+    close(at["importance_weight"], [1.2])
+    close(above["importance_weight"], [1.2])
+    assert above["clipfrac"].item() == 1.0
+    logp = torch.zeros(1, 1, requires_grad=True)
+    losses, below = alol_loss(logp, T([[-math.log(0.5)]]), ones, T([1.0]), clip=0.2)
+    close(below["importance_weight"], [0.8])
+    losses.sum().backward()
+    close(logp.grad, [[-0.8]])
+
+
+def test_awr_weights_hand_worked():
+    """AWR: L = −min(exp(A/β), w_max)·log π(y|x), β = 0.5, w_max = 20:
+    A = 0.5 → e¹ = 2.718282 → L₀ = 2.718282·3 = 8.154845;
+    A = −0.2 → e^−0.4 = 0.670320 → L₁ = 0.670320·0.5 = 0.335160 (trains, less);
+    A = 0 → 1 → L₂ = 3. With A₂ = 3: e⁶ = 403.4 is clipped to 20 → L₂ = 60."""
+    logps, ref, mask, adv = _offline_batch()
+    losses, stats = awr_loss(logps, ref, mask, adv, beta=0.5, max_weight=20.0)
+    close(losses, [8.154845, 0.335160, 3.0])
+    close(stats["awr_weight"], [2.718282, 0.670320, 1.0])
+    losses, stats = awr_loss(logps, ref, mask, T([0.5, -0.2, 3.0]), beta=0.5, max_weight=20.0)
+    close(losses[2], 60.0)
+    close(stats["clipfrac"], [0.0, 0.0, 1.0])
+
+
+def test_offline_dispatch_and_registry():
+    logps, ref, mask, adv = _offline_batch()
+    every = {"clip": 0.2, "beta": 0.5, "max_weight": 20.0}
+    for name, spec in OFFLINE_LOSSES.items():
+        direct = spec.fn(logps, ref, mask, adv, **{k: v for k, v in every.items()
+                                                    if k in inspect.signature(spec.fn).parameters})
+        close(offline_loss(logps, ref, mask, adv, algo=name, **every)[0], direct[0])
+        assert spec.weight_stat in direct[1]
+    assert {n for n, s in OFFLINE_LOSSES.items() if s.positive_only} == {"alol", "alol-seq"}
+    with pytest.raises(ValueError, match="unknown offline-RL algo 'ppo'"):
+        offline_loss(logps, ref, mask, adv, algo="ppo")
 
 
 # ------------------------------------------------------------------------ KL estimators

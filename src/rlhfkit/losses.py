@@ -3,8 +3,8 @@
 Every function takes tensors and returns tensors; none touches a model, an optimiser or a
 config. The equation each one implements is in its docstring, with the paper it comes from.
 Variants of one objective are separate functions registered by name in a dict
-(:data:`DPO_LOSSES`, :data:`KL_ESTIMATORS`), never branches inside one function: a new variant
-is a new function plus one dict entry.
+(:data:`DPO_LOSSES`, :data:`OFFLINE_LOSSES`, :data:`KL_ESTIMATORS`), never branches inside one
+function: a new variant is a new function plus one dict entry.
 
 Conventions
 -----------
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,11 @@ __all__ = [
     "DPO_LOSSES",
     "ppo_policy_loss",
     "value_loss",
+    "alol_loss",
+    "alol_token_loss",
+    "awr_loss",
+    "OFFLINE_LOSSES",
+    "offline_loss",
     "kl_k1",
     "kl_k2",
     "kl_k3",
@@ -651,6 +657,111 @@ def value_loss(
     with torch.no_grad():
         clipfrac = masked_mean((losses_clipped > losses_unclipped).to(values.dtype), mask)
     return loss, clipfrac
+
+
+# --------------------------------------------------------------------------------------------
+# Offline RL from a fixed data set of scored completions (A-LoL, AWR)
+# --------------------------------------------------------------------------------------------
+#
+# Every variant takes the same tensors: the policy's per-token log-probs of the data's completions
+# ``logps`` [B, T] (with gradient), the frozen reference's ``ref_logps`` [B, T], the ``mask`` of real
+# tokens [B, T], and each example's advantage A = r − V_ref(x) ``advantages`` [B]; hyperparameters
+# are keyword-only. It returns ``(losses [B], stats)``, ``stats`` per-example detached tensors [B].
+# `offline_loss` looks the variant up in OFFLINE_LOSSES.
+
+
+def _clipped_ratio(log_ratio: Tensor, clip: float) -> tuple[Tensor, Tensor]:
+    """(clip(exp(log_ratio), 1 − ε, 1 + ε), whether it was clipped), both detached."""
+    ratio = torch.exp(log_ratio.detach())
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return clipped, (clipped != ratio).to(ratio.dtype)
+
+
+def alol_loss(logps: Tensor, ref_logps: Tensor, mask: Tensor, advantages: Tensor, *,
+              clip: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """A-LoL (Baheti et al. 2023, "Leftover Lunch"): the whole completion is one action.
+
+        A⁺  = A if A > 0 else 0                      (negative-advantage examples are dropped)
+        w   = clip(π(y|x) / π_ref(y|x), 1 − ε, 1 + ε),  π(y|x) = Π_t π(y_t | x, y_<t)
+        L   = −A⁺ · w · log π(y|x)
+
+    The weight w is a constant (detached), so ∇L = −A⁺·w·∇log π(y|x): the offline policy gradient
+    E_{(x,y)~π_ref}[A_ref(x, y) · π/π_ref · ∇log π] of the paper with its clipped importance
+    weight (the authors' code clamps it to [1 − ε, 1 + ε], ε = 0.9). Unlike PPO's clipped
+    surrogate the gradient never vanishes: the clip only bounds the weight. ``stats``:
+    ``importance_weight`` (w) and ``clipfrac`` (1 where the ratio was clipped).
+    """
+    mask = mask.bool()
+    sequence = masked_sum(logps, mask, dim=-1)
+    weight, clipped = _clipped_ratio(sequence - masked_sum(ref_logps, mask, dim=-1), clip)
+    positive = torch.clamp(advantages.to(sequence.dtype), min=0.0)
+    return -positive * weight * sequence, {"importance_weight": weight, "clipfrac": clipped}
+
+
+def alol_token_loss(logps: Tensor, ref_logps: Tensor, mask: Tensor, advantages: Tensor, *,
+                    clip: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """A-LoL seq. (Baheti et al. 2023): the same advantage, one importance weight per token.
+
+        w_t = clip(π(y_t | x, y_<t) / π_ref(y_t | x, y_<t), 1 − ε, 1 + ε)
+        L   = −A⁺ · Σ_t w_t · log π(y_t | x, y_<t),      A⁺ = max(A, 0)
+
+    w_t constant (detached), as in the authors' code. A per-token ratio stays near 1 where a
+    whole-sequence ratio (a product of T of them) would be clipped. ``stats``:
+    ``importance_weight`` and ``clipfrac``, each the mean over the sequence's tokens.
+    """
+    mask = mask.bool()
+    weight, clipped = _clipped_ratio(logps - ref_logps, clip)
+    positive = torch.clamp(advantages.to(logps.dtype), min=0.0)
+    losses = -positive * masked_sum(weight * logps, mask, dim=-1)
+    return losses, {"importance_weight": masked_mean(weight, mask, dim=-1),
+                    "clipfrac": masked_mean(clipped, mask, dim=-1)}
+
+
+def awr_loss(logps: Tensor, ref_logps: Tensor, mask: Tensor, advantages: Tensor, *, beta: float,
+             max_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Advantage-weighted regression (Peng et al. 2019): advantage-weighted maximum likelihood.
+
+        w = min(exp(A / β), w_max)
+        L = −w · log π(y|x)
+
+    Every example trains, the better ones more (β: the temperature; w_max: AWR's weight clip, 20
+    in its code). The reference's log-probs are not used (the argument keeps the variants' shape).
+    ``stats``: ``awr_weight`` (w) and ``clipfrac`` (1 where exp(A/β) > w_max).
+    """
+    mask = mask.bool()
+    sequence = masked_sum(logps, mask, dim=-1)
+    raw = torch.exp(advantages.to(sequence.dtype).detach() / beta)
+    weight = torch.clamp(raw, max=max_weight)
+    return -weight * sequence, {"awr_weight": weight, "clipfrac": (raw > max_weight).to(sequence.dtype)}
+
+
+@dataclass(frozen=True)
+class OfflineLoss:
+    """A variant of offline RL: its loss and what the recipe derives from it."""
+
+    fn: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    positive_only: bool   # examples with A <= 0 contribute nothing: the recipe leaves them out of the steps
+    weight_stat: str      # the stat holding the weight each example's log-likelihood was multiplied by
+
+
+OFFLINE_LOSSES: dict[str, OfflineLoss] = {
+    "alol": OfflineLoss(alol_loss, positive_only=True, weight_stat="importance_weight"),
+    "alol-seq": OfflineLoss(alol_token_loss, positive_only=True, weight_stat="importance_weight"),
+    "awr": OfflineLoss(awr_loss, positive_only=False, weight_stat="awr_weight"),
+}
+"""Offline-RL losses by name; each ``fn(logps, ref_logps, mask, advantages, **hyper) -> (losses [B], stats)``."""
+
+
+def offline_loss(logps: Tensor, ref_logps: Tensor, mask: Tensor, advantages: Tensor, *, algo: str,
+                 **hyperparameters: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Dispatch to ``OFFLINE_LOSSES[algo]`` with the ``hyperparameters`` its function takes (the
+    others are ignored, so a caller may pass every one: ``clip``, ``beta``, ``max_weight``)."""
+    try:
+        fn = OFFLINE_LOSSES[algo].fn
+    except KeyError:
+        raise ValueError(f"unknown offline-RL algo {algo!r}; known: {', '.join(sorted(OFFLINE_LOSSES))}") from None
+    params = inspect.signature(fn).parameters
+    return fn(logps, ref_logps, mask, advantages, **{k: v for k, v in hyperparameters.items() if k in params})
 
 
 # --------------------------------------------------------------------------------------------
