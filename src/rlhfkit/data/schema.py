@@ -8,6 +8,9 @@
 - Ranking: ``{"prompt", "completions": [...], "ranking": [...]}`` where ``ranking`` lists the
   indices of ``completions`` from best to worst (a permutation of 0..K-1).
 - Prompts: ``{"prompt": str | messages}`` or ``{"messages": [...]}``; other fields are kept.
+- Scored (offline RL): an SFT record with a numeric ``reward`` (``{"prompt", "completion",
+  "reward"}``), or without one, or a preference record, to be scored by a reward function: each
+  side of a pair is then one scored completion.
 
 A prompt is either a string or a list of ``{"role", "content"}`` messages; completions are
 strings (one assistant turn) or lists of assistant messages.
@@ -16,6 +19,7 @@ strings (one assistant turn) or lists of assistant messages.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +64,14 @@ class RankingExample:
 class PromptExample:
     prompt: Prompt
     extra: dict = field(default_factory=dict)
+    source: Record | None = None
+
+
+@dataclass(frozen=True)
+class ScoredExample:
+    prompt: Prompt
+    completion: Any
+    reward: float | None         # None: not in the record (a reward function scores it)
     source: Record | None = None
 
 
@@ -200,6 +212,27 @@ def parse_prompt(rec: Record, problems: list[str]) -> PromptExample | None:
     return PromptExample(prompt, extra, rec)
 
 
+def parse_scored(rec: Record, problems: list[str]) -> list[ScoredExample]:
+    """A completion and its reward; a preference record gives both of its sides, unscored."""
+    d = rec.data
+    if "completions" in d or "ranking" in d:
+        problems.append(rec.problem("completions", "a ranking is not a scored completion: expected "
+                                    "{prompt, completion, reward} or {prompt, chosen, rejected}"))
+        return []
+    if "chosen" in d or "rejected" in d:
+        return [ScoredExample(pair.prompt, side, None, rec) for pair in parse_preference(rec, problems)
+                for side in (pair.chosen, pair.rejected)]
+    example = parse_sft(rec, problems)
+    reward = d.get("reward")
+    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))
+                               or not math.isfinite(reward)):
+        problems.append(rec.problem("reward", f"expected a finite number, got {reward!r}"))
+        return []
+    if example is None:
+        return []
+    return [ScoredExample(example.prompt, example.completion, None if reward is None else float(reward), rec)]
+
+
 def _load(spec: str, parse, config: str, seed: int) -> list:
     problems: list[str] = []
     out = []
@@ -229,6 +262,11 @@ def load_preferences(spec: str, *, config: str = "", seed: int = 0) -> list[Pref
 
 def load_rankings(spec: str, *, config: str = "", seed: int = 0) -> list[RankingExample]:
     return _load(spec, parse_ranking, config, seed)
+
+
+def load_scored(spec: str, *, config: str = "", seed: int = 0) -> list[ScoredExample]:
+    """Scored completions (``reward`` None where the record has none); pairs give both sides."""
+    return _load(spec, parse_scored, config, seed)
 
 
 def load_prompts(spec: str, *, config: str = "", seed: int = 0) -> list[PromptExample]:

@@ -12,9 +12,15 @@ Two kinds of value function (``--value-model``):
 
 :class:`ActorCritic` holds the policy and the value function in one ``nn.Module`` so that one
 optimizer, one ``accelerator.prepare`` and one checkpoint cover all trainable weights.
+
+Offline RL needs the value of the frozen reference instead, fitted once on a fixed data set:
+:func:`fit_prompt_values` on :func:`prompt_features`.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -141,3 +147,94 @@ class ActorCritic(nn.Module):
         elif with_values and self.critic is not None:
             values = self.critic(self.critic.hidden(input_ids, attention_mask, position_ids)[:, window])
         return logits, values
+
+
+# --------------------------------------------------------------------------------------------
+# The value of a frozen policy from a fixed data set (offline RL)
+# --------------------------------------------------------------------------------------------
+
+# Ridge strengths tried, as multiples of the mean eigenvalue of the centred features' Gram matrix;
+# inf is the constant mean reward (no head), so the chosen head never does worse than it on held-out prompts.
+RIDGE_GRID = (math.inf, 100.0, 10.0, 1.0, 0.1, 0.01, 0.001)
+
+
+@torch.no_grad()
+def prompt_features(model, prompts: list[list[int]]) -> torch.Tensor:
+    """The last hidden state (after the final norm) of each prompt's last token: ``[len(prompts), d]``
+    float32 on the CPU. ``model``: a causal LM (a peft model too: its adapters as they are now)."""
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True)  # right-padded
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    decoder = getattr(model, "module", model).get_decoder()
+    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+    return hidden[torch.arange(len(prompts), device=device), (lengths - 1).to(device)].float().cpu()
+
+
+@dataclass
+class PromptValues:
+    """V_ref(x) = b + (φ(x) − μ_φ)·w, fitted on a data set's rewards (:func:`fit_prompt_values`)."""
+
+    values: torch.Tensor   # [N] each example's value, predicted by a head fitted without its prompt
+    mean: torch.Tensor     # [d] μ_φ, the mean training feature
+    weight: torch.Tensor   # [d] w (zeros for the constant)
+    bias: float            # b, the mean training reward
+    mse: float             # mean squared error of ``values`` (held-out prompts)
+    var_explained: float   # 1 − mse / Var(r): 0 for the constant, 1 for a perfect head
+    ridge: float           # the strength chosen (a multiple of the mean eigenvalue; inf: the constant)
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """V for new prompts' features [M, d] (the head fitted on every training prompt): [M] float64."""
+        return self.bias + (features.double() - self.mean) @ self.weight
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(μ_x, w, ȳ) of min_w Σ (y − ȳ − (x − μ_x)·w)² + λ‖w‖², λ = strength · tr(XcᵀXc) / d."""
+    mean_x, mean_y = x.mean(0), float(y.mean())
+    xc = x - mean_x
+    d = x.shape[1]
+    if math.isinf(strength):
+        return mean_x, torch.zeros(d, dtype=x.dtype), mean_y
+    lam = strength * float((xc ** 2).sum()) / d + 1e-12
+    w = torch.linalg.solve(xc.T @ xc + lam * torch.eye(d, dtype=x.dtype), xc.T @ (y - mean_y))
+    return mean_x, w, mean_y
+
+
+def fit_prompt_values(features: torch.Tensor, prompt_of: list[int], rewards: torch.Tensor, folds: int = 5,
+                      seed: int = 0) -> PromptValues:
+    """The value V(x) ≈ E[r | x] of the policy that wrote the data: ridge regression of the rewards
+    on prompt features, trained by mean squared error, cross-fitted over prompts.
+
+    ``features`` [P, d]: one row per distinct prompt; ``prompt_of[i]``: example i's prompt;
+    ``rewards`` [N]. The prompts are dealt into ``folds`` groups (a seeded shuffle); each
+    example's value is predicted by the head fitted on the other groups, so it never saw the
+    example's prompt nor its reward (with K samples of a prompt an in-sample head would learn
+    their mean, reward included; with one sample, the reward itself). The ridge strength is
+    the one of :data:`RIDGE_GRID` with the least held-out MSE (the constant mean included); the
+    returned head for new prompts is refitted on every prompt with it. Rewards that are all
+    equal give V = r exactly (every advantage 0).
+    """
+    x, y = features.double()[torch.as_tensor(prompt_of)], rewards.double()
+    variance = float(y.var(unbiased=False))
+    if float(y.max()) == float(y.min()):
+        return PromptValues(y.clone(), x.mean(0), torch.zeros(x.shape[1], dtype=x.dtype), float(y[0]), 0.0, 0.0,
+                            math.inf)
+    num_prompts = features.shape[0]
+    order = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed))
+    fold_of_prompt = torch.empty(num_prompts, dtype=torch.long)
+    fold_of_prompt[order] = torch.arange(num_prompts) % max(1, min(folds, num_prompts))
+    fold = fold_of_prompt[torch.as_tensor(prompt_of)]
+    best: tuple[float, float, torch.Tensor] | None = None
+    for strength in RIDGE_GRID if num_prompts >= 2 else (math.inf,):
+        held_out = torch.empty_like(y)
+        for f in fold.unique().tolist():
+            test = fold == f
+            train = ~test if bool((~test).any()) else test  # one prompt: the in-sample mean
+            mean_x, w, b = _ridge(x[train], y[train], strength)
+            held_out[test] = b + (x[test] - mean_x) @ w
+        mse = float(((held_out - y) ** 2).mean())
+        if best is None or mse < best[0]:
+            best = (mse, strength, held_out)
+    mse, strength, values = best
+    mean_x, w, b = _ridge(x, y, strength)
+    return PromptValues(values, mean_x, w, b, mse, 1.0 - mse / variance, strength)
