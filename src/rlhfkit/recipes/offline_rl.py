@@ -24,13 +24,14 @@ Nothing is sampled: the data's completions are the only actions the policy learn
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from rlhfkit.config import TrainConfig, arg, flag, validated
 from rlhfkit.data.chat import encode
+from rlhfkit.data.length import apply_length_policy
 from rlhfkit.data.schema import ScoredExample, load_scored
 from rlhfkit.errors import InputError
 from rlhfkit.losses import OFFLINE_LOSSES, offline_loss
@@ -171,31 +172,20 @@ def by_prompt(groups: list[Group]) -> tuple[list[Group], list[int], list[int]]:
 
 
 def read_split(tokenizer, path: str, cfg: Config, run: Run) -> Split:
-    """The scored completions of ``path``, rewarded and tokenised; problems name file, record and field."""
+    """The scored completions of ``path``, rewarded and tokenised under the length policy
+    (:mod:`rlhfkit.data.length`); problems name file, record and field."""
     examples = load_scored(path, config=cfg.data_config, seed=cfg.seed)
     rewards = rewards_of(examples, cfg.reward, run.accelerator.device)
-    groups, kept_rewards, problems, truncated, dropped = [], [], [], 0, 0
-    for ex, reward in zip(examples, rewards):
-        try:
-            group, over = encode_example(tokenizer, ex, cfg.max_length, cfg.truncation)
-        except ValueError as e:
-            problems.append(ex.source.problem(None, str(e)) if ex.source else str(e))
-            continue
-        if group is None:
-            dropped += 1
-            continue
-        truncated += over
-        groups.append(group)
-        kept_rewards.append(reward)
-    if problems:
-        raise InputError(problems)
-    if not groups:
-        raise InputError(f"{path}: every example is longer than --max-length {cfg.max_length} and was dropped")
-    if truncated or dropped:
-        run.print(f"{path}: {truncated} example(s) truncated and {dropped} dropped at --max-length "
-                  f"{cfg.max_length} (policy: {cfg.truncation})")
+
+    def encode_one(ex: ScoredExample) -> tuple[tuple[Group, float] | None, bool]:
+        group, over = encode_example(tokenizer, ex, cfg.max_length, cfg.truncation)
+        return (None if group is None else (group, ex.reward)), over
+
+    kept = apply_length_policy([replace(ex, reward=r) for ex, r in zip(examples, rewards)], encode_one, source=path,
+                               max_length=cfg.max_length, truncation=cfg.truncation, say=run.print)
+    groups = [group for group, _ in kept]
     prompts, prompt_of, slot_of = by_prompt(groups)
-    return Split(groups, torch.tensor(kept_rewards, dtype=torch.float64), prompts, prompt_of, slot_of)
+    return Split(groups, torch.tensor([r for _, r in kept], dtype=torch.float64), prompts, prompt_of, slot_of)
 
 
 # ---------------------------------------------------------------- the reference and its value
@@ -321,7 +311,7 @@ def train(cfg: Config, run: Run) -> TrainResult:
 
     logged = fit(run, cfg, training, loss_fn, desc=f"offline-rl ({cfg.algo})",
                  per_example=(*STEP_KEYS, f"offline/{loss_spec.weight_stat}_mean"),
-                 postfix={"A": "offline/advantage_mean"}, evaluate=evaluate if held_out else None,
+                 postfix={"A": "offline/advantage_mean"}, evaluate=evaluate if held_out is not None else None,
                  constants=constants)
     return TrainResult.of(run, logged, save_final_model(run, model, tokenizer, cfg.merge_lora))
 

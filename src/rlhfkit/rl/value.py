@@ -162,10 +162,11 @@ RIDGE_GRID = (math.inf, 100.0, 10.0, 1.0, 0.1, 0.01, 0.001)
 def prompt_features(model, prompts: list[list[int]]) -> torch.Tensor:
     """The last hidden state (after the final norm) of each prompt's last token: ``[len(prompts), d]``
     float32 on the CPU. ``model``: a causal LM (a peft model too: its adapters as they are now)."""
+    from rlhfkit.data.collate import pad_batch
+
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts])
-    ids = nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True)  # right-padded
-    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    ids, mask = pad_batch(prompts, 0)  # right-padded: the padding is masked, its id does not matter
     decoder = getattr(model, "module", model).get_decoder()
     hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
     return hidden[torch.arange(len(prompts), device=device), (lengths - 1).to(device)].float().cpu()
