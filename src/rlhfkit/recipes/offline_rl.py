@@ -24,7 +24,7 @@ Nothing is sampled: the data's completions are the only actions the policy learn
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -172,20 +172,20 @@ def by_prompt(groups: list[Group]) -> tuple[list[Group], list[int], list[int]]:
 
 
 def read_split(tokenizer, path: str, cfg: Config, run: Run) -> Split:
-    """The scored completions of ``path``, rewarded and tokenised under the length policy
-    (:mod:`rlhfkit.data.length`); problems name file, record and field."""
-    examples = load_scored(path, config=cfg.data_config, seed=cfg.seed)
-    rewards = rewards_of(examples, cfg.reward, run.accelerator.device)
+    """The scored completions of ``path``, tokenised under the length policy
+    (:mod:`rlhfkit.data.length`), then the kept ones without a reward scored by --reward;
+    problems name file, record and field."""
 
-    def encode_one(ex: ScoredExample) -> tuple[tuple[Group, float] | None, bool]:
+    def encode_one(ex: ScoredExample) -> tuple[tuple[Group, ScoredExample] | None, bool]:
         group, over = encode_example(tokenizer, ex, cfg.max_length, cfg.truncation)
-        return (None if group is None else (group, ex.reward)), over
+        return (None if group is None else (group, ex)), over
 
-    kept = apply_length_policy([replace(ex, reward=r) for ex, r in zip(examples, rewards)], encode_one, source=path,
+    kept = apply_length_policy(load_scored(path, config=cfg.data_config, seed=cfg.seed), encode_one, source=path,
                                max_length=cfg.max_length, truncation=cfg.truncation, say=run.print)
+    rewards = rewards_of([ex for _, ex in kept], cfg.reward, run.accelerator.device)
     groups = [group for group, _ in kept]
     prompts, prompt_of, slot_of = by_prompt(groups)
-    return Split(groups, torch.tensor([r for _, r in kept], dtype=torch.float64), prompts, prompt_of, slot_of)
+    return Split(groups, torch.tensor(rewards, dtype=torch.float64), prompts, prompt_of, slot_of)
 
 
 # ---------------------------------------------------------------- the reference and its value
