@@ -69,7 +69,6 @@ class Config(TrainConfig):
     value_folds: int = arg(5, "Folds of prompts for cross-fitting the value head: each example's value comes from "
                            "the head fitted on the other folds, whose mean squared error is logged as value/mse.")
     lr: float = arg(2e-5, "Peak learning rate (AdamW).")
-    epochs: float = arg(2.0, "Passes over the trained examples (A > 0 for alol; all for awr).")
     ref_batch_size: int = arg(16, "Prompts per forward of the reference pass (each with all its completions).")
     eval_batch_size: int = arg(16, "Examples per evaluation forward.")
     packed: bool = arg(True, "Padding-free forward with each prompt encoded once (Llama-family models; others "
