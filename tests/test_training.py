@@ -241,6 +241,30 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error(run_cli, monkeypatch, 
     assert not list(out.glob(".tmp-*")) and not list(out.glob("checkpoint-*"))
 
 
+def test_save_only_model_checkpoints_load_and_refuse_to_resume(run_cli, tiny_lm, sft_toy, tmp_path):
+    """--save-only-model: checkpoint-N/ is a transformers folder (no optimizer.bin, no RNG state), none
+    after the last step; a later --resume on that folder is refused with the reason, exit 2."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "o"
+    args = ("sft", "--model", tiny_lm, "--data", sft_toy, "--output", out, "--max-steps", "3", "--batch-size", "2",
+            "--save-steps", "1", "--save-total-limit", "2", "--no-progress")
+    assert run_cli(*args, "--save-only-model").code == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    saved = out / "checkpoint-2"
+    assert json.loads((saved / "trainer_state.json").read_text()) == {"step": 2, "model_only": True}
+    assert not list(saved.glob("optimizer*")) and not list(saved.glob("random_states*"))
+    assert AutoModelForCausalLM.from_pretrained(saved).config.model_type == "llama"
+
+    both = run_cli(*args, "--save-only-model", "--resume")
+    assert both.code == 2 and "--resume cannot continue a run saved with --save-only-model" in both.err
+    resumed = run_cli(*args, "--resume")
+    assert resumed.code == 2 and "checkpoint-2: written with --save-only-model" in resumed.err
+    assert "Traceback" not in resumed.err
+
+
 # ------------------------------------------------------------------ the step loop (training.fit) on a toy model
 
 # y = 3x - 1 on ten points; the model is a zero-initialised linear map of (x, 1)

@@ -90,6 +90,10 @@ class TrainConfig:
     logging_steps: int = arg(1, "Write a metrics row every N optimizer steps.")
     save_steps: int = arg(0, "Write a checkpoint every N optimizer steps (0: only at the end).")
     save_total_limit: int = arg(2, "Keep at most this many checkpoints (0: keep all).")
+    save_only_model: bool = arg(False, "Checkpoints hold only the model (loadable by transformers), no optimizer, "
+                                "scheduler or RNG state, and none is written after the last step (the final model "
+                                "is that step's): about a third of the disk with Adam, but --resume cannot continue "
+                                "the run (Hugging Face Trainer's save_only_model).")
     resume: bool = arg(False, "Continue from the newest checkpoint in --output.")
     lora_r: int = arg(0, "LoRA rank; 0 trains all parameters.")
     lora_alpha: int = arg(16, "LoRA alpha (scaling = alpha / r).")
@@ -124,6 +128,9 @@ class TrainConfig:
         for name in ("max_steps", "save_steps", "save_total_limit", "lora_r"):
             if getattr(self, name) < 0:
                 problems.append(f"--{flag(name)} must be >= 0 (got {getattr(self, name)})")
+        if self.resume and self.save_only_model:
+            problems.append("--resume cannot continue a run saved with --save-only-model (its checkpoints hold no "
+                            "optimizer, scheduler or RNG state)")
         if self.lr <= 0:
             problems.append(f"--lr must be > 0 (got {self.lr})")
         if not 0 <= self.warmup_ratio < 1:

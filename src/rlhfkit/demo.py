@@ -623,7 +623,8 @@ def reward_model_phase(cfg: Config, preset: Preset, preferences: Preferences, ba
 
     rm_cfg = rm_recipe.Config(model=cfg.reward_backbone, data=preferences.file, eval_data=baseline.pairs_file,
                               output=str(out / "reward_model"), epochs=preset.rm_epochs, batch_size=8, lr=1e-4,
-                              max_length=192, seed=cfg.seed, warmup_ratio=0.1)
+                              max_length=192, seed=cfg.seed, warmup_ratio=0.1,
+                              save_only_model=True)
     with start_run(rm_cfg) as run:
         trained = rm_recipe.train(rm_cfg, run)
     results.reward_model = {**trained.metrics, "eval_pairs": len(baseline.pairs)}
@@ -716,7 +717,7 @@ def run_ppo(cfg: Config, preset: Preset, steps: int, prompts: Path, rm_dir: Path
     ppo_cfg = ppo.Config(model=cfg.model, reward=str(rm_dir), prompts=str(prompts), output=str(ppo_dir),
                          max_steps=steps, batch_size=preset.ppo_batch, max_new_tokens=preset.max_new_tokens,
                          temperature=preset.temperature, seed=cfg.seed, save_steps=preset.checkpoint_every,
-                         save_total_limit=1, lr=preset.ppo_lr, value_lr=preset.value_lr, kl_coef=preset.kl_coef,
+                         save_only_model=True, lr=preset.ppo_lr, value_lr=preset.value_lr, kl_coef=preset.kl_coef,
                          ppo_epochs=preset.ppo_epochs,
                          minibatch_size=preset.ppo_batch // 2, warmup_ratio=0.0, lr_schedule="constant",
                          sample_every=5)
@@ -736,6 +737,7 @@ def run_dpo(cfg: Config, preset: Preset, pairs: str, dpo_dir: Path) -> TrainResu
     from rlhfkit.training import start_run
 
     dpo_cfg = dpo.Config(model=cfg.model, data=pairs, output=str(dpo_dir), batch_size=8, epochs=1,
-                         max_steps=preset.dpo_steps, lr=5e-6, beta=0.1, seed=cfg.seed, max_length=256)
+                         max_steps=preset.dpo_steps, lr=5e-6, beta=0.1, seed=cfg.seed, max_length=256,
+                         save_only_model=True)
     with start_run(dpo_cfg) as run:
         return dpo.train(dpo_cfg, run)

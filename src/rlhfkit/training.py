@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -325,11 +326,7 @@ def save_checkpoint(run: Run, step: int, state: dict[str, Any], keep: int = 0) -
     are saved too.
     """
     acc = run.accelerator
-    final = run.output / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = run.output / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    if run.is_main and tmp.exists():
-        shutil.rmtree(tmp)
-    acc.wait_for_everyone()
+    tmp = fresh_temporary(run, f"{CHECKPOINT_PREFIX}{step}")
     try:
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()  # every rank has written its RNG state into tmp before it is renamed
@@ -342,9 +339,37 @@ def save_checkpoint(run: Run, step: int, state: dict[str, Any], keep: int = 0) -
             raise
         if run.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise InputError(f"{final}: cannot write the checkpoint ({str(e).strip().splitlines()[0]}); the temporary "
-                         f"folder was removed and the previous checkpoint is intact: free space in {run.output} "
-                         f"and rerun with --resume") from None
+        raise InputError(f"{run.output / tmp.name[len('.tmp-'):]}: cannot write the checkpoint "
+                         f"({str(e).strip().splitlines()[0]}); the temporary folder was removed and the previous "
+                         f"checkpoint is intact: free space in {run.output} and rerun with --resume") from None
+    return commit_checkpoint(run, tmp, keep)
+
+
+def save_model_checkpoint(run: Run, model, tokenizer, step: int, keep: int = 0) -> Path:
+    """--save-only-model: checkpoint-N/ holds only the model, as :func:`save_final_model` writes it
+    (loadable by transformers), and a ``trainer_state.json`` that marks it ``model_only``: no
+    optimizer, scheduler or RNG state, so no run can resume from it. Atomic and rotated like
+    :func:`save_checkpoint`."""
+    tmp = fresh_temporary(run, f"{CHECKPOINT_PREFIX}{step}")
+    save_final_model(run, model, tokenizer, subdir=tmp.name)
+    if run.is_main:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "model_only": True}, indent=1))
+    return commit_checkpoint(run, tmp, keep)
+
+
+def fresh_temporary(run: Run, name: str) -> Path:
+    """``.tmp-<name>`` in the output, emptied of what a killed save left there."""
+    tmp = run.output / f".tmp-{name}"
+    if run.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    run.accelerator.wait_for_everyone()
+    return tmp
+
+
+def commit_checkpoint(run: Run, tmp: Path, keep: int) -> Path:
+    """Rename the complete temporary folder to its final name (replacing an older copy), then keep
+    only the newest ``keep`` checkpoints (0: all)."""
+    final = run.output / tmp.name[len(".tmp-"):]
     if run.is_main:
         if final.exists():
             shutil.rmtree(final)
@@ -352,7 +377,7 @@ def save_checkpoint(run: Run, step: int, state: dict[str, Any], keep: int = 0) -
         if keep > 0:
             for old in list_checkpoints(run.output)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return final
 
 
@@ -367,6 +392,10 @@ def resume_if_requested(run: Run, cfg) -> dict[str, Any]:
     if not getattr(cfg, "resume", False):
         return {"step": 0}
     ckpt = latest_checkpoint(run.output)
+    if ckpt is not None and json.loads((ckpt / "trainer_state.json").read_text()).get("model_only"):
+        raise InputError(f"{ckpt}: written with --save-only-model (the model without optimizer, scheduler or RNG "
+                         f"state): --resume cannot continue from it; train again without --resume, or start a new "
+                         f"run from it with --model {ckpt}")
     if ckpt is None:
         run.print(f"--resume: no checkpoint in {run.output}; starting from scratch")
         run.metrics.truncate_after(0)  # rows of the run that died before its first checkpoint
@@ -454,9 +483,12 @@ def run_steps(run: Run, cfg, training: Training, step_fn: Callable[[int], dict[s
     From ``training.start`` to the plan's last step: a row is logged every --logging-steps steps
     and at the last step, which also holds the final evaluation (``evaluate()``, when given);
     ``save(n)`` (default: checkpoint-n/) runs every --save-steps steps and once after the last
-    step; the progress bar shows the row keys ``postfix`` names. Returns the rows logged.
+    step (not with --save-only-model: the final model is that step's model); the progress bar
+    shows the row keys ``postfix`` names. Returns the rows logged.
     """
     total = training.plan.total_steps
+    if save is None and cfg.save_only_model:
+        save = partial(save_model_checkpoint, run, training.model, None, keep=cfg.save_total_limit)
     save = save or (lambda done: save_checkpoint(run, done, {}, cfg.save_total_limit))
     bar = progress(run, total, training.start, desc, cfg.progress)
     logged: list[dict[str, Any]] = []
@@ -472,7 +504,8 @@ def run_steps(run: Run, cfg, training: Training, step_fn: Callable[[int], dict[s
                          for label, key in postfix.items()})
         bar.update(1)
     bar.close()
-    save(total)
+    if not cfg.save_only_model:  # the final model is what a model-only checkpoint of the last step would hold
+        save(total)
     return logged
 
 

@@ -138,6 +138,29 @@ def test_train_returns_the_rows_checkpoints_and_policy_snapshots(tiny_lm, reward
     assert result.snapshots == [(2, out / "policy-2"), (3, out / "policy-3")]  # snapshots are all kept
 
 
+def test_save_only_model_writes_the_snapshots_and_no_resume_state(tiny_lm, reward_fn, prompts, tmp_path):
+    """--save-only-model: policy-N/ every --save-steps, no checkpoint-N/ (no optimizer, value head or
+    RNG state on disk), no snapshot of the last iteration (the final model is it); the same numbers."""
+    from rlhfkit.recipes import ppo
+    from rlhfkit.training import start_run
+
+    results = {}
+    for only_model in (False, True):
+        out = tmp_path / f"run-{only_model}"
+        cfg = ppo.Config(model=tiny_lm, reward=reward_fn, prompts=prompts, output=str(out), max_steps=3, batch_size=4,
+                         max_new_tokens=8, save_steps=1, save_only_model=only_model, progress=False)
+        with start_run(cfg) as run:
+            results[only_model] = ppo.train(cfg, run)
+    lean, full = results[True], results[False]
+    assert lean.checkpoints == [] and not list(lean.output.glob("checkpoint-*"))
+    assert lean.snapshots == [(1, lean.output / "policy-1"), (2, lean.output / "policy-2")]
+    assert [s for s, _ in full.snapshots] == [1, 2, 3]
+    assert_same_params(lean.output / "policy-2", full.output / "policy-2", atol=0)
+    assert_same_params(lean.output, full.output, atol=0)
+    assert lean.history == [{**row, **{k: lean.history[i][k] for k in row if k.startswith("time/") or k in
+                                       ("elapsed_s", "tokens_per_second")}} for i, row in enumerate(full.history)]
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora-r", 4, "--algo", "rloo", "--samples-per-prompt", 2]])
 def test_resume_reproduces_the_uninterrupted_run(run_cli, tiny_lm, reward_fn, prompts, tmp_path, extra):
     """4 iterations in one go == 2 iterations, then --resume for the other 2: same parameters,

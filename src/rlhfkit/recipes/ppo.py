@@ -461,7 +461,8 @@ def save_policy_snapshot(run: Run, model, tokenizer, step: int) -> None:
 
 
 def save(run: Run, model, tokenizer, step: int, cfg: Config, kl_ctl) -> None:
-    save_checkpoint(run, step, {"kl_coef": kl_ctl.value}, cfg.save_total_limit)
+    if not cfg.save_only_model:  # with it, policy-N/ is the model-only checkpoint
+        save_checkpoint(run, step, {"kl_coef": kl_ctl.value}, cfg.save_total_limit)
     save_policy_snapshot(run, model, tokenizer, step)
 
 
@@ -470,7 +471,8 @@ def save(run: Run, model, tokenizer, step: int, cfg: Config, kl_ctl) -> None:
 
 @dataclass
 class PPOResult(TrainResult):
-    """``snapshots``: (iteration, policy-N/ folder) of every saved policy, in order, the final one last."""
+    """``snapshots``: (iteration, policy-N/ folder) of every saved policy, in order, the final one last
+    (with --save-only-model the final policy is only ``final_model``)."""
 
     snapshots: list[tuple[int, Path]] = field(default_factory=list)
 
