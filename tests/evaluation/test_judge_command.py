@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -163,6 +164,52 @@ def test_chat_completions_url():
     assert chat_completions_url("http://h/x/chat/completions") == "http://h/x/chat/completions"
 
 
+def test_repeats_measure_the_judge_and_a_rerun_sends_nothing(tmp_path, capsys):
+    """Each answer graded 3 times at temperature 0.7; the scripted grades give, by hand:
+
+    q1: 6, 8, 7 -> mean 7, sd 1      q2: 4, 4, 4 -> mean 4, sd 0      q3: 5, 9, 7 -> mean 7, sd 2
+    score = (7 + 4 + 7) / 3 = 6; SE over questions = std(7, 4, 7; ddof=1) / sqrt(3) = sqrt(3) / sqrt(3) = 1
+    judge sd = (1 + 0 + 2) / 3 = 1; SE from the judge = sqrt((1 + 0 + 4) / 3) / 3 = sqrt(5/3) / 3
+    """
+    script = {"1": [6, 8, 7], "2": [4, 4, 4], "3": [5, 9, 7]}
+    sent: dict[str, int] = {q: 0 for q in script}
+    lock = threading.Lock()
+
+    def respond(body):
+        q = body["messages"][-1]["content"].rsplit("ANSWER- answer ", 1)[1][0]  # the graded answer: "... q.1"
+        with lock:
+            grade = script[q][sent[q]]
+            sent[q] += 1
+        return f"Fine. Rating: [[{grade}]]"
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": q, "category": "writing", "turns": [f"Q{q}?"]}) + "\n"
+                                 for q in script))
+    answers = _answers(tmp_path / "m.jsonl", "m", "ANSWER-", qids=[1, 2, 3], turns=1)
+    out = tmp_path / "out"
+    argv = ["judge", "--judge-url", "", "--judge-model", "stub", "--questions", str(questions), "--answers", answers,
+            "--judge-temperature", "0.7", "--repeats", "3", "--output", str(out)]
+    with ScriptedEndpoint(respond) as endpoint:
+        argv[2] = endpoint.url
+        assert cli_main(argv) == 0, capsys.readouterr().err
+        assert len(endpoint.seen) == 9 and {b["temperature"] for b in endpoint.seen} == {0.7}
+        first = json.loads((out / "results.json").read_text())
+        assert cli_main(argv) == 0  # the same command again: every reply is in requests.jsonl
+        assert len(endpoint.seen) == 9
+    m = first["summary"]["models"]["m"]
+    assert (m["score"], m["graded"], m["questions"], m["repeats"]) == (6.0, 9, 3, 3)
+    assert m["stderr"] == pytest.approx(1.0)
+    assert m["judge_sd"] == pytest.approx(1.0) and m["judge_stderr"] == pytest.approx((5 / 3) ** 0.5 / 3)
+    assert first["summary"]["per_question"] == {"1": {"m": {"1": 7.0}}, "2": {"m": {"1": 4.0}}, "3": {"m": {"1": 7.0}}}
+    assert first["judge"]["repeats"] == 3
+    assert json.loads((out / "results.json").read_text()) == first
+    records = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    assert sorted((r["question_id"], r["repeat"]) for r in records) == [(q, r) for q in "123" for r in range(3)]
+    report = (out / "report.md").read_text()
+    assert "| m | 6.00 | 6.00 | 9 | 0 | 1.00 | 1.00 | 0.43 |" in report
+    assert "judge sd 1.00, judge SE 0.43 over 3 repeats" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------- fake judges
 
 
@@ -277,6 +324,10 @@ def test_missing_answers_are_skipped_and_counted(tmp_path):
     (["--answers", "{a}", "--model-url", "http://x/v1", "--model-name", "a"],
      "candidate names given twice"),
     (["--answers", "{a}", "--mode", "pairwise"], "needs at least two candidates"),
+    (["--answers", "{a}", "--repeats", "3"], "--repeats needs --judge-temperature > 0"),
+    (["--answers", "{a}", "--repeats", "0"], "--repeats must be >= 1"),
+    (["--answers", "{a}", "{a}", "--mode", "pairwise", "--repeats", "2", "--judge-temperature", "1"],
+     "--repeats needs --mode single"),
 ])
 def test_judge_flag_problems_exit_2(tmp_path, capsys, argv, message):
     a = _answers(tmp_path / "a.jsonl", "a", "x")

@@ -43,8 +43,16 @@ def test_single_summary():
         ("b", 1, "writing", 1, "[[9]]"), ("b", 1, "writing", 2, "no verdict"), ("b", 2, "math", 1, "Rating: 5")]]
     s = MODES["single"].summarize(JudgedRun([], {}, ["a", "b"], judged, "j"))
     assert isinstance(s, SingleSummary)
-    assert s.models["a"] == ModelGrades(6.0, 3, 0, {"1": 6.0, "2": 6.0}, {"math": 4.0, "writing": 7.0})
-    assert s.models["b"] == ModelGrades(7.0, 2, 1, {"1": 7.0}, {"math": 5.0, "writing": 9.0})
+    # Standard error over questions, the question as the cluster (spread.stderr_over_questions):
+    # a: residuals from 6 summed per question: q1 (8-6)+(6-6) = 2, q2 4-6 = -2 -> sqrt(2/1 * 8) / 3 = 4/3
+    # b: q1 9-7 = 2, q2 5-7 = -2 -> sqrt(2/1 * 8) / 2 = 2 (= std(9, 5; ddof=1) / sqrt(2): one score per question)
+    def grades(g: ModelGrades) -> tuple:
+        return g.score, g.graded, g.malformed, g.turns, g.categories, g.questions, g.repeats
+
+    assert grades(s.models["a"]) == (6.0, 3, 0, {"1": 6.0, "2": 6.0}, {"math": 4.0, "writing": 7.0}, 2, 1)
+    assert grades(s.models["b"]) == (7.0, 2, 1, {"1": 7.0}, {"math": 5.0, "writing": 9.0}, 2, 1)
+    assert (s.models["a"].stderr, s.models["b"].stderr) == (pytest.approx(4 / 3), pytest.approx(2.0))
+    assert math.isnan(s.models["a"].judge_sd) and math.isnan(s.models["a"].judge_stderr)  # one grade per answer
     assert s.to_dict()["per_question"] == {"1": {"a": {"1": 8.0, "2": 6.0}, "b": {"1": 9.0, "2": None}},
                                            "2": {"a": {"1": 4.0}, "b": {"1": 5.0}}}
     assert s.battles == ()
@@ -52,7 +60,9 @@ def test_single_summary():
     # best first; b has no turn-2 mean
     assert report.index("| b | 7.00 | 7.00 | — | 2 | 1 |") < report.index("| a | 6.00 | 6.00 | 6.00 | 3 | 0 |")
     assert "| 1 | 8.0 / 6.0 | 9.0 / × |" in report
-    assert s.console_lines() == ["  a: 6.00 / 10 (3 graded, 0 malformed)", "  b: 7.00 / 10 (2 graded, 1 malformed)"]
+    assert "| a | 6.00 | 6.00 | 6.00 | 3 | 0 | 1.33 |" in report and "| judge sd |" not in report
+    assert s.console_lines() == ["  a: 6.00 / 10 ± 1.33 (3 graded, 0 malformed)",
+                                 "  b: 7.00 / 10 ± 2.00 (2 graded, 1 malformed)"]
 
 
 # ---------------------------------------------------------------------------- pairwise

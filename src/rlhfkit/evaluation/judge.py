@@ -4,7 +4,9 @@ Modes (``--mode``):
 
 * ``single``: each answer graded 1–10 in MT-Bench's manner (the judge explains, then writes
   ``[[rating]]``); turn 2 of a two-turn question is graded in the context of turn 1; a
-  question with a reference answer (math, reasoning) is graded against it.
+  question with a reference answer (math, reasoning) is graded against it. Means carry their
+  standard error over questions; ``--repeats R`` grades each answer R times at
+  ``--judge-temperature`` and adds the judge's own spread.
 * ``pairwise``: every pair of candidates compared on every question and turn, judged in both
   orders; disagreeing verdicts count as a tie; wins, losses, ties, win rate and the judge's
   position-consistency rate per pair, plus Bradley–Terry ratings over the judged battles.
@@ -23,9 +25,10 @@ endpoint (``--judge-url`` and ``--judge-model``; key from ``--judge-api-key-env`
 model (``--judge-model``, default ``smollm2-135m``).
 
 Outputs in ``--output``: ``results.json``, ``report.md``, ``judgments.jsonl`` (every raw judge
-reply with its prompt and parsed verdict), ``config.yaml``, ``answers/MODEL.jsonl`` for
-generated answers, a PNG per mode, and with ``--emit-battles FILE`` the pairwise verdicts as
-Chatbot Arena battles for ``rlhfkit arena``.
+reply with its prompt and parsed verdict), ``requests.jsonl`` (the judge's replies keyed by request:
+run the same command again into the same directory and only the missing ones are sent),
+``config.yaml``, ``answers/MODEL.jsonl`` for generated answers, a PNG per mode, and with
+``--emit-battles FILE`` the pairwise verdicts as Chatbot Arena battles for ``rlhfkit arena``.
 """
 
 from __future__ import annotations
@@ -39,13 +42,20 @@ from typing import Any, Literal
 from rlhfkit.config import arg, save_config, validated
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.errors import InputError
-from rlhfkit.evaluation.judging.calls import JudgeHealth, available_turns, backend_name, execute, judge_health
+from rlhfkit.evaluation.judging.calls import (
+    JudgeHealth,
+    available_turns,
+    backend_name,
+    execute,
+    judge_health,
+    with_repeats,
+)
 from rlhfkit.evaluation.judging.candidates import Factory, gather_answers
 from rlhfkit.evaluation.judging.data import Question, builtin_path, load_answers, load_questions
 from rlhfkit.evaluation.judging.modes import MODES, JudgedRun, Summary
 from rlhfkit.evaluation.judging.report import render_report
 from rlhfkit.evaluation.report import JsonlWriter, write_json, write_text
-from rlhfkit.models.backends import BackendError, JudgeBackend, make_backend, redact_url
+from rlhfkit.models.backends import BackendError, JudgeBackend, ReplyJournal, make_backend, redact_url
 
 Mode = Literal["single", "pairwise", "winrate", "chat-bench"]  # the keys of MODES (a test keeps them equal)
 DEFAULT_LOCAL_JUDGE = "smollm2-135m"
@@ -89,6 +99,8 @@ class Config:
                                  "key (unset: no key sent).")
     judge_max_new_tokens: int = arg(512, "Maximum tokens of each judgment.", aliases=("judge_max_tokens",))
     judge_temperature: float = arg(0.0, "Judge sampling temperature (0: greedy/deterministic).")
+    repeats: int = arg(1, "single mode: grade every answer R times at --judge-temperature (> 0); the "
+                       "report adds the judge's own spread (mean per-answer sd, standard error from the judge).")
     concurrency: int = arg(4, "Concurrent requests per endpoint.")
     request_timeout: float = arg(120.0, "Seconds to wait for one endpoint request.")
     generation_batch_size: int = arg(4, "Prompts per generate call of a local model (candidates and judge).",
@@ -126,6 +138,13 @@ class Config:
         for name in ("temperature", "judge_temperature"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0")
+        if self.repeats < 1:
+            problems.append("--repeats must be >= 1")
+        elif self.repeats > 1 and not MODES[self.mode].repeatable:
+            modes = " or ".join(name for name, mode in MODES.items() if mode.repeatable)
+            problems.append(f"--repeats needs --mode {modes}")
+        elif self.repeats > 1 and not self.judge_temperature > 0:
+            problems.append("--repeats needs --judge-temperature > 0 (at 0 every repeat is the same greedy verdict)")
         if self.request_timeout <= 0:
             problems.append("--request-timeout must be > 0")
         for path in self.answers:
@@ -203,21 +222,22 @@ def evaluate(cfg: Config, judge: JudgeBackend, candidates: Sequence[tuple[str, F
     answers, models = gather_answers(file_answers, candidates, questions, source, cfg.temperature,
                                      cfg.max_new_tokens, out / "answers", log)
 
-    calls = mode.calls(questions, answers, models, cfg.baseline)
+    calls = with_repeats(mode.calls(questions, answers, models, cfg.baseline), cfg.repeats)
     missing = {m: sum(len(q.turns) - available_turns(answers[m], q) for q in questions) for m in models}
     judge_name = backend_name(judge)
     if log:
         log(f"{len(calls)} judge calls ({cfg.mode}) with judge {judge_name}")
     with JsonlWriter(out / "judgments.jsonl") as sink:
-        judged = execute(judge, calls, cfg.judge_temperature, cfg.judge_max_new_tokens, sink, log)
+        judged = execute(judge, calls, cfg.judge_temperature, cfg.judge_max_new_tokens, sink, log,
+                         journal=ReplyJournal(out / "requests.jsonl"))
     summary = mode.summarize(JudgedRun(questions, answers, models, judged, judge_name,
-                                       cfg.baseline, cfg.seed))
+                                       cfg.baseline, cfg.seed, cfg.repeats))
     health = judge_health(judged)
 
     results = {
         "mode": cfg.mode,
         "judge": {"model": judge_name, "url": redact_url(cfg.judge_url) or None,
-                  "temperature": cfg.judge_temperature},
+                  "temperature": cfg.judge_temperature, "repeats": cfg.repeats},
         "questions": {"source": source, "count": len(questions),
                       "categories": sorted({q.category for q in questions})},
         "models": models,

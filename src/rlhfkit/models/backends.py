@@ -26,6 +26,7 @@ Commands take their model with :class:`ModelOptions` (``--model`` or ``--model-u
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -406,6 +407,21 @@ class ReplyJournal:
                 f.flush()
                 os.fsync(f.fileno())
             self._done[key] = reply
+
+
+def reseeded(backend, offset: int):
+    """``backend`` drawing another sample stream: a local model's seed moved by ``offset``.
+
+    A local model seeds its sampling from its seed and the chats (:class:`LocalBackend`), so the same
+    chat sent again draws the same sample; a repeat that must be a fresh draw (a judge's grade asked
+    R times) goes to a shallow copy with another seed, sharing the loaded weights. An endpoint is
+    not seeded by us (each request is a fresh draw) and is returned as is, as is any backend at offset 0.
+    """
+    if offset == 0 or not isinstance(getattr(backend, "seed", None), int):
+        return backend
+    clone = copy.copy(backend)
+    clone.seed = backend.seed + offset
+    return clone
 
 
 def journaled_replies(backend, conversations: Sequence[Sequence[Message]], keys: Sequence[str],

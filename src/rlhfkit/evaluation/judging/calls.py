@@ -15,7 +15,7 @@ from typing import Any
 from rlhfkit.evaluation.judging.data import Question
 from rlhfkit.evaluation.judging.parsing import Parsed, parse_pairwise, parse_pass_fail, parse_rating
 from rlhfkit.evaluation.report import JsonlWriter
-from rlhfkit.models.backends import BackendError, JudgeBackend
+from rlhfkit.models.backends import BackendError, JudgeBackend, ReplyJournal, journaled_replies, request_key, reseeded
 
 CHUNK = 32  # judge calls per backend request batch (and per progress line)
 
@@ -44,19 +44,54 @@ def backend_name(backend: JudgeBackend) -> str:
     return getattr(backend, "name", type(backend).__name__)
 
 
+def call_key(judge_name: str, call: Call, temperature: float, max_tokens: int) -> str:
+    """The journal key of one judge request: the judge, what is judged (ids, models, game, repeat),
+    the prompt and the sampling settings; any change sends the request again."""
+    return request_key("judge", judge_name, call.kind, call.meta, call.messages, temperature, max_tokens)
+
+
+def with_repeats(calls: Sequence[Call], repeats: int) -> list[Call]:
+    """Each call ``repeats`` times, one round after another, the round in ``meta["repeat"]``
+    (0-based; absent when ``repeats`` is 1, so a plain run's keys and records are unchanged)."""
+    if repeats == 1:
+        return list(calls)
+    return [Call(c.kind, {**c.meta, "repeat": r}, c.messages) for r in range(repeats) for c in calls]
+
+
+def _ask(judge: JudgeBackend, chunk: Sequence[Call], temperature: float, max_tokens: int,
+         journal: ReplyJournal | None) -> list[str]:
+    """The judge's replies to one chunk; with a journal, only the calls it lacks are sent, and a
+    repeat goes to :func:`reseeded` ``judge`` so that a local judge draws a fresh sample."""
+    if journal is None:
+        return judge.complete([c.messages for c in chunk], temperature=temperature, max_tokens=max_tokens)
+    name = backend_name(judge)
+    texts: dict[int, str] = {}
+    for r in sorted({c.meta.get("repeat", 0) for c in chunk}):
+        idx = [i for i, c in enumerate(chunk) if c.meta.get("repeat", 0) == r]
+        keys = [call_key(name, chunk[i], temperature, max_tokens) for i in idx]
+        try:
+            got = journaled_replies(reseeded(judge, r), [chunk[i].messages for i in idx], keys, journal,
+                                    temperature, max_tokens)
+        except (KeyError, IndexError):  # the backend returned fewer (or more) replies than prompts
+            raise BackendError(f"judge {name!r} did not return one reply per prompt") from None
+        texts.update(zip(idx, (g.text for g in got)))
+    return [texts[i] for i in range(len(chunk))]
+
+
 def execute(judge: JudgeBackend, calls: Sequence[Call], temperature: float = 0.0,
             max_tokens: int = 512, sink: JsonlWriter | None = None,
-            log: Callable[[str], None] | None = None) -> list[Judged]:
+            log: Callable[[str], None] | None = None, journal: ReplyJournal | None = None) -> list[Judged]:
     """Send the calls to the judge in chunks, parse every reply, stream raw records to ``sink``.
 
+    With a ``journal`` (:class:`~rlhfkit.models.backends.ReplyJournal`) every reply is recorded as it
+    arrives under :func:`call_key`, and a resumed run sends only the calls with no reply yet.
     A malformed verdict is kept (``parsed.value is None``) and never raises.
     """
     judge_name = backend_name(judge)
     results: list[Judged] = []
     for start in range(0, len(calls), CHUNK):
         chunk = list(calls[start:start + CHUNK])
-        texts = judge.complete([c.messages for c in chunk], temperature=temperature,
-                               max_tokens=max_tokens)
+        texts = _ask(judge, chunk, temperature, max_tokens, journal)
         if len(texts) != len(chunk):
             raise BackendError(f"judge {judge_name!r} returned {len(texts)} replies for "
                                f"{len(chunk)} prompts")

@@ -29,6 +29,7 @@ class JudgedRun:
     judge_name: str
     reference_model: str = ""   # winrate: the candidate every other one is compared with
     seed: int = 0               # pairwise: the bootstrap of the Bradley–Terry ratings
+    repeats: int = 1            # grades asked per answer (--repeats; modes with ``repeatable``)
 
 
 class Summary(Protocol):
@@ -54,6 +55,7 @@ class JudgeMode(Protocol):
     needs_checks: bool      # questions must carry a requirement per turn (chat-bench scripts)
     needs_reference: bool   # needs --baseline (the reference candidate)
     emits_battles: bool     # its verdicts are comparisons (--emit-battles allowed)
+    repeatable: bool        # each call may be sent --repeats times and the verdicts summarised together
 
     def candidate_problems(self, names: Sequence[str], reference_model: str) -> list[str]:
         """What is wrong with these candidate names for this mode (empty: nothing)."""

@@ -126,6 +126,7 @@ class ChatBenchMode:
     needs_checks = True
     needs_reference = False
     emits_battles = False
+    repeatable = False
 
     def candidate_problems(self, names: Sequence[str], reference_model: str) -> list[str]:
         return []

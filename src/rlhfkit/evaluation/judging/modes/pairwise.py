@@ -151,6 +151,7 @@ class PairwiseMode:
     needs_checks = False
     needs_reference = False
     emits_battles = True
+    repeatable = False
 
     def candidate_problems(self, names: Sequence[str], reference_model: str) -> list[str]:
         if len(set(names)) < 2:

@@ -114,6 +114,7 @@ class WinRateMode:
     needs_checks = False
     needs_reference = True
     emits_battles = True
+    repeatable = False
 
     def candidate_problems(self, names: Sequence[str], reference_model: str) -> list[str]:
         if reference_model not in names:
