@@ -139,6 +139,7 @@ INVALID_IN_PYTHON = {
     "judge": ({"output": "{out}"}, "no candidates"),
     "arena": ({"output": "{out}"}, "--battles is required"),
     "eval-frontier": ({"samples_per_prompt": 0}, "--run is required"),
+    "eval-safety": ({"samples_per_prompt": 2}, "--output is required"),
     "cai-revise": ({"rounds": 0}, "--output is required"),
     "ai-label": ({"output": "{out}", "data": "{missing}"}, "--data: no such file or directory"),
     "self-instruct": ({"output": "{out}", "seed_tasks": "{missing}"}, "--seed-tasks: no such file or directory"),

@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-rm": ("rlhfkit.evaluation.rm_accuracy", "Reward-model (or DPO implicit reward) agreement accuracy."),
     "judge": ("rlhfkit.evaluation.judge", "LLM-as-judge: single grading, pairwise, win rates, chat-bench."),
     "arena": ("rlhfkit.evaluation.arena", "Elo and Bradley-Terry ratings with bootstrap intervals from battles."),
+    "eval-safety": ("rlhfkit.evaluation.safety",
+                    "Refusals, harmful compliance and over-refusal on red-team and benign prompts."),
     "eval-frontier": ("rlhfkit.evaluation.frontier", "Reward vs KL over a run's checkpoints (over-optimisation)."),
     "cai-revise": ("rlhfkit.label.cai_revise",
                    "Constitutional AI's supervised phase: critique and revise responses against principles."),
