@@ -5,6 +5,10 @@ an SFT/DPO run (``checkpoint-N/`` of a full fine-tune), plus the reference itsel
 the final model: sample responses to held-out prompts, score them with the run's reward (and an
 optional second reward or oracle), and estimate KL(π ‖ π_ref) from the same samples. The
 picture of Gao et al.: the proxy reward keeps rising with KL while the oracle's turns down.
+
+With ``--x-reward`` and ``--y-reward`` it draws instead the plane of two rewards (say helpfulness
+and harmlessness): each checkpoint is a dot at (mean X, mean Y) of its samples, labelled by its
+step, the dots joined in step order, as in Constitutional AI's helpfulness-vs-harmlessness figure.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ class Config:
     data_config: str = arg("", DATA_CONFIG_HELP)
     reward: str = arg("", "Reward for the y axis (default: the run's --reward; required for dpo/sft runs).")
     oracle: str = arg("", "An optional second reward or oracle function (e.g. file.py:function).")
+    x_reward: str = arg("", "The two-reward plane instead (with --y-reward): the reward of the x axis, a SPEC as "
+                        "`rlhfkit ppo --reward` takes; writes plane.json, plane.md, plane.png.")
+    y_reward: str = arg("", "The reward of the y axis of the two-reward plane (with --x-reward).")
     ref_model: str = arg("", "The reference policy of the KL (default: the run's initial policy).",
                          aliases=("reference",))
     output: str = arg("", "Output folder (default: RUN/frontier).")
@@ -52,6 +59,8 @@ class Config:
                 problems.append(f"--{flag(name)} must be >= 1 (got {getattr(self, name)})")
         if self.temperature <= 0:
             problems.append("--temperature must be > 0")
+        if bool(self.x_reward) != bool(self.y_reward) or (self.x_reward and (self.reward or self.oracle)):
+            problems.append("--x-reward and --y-reward go together, and replace --reward and --oracle")
         return problems
 
 
@@ -119,6 +128,40 @@ def plot_frontier(points: list[dict], path: Path, reward_label: str = "reward", 
     save_figure(fig, path)
 
 
+def plot_reward_plane(points: list[dict], path: Path, x_label: str, y_label: str) -> None:
+    """Each checkpoint a dot at (mean x reward, mean y reward), labelled by step, joined in step order."""
+    from rlhfkit.evaluation.report import new_figure, save_figure
+
+    fig = new_figure(6.0, 5.0)
+    ax = fig.add_subplot()
+    ax.plot([p["x"] for p in points], [p["y"] for p in points], marker="o", color="tab:blue")
+    for p in points:
+        ax.annotate(f"step {p['step']}", (p["x"], p["y"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title("Two rewards over checkpoints")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def write_reward_plane(out: Path, run: Path, x_spec: str, y_spec: str, n_prompts: int, points: list[dict]) -> int:
+    """plane.json, plane.md and plane.png of points measured with the x reward as ``reward`` and the y
+    reward as ``oracle``."""
+    from rlhfkit.evaluation.report import md_table, write_json, write_text
+
+    plane = [{"step": p["step"], "kl": p["kl"], "x": p["reward"], "y": p["oracle"]} for p in points]
+    write_json(out / "plane.json", {"run": str(run), "x_reward": x_spec, "y_reward": y_spec, "prompts": n_prompts,
+                                    "points": plane})
+    table = md_table(["step", "x: " + Path(x_spec).name, "y: " + Path(y_spec).name, "KL (nats)"],
+                     [[p["step"], f"{p['x']:.3f}", f"{p['y']:.3f}", f"{p['kl']:.3f}"] for p in plane])
+    plot_reward_plane(plane, out / "plane.png", Path(x_spec).name, Path(y_spec).name)
+    write_text(out / "plane.md", f"# Two rewards over checkpoints: {run}\n\n{n_prompts} prompts\n\n{table}\n"
+                                 "![plane](plane.png)\n")
+    print(table)
+    print(f"wrote {out / 'plane.md'}")
+    return 0
+
+
 # ------------------------------------------------------------------------ the command
 
 
@@ -170,14 +213,15 @@ def main(cfg: Config) -> int:
     reference_name = cfg.ref_model or run_cfg.get("policy") or run_cfg.get("model")
     prompts_file = cfg.prompts or run_cfg.get("prompts") or ""
     data_config = cfg.data_config if cfg.prompts else run_cfg.get("data_config") or ""
-    reward_spec = cfg.reward or run_cfg.get("reward") or ""
+    reward_spec = cfg.x_reward or cfg.reward or run_cfg.get("reward") or ""
+    oracle_spec = cfg.y_reward or cfg.oracle  # the plane: x measured as the reward, y as the oracle
     if not prompts_file:
         raise InputError("--prompts is required (the run has no prompts file)")
     if not reward_spec:
         raise InputError("--reward is required (the run has no reward)")
     prompts = [p.prompt for p in load_prompts(prompts_file, config=data_config, seed=cfg.seed)][:cfg.limit]
     reward = load_reward(reward_spec, cfg.dtype)
-    oracle = load_reward(cfg.oracle, cfg.dtype) if cfg.oracle else None
+    oracle = load_reward(oracle_spec, cfg.dtype) if oracle_spec else None
     reference, tokenizer = load_policy(reference_name, cfg.dtype)
     points = [frontier_point(0, reference, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
                              cfg.max_new_tokens, cfg.seed, cfg.samples_per_prompt)]
@@ -189,6 +233,8 @@ def main(cfg: Config) -> int:
               + (f", oracle {points[-1]['oracle']:.3f}" if oracle else ""), flush=True)
     out = Path(cfg.output or run / "frontier")
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.x_reward:
+        return write_reward_plane(out, run, cfg.x_reward, cfg.y_reward, len(prompts), points)
     (out / "frontier.json").write_text(json.dumps({"run": str(run), "reward": reward_spec, "oracle": cfg.oracle,
                                                    "prompts": len(prompts), "points": points}, indent=1))
     header = ["step", "KL (nats)", "reward"] + (["oracle"] if oracle else [])
