@@ -46,7 +46,6 @@ from rlhfkit.errors import InputError
 from rlhfkit.evaluation.judging.parsing import Parsed, _find
 from rlhfkit.models.backends import (
     JudgeOptions,
-    LocalBackend,
     ModelOptions,
     ReplyJournal,
     endpoint_label,
@@ -54,6 +53,7 @@ from rlhfkit.models.backends import (
     judge_backend,
     model_backend,
     request_key,
+    reseeded,
 )
 
 BUILTIN_PROMPTS = "safety_eval.jsonl"
@@ -271,16 +271,16 @@ class Requester:
 
     def send(self, chats: Sequence[list], keys: Sequence[str], stream: int = 0) -> None:
         """Ask for the replies of ``chats`` the journal lacks. ``stream``: a local model's sampling seed
-        offset, so that the k-th sample of a prompt is not drawn from the same stream as the first."""
+        offset (:func:`~rlhfkit.models.backends.reseeded`), so that the k-th sample of a prompt is a fresh draw,
+        not the first one again."""
         missing = {k for k in keys if k not in self.journal}
         if not missing:
             return
         if self.backend is None:
             self.backend = self.build()
-        if isinstance(self.backend, LocalBackend):
-            self.backend.seed = self.seed + 100003 * stream
         self.sent += len(missing)
-        journaled_replies(self.backend, chats, keys, self.journal, self.temperature, self.max_tokens)
+        journaled_replies(reseeded(self.backend, stream), chats, keys, self.journal, self.temperature,
+                          self.max_tokens)
 
     def close(self) -> None:
         getattr(self.backend, "close", lambda: None)()
