@@ -13,6 +13,12 @@ limit, at EOS or when its text contains one of its stop strings, and streams the
 it grows. A finished row is padded by ``generate`` until the longest row ends; its request is
 answered as soon as all of its rows have finished, not when the whole batch has.
 
+A job that asks for log-probs (``logprobs``) gets them after its generation, from one
+teacher-forced forward over each prompt and its completion (:func:`rlhfkit.models.token_scores.score_tokens`,
+batched like the generation): the scores of the same model, read by the one per-token log-prob
+primitive, rather than scores kept from inside ``generate``. A job with ``generate=False`` (``max_tokens``
+0 with ``echo``) only scores its prompts; such jobs batch with each other.
+
 A request with a ``seed`` runs alone, so its samples depend only on the request (the global
 torch RNG is seeded by ``generate_ids`` and re-randomised afterwards). Greedy requests run one
 row per prompt and copy it to their ``n`` choices.
@@ -33,6 +39,7 @@ import torch
 from transformers import StoppingCriteria
 
 from rlhfkit.generation.decoding import Completion, SamplingParams, apply_stop, describe_response, generate_ids
+from rlhfkit.models.token_scores import TokenScores, score_tokens
 
 log = logging.getLogger("rlhfkit.serve")
 
@@ -50,6 +57,14 @@ class EngineClosed(RuntimeError):
     """The engine is stopping or stopped: no new jobs."""
 
 
+@dataclass(frozen=True)
+class LogprobsRequest:
+    """Per-token log-probs a job asks for."""
+
+    top: int            # most likely alternatives reported at each position (0: only the chosen token)
+    echo: bool          # score the prompt's tokens too (its first token has none: nothing predicts it)
+
+
 @dataclass(eq=False)
 class Job:
     """One request: ``len(prompts) * params.n`` choices, choice ``i * n + j`` for prompt ``i``."""
@@ -60,7 +75,12 @@ class Job:
     stream: bool = False
     strip: bool = True          # chat: strip whitespace like generate_chat; completions: raw text
     cancelled: bool = False     # set by the HTTP side when the client goes away
+    logprobs: LogprobsRequest | None = None
+    generate: bool = True       # False: only score the prompts (no completion tokens)
     completions: list[Completion | None] = field(default_factory=list)
+    # per choice, when ``logprobs`` was asked: the scored tokens of prompt (with echo) + completion
+    scores: list[TokenScores] | None = None
+    generated: bool = False     # every choice has its completion (log-probs may still be missing)
     finished: bool = False
     emitted: bool = False       # some event went out (then the job cannot be run again)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -80,7 +100,7 @@ class Job:
     @property
     def num_rows(self) -> int:
         """Sequences this job adds to a ``generate`` call."""
-        return len(self.prompts) * (1 if self.greedy else self.params.n)
+        return len(self.prompts) * (1 if self.greedy or not self.generate else self.params.n)
 
     @property
     def prompt_tokens(self) -> int:
@@ -94,6 +114,8 @@ class Job:
     def key(self) -> tuple | None:
         """Jobs with equal keys can share a ``generate`` call; None: the job runs alone."""
         p = self.params
+        if not self.generate:
+            return ("score",)
         if p.seed is not None:
             return None
         if self.greedy:
@@ -117,14 +139,25 @@ class Job:
                     self.emit(("finish", c, completion))
             self._remaining -= len(choices)
             if self._remaining <= 0:
-                self.finished = True
-                self.emit(("done", list(self.completions)))
+                self.generated = True
+                if self.logprobs is None:  # else the engine scores the job, then delivers it
+                    self.finished = True
+                    self.emit(("done", list(self.completions)))
+
+    def deliver(self, scores: list[TokenScores]) -> None:
+        """Attach each choice's log-probs and answer the job."""
+        with self._lock:
+            if self.finished:
+                return
+            self.scores, self.finished = scores, True
+            self.emit(("done", list(self.completions)))
 
     def reset(self) -> None:
         """Forget partial results before running the job again (only if nothing went out)."""
         with self._lock:
             assert not self.emitted
             self.completions = [None] * self.num_choices
+            self.generated = False
             self._remaining = self.num_choices
 
     def fail(self, status: int, message: str, type: str = "server_error") -> None:
@@ -241,6 +274,7 @@ class Engine:
         self._stats_lock = threading.Lock()
         self._stats: dict[str, Any] = {
             "generate_calls": 0,        # generate() calls made
+            "score_calls": 0,           # batches that only scored prompts (max_tokens 0 with echo)
             "batched_calls": 0,         # ... of which served more than one request
             "max_requests_per_call": 0,
             "calls_by_requests": {},    # number of requests in a call -> number of such calls
@@ -366,6 +400,33 @@ class Engine:
         return batch
 
     def _run(self, jobs: list[Job], retry: bool = False) -> None:
+        """Generate for the jobs that generate, then score the jobs that asked for log-probs."""
+        generating = [j for j in jobs if j.generate]
+        with self._stats_lock:
+            s = self._stats
+            s["generate_calls" if generating else "score_calls"] += 1
+            if not retry:
+                s["waiting"] -= len(jobs)
+                s["requests"] += len(jobs)
+            s["batched_calls"] += len(jobs) > 1
+            s["max_requests_per_call"] = max(s["max_requests_per_call"], len(jobs))
+            s["calls_by_requests"][len(jobs)] = s["calls_by_requests"].get(len(jobs), 0) + 1
+        self._active = jobs
+        try:
+            again = self._generate(generating) if generating else []
+            for job in jobs:
+                if not job.generate:  # max_tokens 0: an empty completion per choice
+                    job.completions = [Completion("", [], "length")] * job.num_choices
+                    job.generated = True
+            self._score([j for j in jobs if j.logprobs is not None and j.generated and j not in again])
+        finally:
+            self._active = []
+        for job in again:
+            job.reset()
+            self._run([job], retry=True)
+
+    def _generate(self, jobs: list[Job]) -> list[Job]:
+        """One ``generate`` call for ``jobs``; returns the jobs to run again alone after a failure."""
         rows: list[_Row] = []
         for job in jobs:
             n = job.params.n
@@ -376,16 +437,6 @@ class Engine:
                     rows.extend(_Row(job, prompt, [i * n + j]) for j in range(n))
         first = jobs[0].params
         params = replace(first, n=1, stop=[], max_new_tokens=max(j.params.max_new_tokens for j in jobs))
-        with self._stats_lock:
-            s = self._stats
-            s["generate_calls"] += 1
-            if not retry:
-                s["waiting"] -= len(jobs)
-                s["requests"] += len(jobs)
-            s["batched_calls"] += len(jobs) > 1
-            s["max_requests_per_call"] = max(s["max_requests_per_call"], len(jobs))
-            s["calls_by_requests"][len(jobs)] = s["calls_by_requests"].get(len(jobs), 0) + 1
-        self._active = jobs
         tracker = _Tracker(rows, self.tokenizer, self.tokenizer_lock)
         again: list[Job] = []
         try:
@@ -404,12 +455,40 @@ class Engine:
                 if job not in again:
                     job.fail(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
         finally:
-            self._active = []
             if params.seed is not None:
                 torch.seed()  # later unseeded requests must not continue a predictable stream
-        for job in again:
-            job.reset()
-            self._run([job], retry=True)
+        return again
+
+    def _score(self, jobs: list[Job]) -> None:
+        """Each choice's token log-probs: prompt (with echo) and completion, one forward per
+        ``max_batch_size`` sequences. Choices that share a completion object (greedy ``n``) are scored once."""
+        jobs = [j for j in jobs if not (j.finished or j.cancelled)]
+        if not jobs:
+            return
+        sequences, starts, unique, index = [], [], {}, []
+        for job in jobs:
+            for c, completion in enumerate(job.completions):
+                prompt = job.prompts[c // job.params.n]
+                key = (id(job), c // job.params.n, id(completion))
+                if key not in unique:
+                    unique[key] = len(sequences)
+                    sequences.append(prompt + completion.token_ids)
+                    starts.append(1 if job.logprobs.echo else len(prompt))
+                index.append(unique[key])
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        try:
+            scores = score_tokens(self.model, sequences, starts, max(j.logprobs.top for j in jobs), pad_id,
+                                  self.max_batch_size)
+        except Exception as e:
+            log.exception("scoring failed")
+            self._count("failed_calls", 1)
+            for job in jobs:
+                job.fail(500, f"scoring failed: {type(e).__name__}: {e}", "server_error")
+            return
+        at = 0
+        for job in jobs:
+            job.deliver([scores[i] for i in index[at:at + job.num_choices]])
+            at += job.num_choices
 
 
 def model_context_length(model) -> int | None:

@@ -97,14 +97,35 @@ def _encode_raw(engine, prompts: list[str]) -> list[list[int]]:
     return out
 
 
-async def _submit(state: ServeState, req, prompts: list[list[int]], strip: bool):
+def _vocab_size(engine) -> int:
+    """Token ids a prompt may hold: those both the tokenizer and the model's embeddings know."""
+    size = len(engine.tokenizer)
+    model_size = getattr(getattr(engine.model, "config", None), "vocab_size", None)
+    return min(size, model_size) if isinstance(model_size, int) and model_size > 0 else size
+
+
+def _token_texts(engine, jobs_ids) -> dict[int, str]:
+    """The text of every token id in ``jobs_ids`` (special tokens as written)."""
+    with engine.tokenizer_lock:
+        return {t: engine.tokenizer.decode([t], skip_special_tokens=False) for t in set(jobs_ids)}
+
+
+def _scored_ids(job) -> list[int]:
+    ids = [p[0] for p in job.prompts]
+    for s in job.scores:
+        ids += s.token_ids + [a for alts in s.top for a, _ in alts]
+    return ids
+
+
+async def _submit(state: ServeState, req, prompts: list[list[int]], strip: bool, generate: bool = True):
     """Hand the request to the engine; returns the job and the queue its events arrive on."""
     params = P.sampling_params(req, [len(p) for p in prompts], state.engine.context_length,
                                state.default_max_tokens, state.max_n)
+    logprobs = P.logprobs_request(req)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     job = Job(prompts, params, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-              stream=bool(req.stream), strip=strip)
+              stream=bool(req.stream), strip=strip, logprobs=logprobs, generate=generate)
     try:
         state.engine.submit(job)
     except EngineClosed as e:
@@ -183,7 +204,12 @@ async def chat_completions(req: P.ChatCompletionRequest, state: ServeState = Dep
     job, events = await _submit(state, req, [prompt], strip=True)
     rid, created, name = P.new_id("chatcmpl"), P.now(), state.served_model_name
     if not req.stream:
-        return P.chat_response(rid, created, name, await _wait(job, events), job.prompt_tokens)
+        completions = await _wait(job, events)
+        logprobs = None
+        if job.logprobs is not None:
+            texts = await run_in_threadpool(_token_texts, state.engine, _scored_ids(job))
+            logprobs = [P.chat_logprobs(s, job.logprobs.top, texts.__getitem__) for s in job.scores]
+        return P.chat_response(rid, created, name, completions, job.prompt_tokens, logprobs)
 
     def chunk(index, text, finish_reason):
         delta = {} if text is None else {"content": text}
@@ -204,18 +230,14 @@ completions_router = APIRouter()
 async def completions(req: P.CompletionRequest, state: ServeState = Depends(serve_state)):
     state.check_model(req.model)
     P.check_unsupported(req)
-    texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if not texts:
-        raise P.APIError(400, "'prompt' must be a string or a non-empty list of strings", "prompt",
-                         "invalid_value")
-    if len(texts) > P.MAX_PROMPTS:
-        raise P.APIError(400, f"at most {P.MAX_PROMPTS} prompts per request (got {len(texts)})", "prompt",
-                         "invalid_value")
-    prompts = await run_in_threadpool(_encode_raw, state.engine, texts)
-    job, events = await _submit(state, req, prompts, strip=False)
+    texts, token_prompts = P.completion_prompts(req, _vocab_size(state.engine))
+    prompts = token_prompts or await run_in_threadpool(_encode_raw, state.engine, texts)
+    job, events = await _submit(state, req, prompts, strip=False, generate=req.max_tokens != 0)
     rid, created, name = P.new_id("cmpl"), P.now(), state.served_model_name
     if not req.stream:
-        return P.completion_response(rid, created, name, await _wait(job, events), job.prompt_tokens)
+        completions = await _wait(job, events)
+        extras = await run_in_threadpool(_completion_extras, state.engine, job, texts, bool(req.echo))
+        return P.completion_response(rid, created, name, completions, job.prompt_tokens, *extras)
 
     def chunk(index, text, finish_reason):
         return P.completion_chunk(rid, created, name, index, text or "", finish_reason)
@@ -224,3 +246,20 @@ async def completions(req: P.CompletionRequest, state: ServeState = Depends(serv
                  if _include_usage(req) else None)
     return _stream(job, events, [], chunk, usage_obj)
 
+
+def _completion_extras(engine, job, texts: list[str] | None, echo: bool) -> tuple[list[str] | None, list | None]:
+    """Per choice: the echoed prompt text (``echo``) and the legacy ``logprobs`` object (when asked).
+
+    The echoed text of a token-id prompt is its decoding with special tokens kept, so that the
+    tokens' texts add up to it; ``text_offset`` counts from the start of the prompt text."""
+    n = job.params.n
+    with engine.tokenizer_lock:
+        prompt_texts = texts or [engine.tokenizer.decode(p, skip_special_tokens=False) for p in job.prompts]
+    prompt_of = [prompt_texts[c // n] for c in range(job.num_choices)]
+    if job.logprobs is None:
+        return (prompt_of if echo else None), None
+    token_text = _token_texts(engine, _scored_ids(job)).__getitem__
+    logprobs = [P.completion_logprobs(job.prompts[c // n], s, echo, job.logprobs.top, token_text,
+                                      0 if echo else len(prompt_of[c]))
+                for c, s in enumerate(job.scores)]
+    return (prompt_of if echo else None), logprobs
