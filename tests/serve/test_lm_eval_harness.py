@@ -11,7 +11,9 @@ import textwrap
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `bench` (pip install 'rlhfkit[bench]')")
+REASON = "lm-eval is the optional extra `bench` (pip install 'rlhfkit[bench]')"
+lm_eval = pytest.importorskip("lm_eval", reason=REASON)
+pytest.importorskip("tenacity", reason=REASON + "; its local-completions model needs lm-eval's `api` extra")
 
 MC_DOCS = [
     {"question": "What colour is the sky?", "choices": ["blue", "green", "loud"], "answer": 0},
