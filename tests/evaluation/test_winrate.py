@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from rlhfkit.evaluation.winrate import fit_logistic, length_controlled_win_rate, length_feature, win_rate
+from rlhfkit.evaluation.winrate import (
+    cv_folds,
+    fit_logistic,
+    fit_logistic_l1,
+    length_controlled_win_rate,
+    length_feature,
+    win_rate,
+)
 
 
 def test_raw_win_rate_counts_ties_half():
@@ -21,7 +28,7 @@ def test_raw_win_rate_counts_ties_half():
 
 def test_length_feature_is_bounded_and_handles_equal_lengths():
     x, s = length_feature([100, 300, 200], [200, 200, 200])
-    assert s == pytest.approx(np.std([-100, 100, 0]))
+    assert s == pytest.approx(np.std([-100, 100, 0], ddof=1)) == 100.0  # AlpacaEval's (pandas') sample std
     assert np.all(np.abs(x) < 1) and x[2] == 0 and x[0] == pytest.approx(-x[1])
     x, s = length_feature([10, 20], [5, 15])  # every difference is +5: no variation
     assert s == 0.0 and x.tolist() == [0.0, 0.0]
@@ -77,3 +84,19 @@ def test_fit_logistic_recovers_coefficients():
     w, cov = fit_logistic(x, y, l2=1e-6)
     assert w == pytest.approx([0.5, -1.5], abs=0.12)
     assert np.all(np.diag(cov) > 0)
+
+
+def test_l1_fit_by_hand():
+    """Intercept only, every target 0.8 over n = 10 rows: minimise |a| + c·Σ loss.
+
+    For a > 0 the optimum has c·n·(σ(a) - 0.8) + 1 = 0: with c = 1, σ(a) = 0.8 - 1/10 = 0.7.
+    With c = 0.1 the pull of the data at a = 0 is c·n·(0.8 - 0.5) = 0.3 < 1: the penalty keeps a at 0.
+    """
+    ones, y = np.ones((10, 1)), np.full(10, 0.8)
+    assert fit_logistic_l1(ones, y, 1.0)[0] == pytest.approx(math.log(0.7 / 0.3), abs=1e-9)
+    assert fit_logistic_l1(ones, y, 0.1)[0] == 0.0
+
+
+def test_cv_folds_are_group_kfolds():
+    # GroupKFold: equal groups taken last first, each to the lightest fold (the first of equals)
+    assert cv_folds(7, 5).tolist() == [1, 0, 4, 3, 2, 1, 0]

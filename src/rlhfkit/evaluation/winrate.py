@@ -6,19 +6,25 @@ verdicts disagreed).
 
 **Raw win rate** = mean preference = (wins + ties / 2) / n.
 
-**Length-controlled win rate** (in the spirit of AlpacaEval 2's LC win rate): judges prefer
+**Length-controlled win rate** (AlpacaEval 2's ``length_controlled_minimal`` GLM): judges prefer
 longer answers, so a model can buy win rate with verbosity. Fit a logistic regression of the
 preference on a length-difference term::
 
     P(model preferred) = σ(a + b · x),   x = tanh((len_model - len_ref) / s)
 
-where lengths are in characters and ``s`` is the standard deviation of the length differences
-over the evaluated set (``tanh`` bounds the influence of a few huge differences). The
-preferences are used as soft targets (a tie is y = 0.5). The LC win rate is the prediction at
-zero length difference, ``σ(a)``: the win rate the model would have if its answers were as
-long as the reference's. A weak ridge ``λ/2 (a² + b²)`` keeps the fit finite when the data are
-separable (every win longer, every loss shorter). Its standard error is from the inverse
-Hessian by the delta method: ``SE = σ(a)(1 - σ(a)) · sqrt(Var(a))``.
+where lengths are in characters and ``s`` is the sample standard deviation (ddof = 1, as pandas'
+``.std()`` in AlpacaEval) of the length differences over the evaluated set (``tanh`` bounds the
+influence of a few huge differences). The preferences are soft targets (a tie is y = 0.5). The LC
+win rate is the prediction at zero length difference, ``σ(a)``: the win rate the model would have
+if its answers were as long as the reference's.
+
+The fit is AlpacaEval's (``fit_LogisticRegressionCV`` in alpaca_eval/metrics/glm_winrate.py): an
+L1 penalty ``|w|₁ + C · Σ log-loss`` with no separate intercept (``a`` is penalised like ``b``), ``C``
+chosen from scikit-learn's default grid ``logspace(-4, 4, 10)`` by 5-fold cross-validation on the
+soft-label log loss, with the folds scikit-learn's ``GroupKFold`` makes; then refitted on every
+comparison. Agreement with alpaca-eval 0.6.6 is pinned in tests/evaluation/test_winrate_alpaca_eval.py.
+Its standard error is from the inverse Hessian at the fit (plus a weak ridge ``LC_L2``, so that
+it stays finite on separable data) by the delta method: ``SE = σ(a)(1 - σ(a)) · sqrt(Var(a))``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-LC_L2 = 1e-2
+LC_L2 = 1e-2                     # ridge added to the Hessian behind the standard errors
+CV_CS = np.logspace(-4, 4, 10)   # the penalties tried (scikit-learn LogisticRegressionCV's default, AlpacaEval's)
+CV_FOLDS = 5                     # AlpacaEval's n_splits
 
 
 @dataclass
@@ -53,6 +61,7 @@ class LengthControlled:
     length_coef: float   # b (per unit of tanh-scaled length difference)
     length_scale: float  # s, characters
     n: int
+    c: float = float("nan")  # the inverse L1 penalty cross-validation chose
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,12 +93,12 @@ def win_rate(preferences: Sequence[float]) -> WinRate:
 
 def length_feature(len_model: Sequence[float], len_ref: Sequence[float],
                    scale: float | None = None) -> tuple[np.ndarray, float]:
-    """``x = tanh((len_model - len_ref) / s)`` and ``s`` (default: the std of the differences).
+    """``x = tanh((len_model - len_ref) / s)`` and ``s`` (default: the sample std of the differences, ddof=1).
 
     When every difference is equal (``s = 0``) the feature is zero: length explains nothing.
     """
     diff = np.asarray(list(len_model), dtype=float) - np.asarray(list(len_ref), dtype=float)
-    s = float(diff.std()) if scale is None else float(scale)
+    s = (float(diff.std(ddof=1)) if diff.size > 1 else 0.0) if scale is None else float(scale)
     if not s > 0:
         return np.zeros_like(diff), 0.0
     return np.tanh(diff / s), s
@@ -135,12 +144,109 @@ def fit_logistic(features: np.ndarray, targets: np.ndarray, l2: float = LC_L2,
     return w, np.linalg.inv(neg_hess)
 
 
+def _soft_log_loss(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-row ``-y log σ(z) - (1 - y) log σ(-z)`` (soft targets)."""
+    return y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z)
+
+
+def fit_logistic_l1(features: np.ndarray, targets: np.ndarray, c: float, max_iter: int = 100,
+                    tol: float = 1e-10) -> np.ndarray:
+    """``argmin_w |w|₁ + c · Σ_i soft-log-loss(x_i · w, y_i)``: liblinear's L1 logistic regression.
+
+    Proximal Newton: each step minimises the quadratic model of the loss plus the L1 term by
+    coordinate descent (soft-thresholding), then backtracks on the true objective. Meant for a
+    few features (the inner loop is per coordinate).
+    """
+    x = np.asarray(features, dtype=float)
+    y = np.asarray(targets, dtype=float)
+    w = np.zeros(x.shape[1])
+
+    def objective(v: np.ndarray) -> float:
+        return float(np.abs(v).sum() + c * _soft_log_loss(x @ v, y).sum())
+
+    value = objective(w)
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = c * x.T @ (p - y)
+        hess = c * (x * (p * (1 - p))[:, None]).T @ x + 1e-12 * np.eye(x.shape[1])
+        step = _lasso_step(w, grad, hess, tol)
+        t = 1.0
+        while objective(w + t * step) > value + 1e-12 and t > 1e-10:
+            t *= 0.5
+        w = w + t * step
+        value = objective(w)
+        if np.max(np.abs(t * step)) < tol:
+            break
+    return w
+
+
+def _lasso_step(w: np.ndarray, grad: np.ndarray, hess: np.ndarray, tol: float, sweeps: int = 500) -> np.ndarray:
+    """``argmin_d grad·d + ½ dᵀ hess d + |w + d|₁`` by cyclic coordinate descent."""
+    d = np.zeros_like(w)
+    for _ in range(sweeps):
+        biggest = 0.0
+        for j in range(w.size):
+            u = w[j] + d[j]
+            g = grad[j] + hess[j] @ d
+            target = u - g / hess[j, j]
+            new = np.sign(target) * max(abs(target) - 1.0 / hess[j, j], 0.0)
+            biggest = max(biggest, abs(new - u))
+            d[j] = new - w[j]
+        if biggest < tol:
+            break
+    return d
+
+
+def cv_folds(n: int, k: int = CV_FOLDS) -> np.ndarray:
+    """The fold of each of ``n`` rows in scikit-learn's ``GroupKFold(k)`` with one group per row.
+
+    Groups of equal size are taken in reverse order (a stable argsort of the sizes, reversed), each
+    to the lightest fold, the first of equals: row i goes to fold ``(n - 1 - i) mod k``.
+    """
+    return (n - 1 - np.arange(n)) % k
+
+
+def fit_logistic_cv(features: np.ndarray, targets: np.ndarray, cs: Sequence[float] = CV_CS,
+                    folds: int = CV_FOLDS) -> tuple[np.ndarray, float]:
+    """AlpacaEval's ``fit_LogisticRegressionCV``: the L1 fit at the ``C`` with the best held-out log loss.
+
+    Each fold's score is the mean soft-label log loss of its held-out rows (a mean over the fold,
+    summed over folds, as ``LogisticRegressionCV`` does); the first best ``C`` wins ties. With fewer
+    rows than folds there is nothing to cross-validate and the weakest penalty (largest ``C``) is used.
+    Returns the weights refitted on every row and the chosen ``C``.
+    """
+    x = np.asarray(features, dtype=float)
+    y = np.asarray(targets, dtype=float)
+    if len(y) < folds:
+        best = float(max(cs))
+        return fit_logistic_l1(x, y, best), best
+    fold = cv_folds(len(y), folds)
+    scores = np.zeros(len(cs))
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        for i, c in enumerate(cs):
+            w = fit_logistic_l1(x[train], y[train], c)
+            p = np.clip(1.0 / (1.0 + np.exp(-(x[test] @ w))), 1e-15, 1 - 1e-15)
+            scores[i] -= float(np.mean(-(y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p))))
+    best = float(cs[int(np.argmax(scores))])
+    return fit_logistic_l1(x, y, best), best
+
+
+def _lc_stderr(design: np.ndarray, w: np.ndarray, l2: float) -> float:
+    """Delta-method standard error of σ(w₀) from the inverse (ridged) Hessian of the log-likelihood."""
+    p = 1.0 / (1.0 + np.exp(-(design @ w)))
+    cov = np.linalg.inv((design * (p * (1 - p))[:, None]).T @ design + l2 * np.eye(design.shape[1]))
+    lc = 1.0 / (1.0 + math.exp(-w[0]))
+    return lc * (1 - lc) * math.sqrt(max(cov[0, 0], 0.0))
+
+
 def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence[float],
                                len_ref: Sequence[float], l2: float = LC_L2) -> LengthControlled:
     """Fit ``P(model preferred) = σ(a + b tanh(Δlen / s))`` and predict at ``Δlen = 0``.
 
     ``len_model`` and ``len_ref`` are the answer lengths (characters) per comparison, aligned
-    with ``preferences``. See the module docstring for the method.
+    with ``preferences``. See the module docstring for the method (AlpacaEval's L1 fit with a
+    cross-validated penalty; ``l2`` only regularises the Hessian behind the standard error).
     """
     y = _as_preferences(preferences)
     if not (len(y) == len(len_model) == len(len_ref)):
@@ -151,7 +257,6 @@ def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence
         return LengthControlled(nan, nan, nan, nan, nan, 0)
     x, s = length_feature(len_model, len_ref)
     design = np.column_stack([np.ones(n), x])
-    w, cov = fit_logistic(design, y, l2=l2)
+    w, c = fit_logistic_cv(design, y)
     lc = 1.0 / (1.0 + math.exp(-w[0]))
-    se = lc * (1 - lc) * math.sqrt(max(cov[0, 0], 0.0))
-    return LengthControlled(float(lc), float(se), float(w[0]), float(w[1]), s, n)
+    return LengthControlled(float(lc), _lc_stderr(design, w, l2), float(w[0]), float(w[1]), s, n, c)
