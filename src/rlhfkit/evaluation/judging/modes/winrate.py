@@ -60,7 +60,8 @@ class WinRateSummary:
         return [f"## Win rate against {md_escape(self.reference_model)}", "",
                 "Raw win rate counts ties as half a win; the length-controlled (LC) win rate is "
                 "the win rate predicted at zero length difference by a logistic regression of "
-                "the preference on tanh(length difference / its std). ± one standard error. "
+                "the preference on tanh(length difference / its std) (AlpacaEval 2's "
+                "length_controlled_minimal GLM). ± one standard error. "
                 "Lengths in characters.", "",
                 md_table(["model", "win rate", "LC win rate", "wins", "losses", "ties",
                           "invalid", "consistency", "avg length", "ref avg length"], rows,
