@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "arena": ("rlhfkit.evaluation.arena", "Elo and Bradley-Terry ratings with bootstrap intervals from battles."),
     "eval-safety": ("rlhfkit.evaluation.safety",
                     "Refusals, harmful compliance and over-refusal on red-team and benign prompts."),
+    "eval-bench": ("rlhfkit.evaluation.bench",
+                   "lm-evaluation-harness benchmarks (local tasks, Open LLM Leaderboard v1) on a model or endpoint."),
     "eval-frontier": ("rlhfkit.evaluation.frontier", "Reward vs KL over a run's checkpoints (over-optimisation)."),
     "cai-revise": ("rlhfkit.label.cai_revise",
                    "Constitutional AI's supervised phase: critique and revise responses against principles."),

@@ -46,6 +46,10 @@ class Config:
     seed: int = arg(0, "Sampling seed (the same for every checkpoint).")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype of the policies, the reference and "
                                                 "a reward model (on the GPU when there is one).")
+    y_bench: str = arg("", "An lm-eval task (built in, or under --include-path) scored on every checkpoint: the "
+                       "report then shows the reward against its metric (pip install 'rlhfkit[bench]').")
+    include_path: str = arg("", "A folder of lm-eval task YAML files for --y-bench.")
+    bench_limit: int = arg(0, "Score at most this many items of --y-bench (0: all).")
 
     def validate(self) -> list[str]:
         problems = []
@@ -61,7 +65,23 @@ class Config:
             problems.append("--temperature must be > 0")
         if bool(self.x_reward) != bool(self.y_reward) or (self.x_reward and (self.reward or self.oracle)):
             problems.append("--x-reward and --y-reward go together, and replace --reward and --oracle")
+        if self.y_bench or self.include_path:
+            problems += self.bench_problems()
         return problems
+
+    def bench_problems(self) -> list[str]:
+        from rlhfkit.evaluation.bench import lm_eval_problem
+
+        missing = lm_eval_problem()
+        if missing:
+            return [f"--y-bench: {missing}"]
+        if not self.y_bench or "," in self.y_bench:
+            return ["--y-bench takes one lm-eval task (--include-path is its task folder)"]
+        if self.x_reward:
+            return ["--y-bench draws the reward against a benchmark: give --reward, not --x-reward/--y-reward"]
+        if self.include_path and not Path(self.include_path).is_dir():
+            return [f"--include-path: no such folder: {self.include_path}"]
+        return [f"--bench-limit must be >= 0 (got {self.bench_limit})"] if self.bench_limit < 0 else []
 
 
 # ------------------------------------------------------------------------ shared with the demo
@@ -203,6 +223,7 @@ def load_run_policy(path: str, reference_name: str, dtype: str = "float32"):
 
 def main(cfg: Config) -> int:
     from rlhfkit.data.schema import load_prompts
+    from rlhfkit.evaluation.bench import CheckpointBench, plot_reward_vs_bench
     from rlhfkit.evaluation.report import md_table
     from rlhfkit.models.loading import load_policy
     from rlhfkit.rl.rewards import load_reward
@@ -222,13 +243,18 @@ def main(cfg: Config) -> int:
     prompts = [p.prompt for p in load_prompts(prompts_file, config=data_config, seed=cfg.seed)][:cfg.limit]
     reward = load_reward(reward_spec, cfg.dtype)
     oracle = load_reward(oracle_spec, cfg.dtype) if oracle_spec else None
+    bench = CheckpointBench.load(cfg.y_bench, cfg.include_path, cfg.bench_limit, cfg.seed) if cfg.y_bench else None
     reference, tokenizer = load_policy(reference_name, cfg.dtype)
     points = [frontier_point(0, reference, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
                              cfg.max_new_tokens, cfg.seed, cfg.samples_per_prompt)]
+    if bench:
+        points[0]["bench"] = bench(reference, tokenizer)
     for step, path in run_policies(run):
         model = load_run_policy(path, reference_name, cfg.dtype)
         points.append(frontier_point(step, model, reference, tokenizer, prompts, reward, oracle, cfg.temperature,
                                      cfg.max_new_tokens, cfg.seed, cfg.samples_per_prompt))
+        if bench:
+            points[-1]["bench"] = bench(model, tokenizer)
         print(f"step {step}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}"
               + (f", oracle {points[-1]['oracle']:.3f}" if oracle else ""), flush=True)
     out = Path(cfg.output or run / "frontier")
@@ -236,16 +262,20 @@ def main(cfg: Config) -> int:
     if cfg.x_reward:
         return write_reward_plane(out, run, cfg.x_reward, cfg.y_reward, len(prompts), points)
     (out / "frontier.json").write_text(json.dumps({"run": str(run), "reward": reward_spec, "oracle": cfg.oracle,
-                                                   "prompts": len(prompts), "points": points}, indent=1))
-    header = ["step", "KL (nats)", "reward"] + (["oracle"] if oracle else [])
+                                                   "prompts": len(prompts), "points": points,
+                                                   **({"y_bench": bench.label} if bench else {})}, indent=1))
+    header = ["step", "KL (nats)", "reward"] + (["oracle"] if oracle else []) + ([bench.label] if bench else [])
     rows = [[p["step"], f"{p['kl']:.3f}", f"{p['reward']:.3f}"] + ([f"{p['oracle']:.3f}"] if oracle else [])
-            for p in points]
+            + ([f"{p['bench']:.3f}"] if bench else []) for p in points]
     table = md_table(header, rows)
     plot_frontier(points, out / "frontier.png", f"reward ({Path(reward_spec).name})",
                   f"oracle ({cfg.oracle})" if cfg.oracle else "oracle")
+    if bench:
+        plot_reward_vs_bench(points, out / "frontier-bench.png", f"reward ({Path(reward_spec).name})", bench.label)
     (out / "frontier.md").write_text(f"# Reward vs KL: {run}\n\n{len(prompts)} prompts, "
                                      f"{cfg.samples_per_prompt} sample(s) each\n\n{table}\n\n"
-                                     "![frontier](frontier.png)\n")
+                                     "![frontier](frontier.png)\n"
+                                     + ("\n![reward vs benchmark](frontier-bench.png)\n" if bench else ""))
     print(table)
     print(f"wrote {out / 'frontier.md'}")
     return 0

@@ -108,12 +108,22 @@ def chat_completions_url(url: str) -> str:
     ``http://h:8000/v1/chat/completions``; a URL that already ends in ``/chat/completions`` is
     used as is.
     """
+    return _api_url(url, "/chat/completions")
+
+
+def completions_url(url: str) -> str:
+    """The (text) completions URL for a base URL, as :func:`chat_completions_url` finds the chat one:
+    ``http://h:8000/v1`` and ``http://h:8000`` both give ``http://h:8000/v1/completions``."""
+    return _api_url(url, "/completions")
+
+
+def _api_url(url: str, route: str) -> str:
     u = url.strip().rstrip("/")
-    if u.endswith("/chat/completions"):
+    if u.endswith(route):
         return u
     if re.search(r"/v\d+[a-z]*$", u):
-        return u + "/chat/completions"
-    return u + "/v1/chat/completions"
+        return u + route
+    return u + "/v1" + route
 
 
 def redact_url(url: str) -> str:
