@@ -138,6 +138,7 @@ INVALID_IN_PYTHON = {
     "eval-rm": ({"model": "m"}, "--model and --ref-model go together"),
     "judge": ({"output": "{out}"}, "no candidates"),
     "arena": ({"output": "{out}"}, "--battles is required"),
+    "eval-bench": ({"output": "{out}", "limit": -1}, "--tasks or --suite is required"),
     "eval-frontier": ({"samples_per_prompt": 0}, "--run is required"),
     "eval-safety": ({"samples_per_prompt": 2}, "--output is required"),
     "cai-revise": ({"rounds": 0}, "--output is required"),
