@@ -151,6 +151,16 @@ def test_without_lm_eval_the_command_says_how_to_install_it(command, run_cli, no
     assert "Traceback" not in result.err and no_model_loading == []
 
 
+def test_an_endpoint_without_lm_evals_api_extra_says_how_to_install_it(run_cli, monkeypatch, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional [bench] extra")
+    monkeypatch.setitem(sys.modules, "tenacity", None)
+    result = run_cli("eval-bench", "--model-url", "http://h:1/v1", "--model-name", "m", "--tasks", "x",
+                     "--output", tmp_path / "out")
+    assert result.code == 2
+    assert result.errors == ["error: --model-url: lm-eval's endpoint models need tenacity (lm-eval's `api` extra): "
+                             "pip install 'rlhfkit[bench]'"]
+
+
 # ------------------------------------------------------------------------ with lm-eval
 
 
@@ -207,11 +217,28 @@ def test_endpoint_goes_through_local_completions_with_the_key_of_api_key_env(mon
     cfg = Config(model_url="http://h:8000/v1", model_name="tiny", tokenizer=tiny_lm, api_key_env="MY_KEY",
                  tasks="x", output="o", batch_size=16, concurrency=2)
     lm, label = model_under_test(cfg)
-    assert lm == "lm" and label == "http://h:8000/v1/chat/completions (tiny)"
+    assert lm == "lm" and label == "http://h:8000/v1/completions (tiny)"
     assert seen["base_url"] == "http://h:8000/v1/completions" and seen["model"] == "tiny"
     assert seen["tokenizer"] == tiny_lm and seen["tokenizer_backend"] == "huggingface"
     assert seen["header"] == {"Authorization": "Bearer sekrit"}
     assert seen["batch_size"] == 16 and seen["num_concurrent"] == 2
+
+
+def test_eval_bench_on_rlhfkit_serve_equals_the_local_model(run_cli, one_thread, tiny_lm, tmp_path):
+    """The endpoint path (lm-eval's local-completions against `rlhfkit serve`) scores as the local one."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional [bench] extra")
+    pytest.importorskip("tenacity", reason="local-completions needs lm-eval's `api` extra")
+    from rlhfkit.serve.server import start_background
+
+    tasks = write_task(tmp_path / "tasks")
+    with start_background(tiny_lm, served_model_name="tiny") as server:
+        result = run_cli("eval-bench", "--model-url", server.base_url, "--model-name", "tiny", "--tokenizer", tiny_lm,
+                         "--tasks", "toy_mc", "--include-path", tasks, "--output", tmp_path / "served")
+    assert result.code == 0, result.err
+    served = json.loads((tmp_path / "served" / "results.json").read_text())
+    assert served["model"] == f"{server.base_url}/completions (tiny)"
+    assert served["tasks"]["toy_mc"]["value"] == pytest.approx(hand_accuracy(tiny_lm))
+    assert served["tasks"]["toy_mc"]["n"] == len(ITEMS)
 
 
 def test_frontier_with_a_bench_task_scores_every_checkpoint(run_cli, one_thread, tiny_lm, tmp_path):

@@ -35,6 +35,7 @@ from rlhfkit.errors import InputError
 from rlhfkit.models.backends import BackendError, ModelOptions
 
 INSTALL_HINT = "pip install 'rlhfkit[bench]'"
+ENDPOINT_MODULES = ("aiohttp", "tenacity", "requests")  # lm-eval[api]: what local-completions imports
 
 # task -> (few-shot examples, the metric the leaderboard reported), as the Open LLM Leaderboard v1 ran them
 SUITES: dict[str, dict[str, tuple[int, str]]] = {
@@ -89,14 +90,20 @@ class Config(ModelOptions):
             problems.append("--generation-batch-size does not apply to eval-bench: use --batch-size")
         if self.tokenizer and not self.model_url:
             problems.append("--tokenizer is for --model-url (a local model brings its own)")
+        if self.model_url and lm_eval_problem(ENDPOINT_MODULES):
+            problems.append(f"--model-url: {lm_eval_problem(ENDPOINT_MODULES)}")
         return problems
 
 
-def lm_eval_problem() -> str | None:
-    """The one line to print when lm-eval is not installed (None when it is); imports nothing."""
-    if importlib.util.find_spec("lm_eval") is None:
+def lm_eval_problem(modules: tuple[str, ...] = ("lm_eval",)) -> str | None:
+    """The one line to print when lm-eval (or what its endpoint models need) is not installed; None
+    when it is. Imports nothing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    if modules == ("lm_eval",):
         return f"this needs EleutherAI's lm-evaluation-harness, which is not installed: {INSTALL_HINT}"
-    return None
+    return f"lm-eval's endpoint models need {', '.join(missing)} (lm-eval's `api` extra): {INSTALL_HINT}"
 
 
 def task_names(tasks: str) -> list[str]:
@@ -331,12 +338,12 @@ def model_under_test(cfg: Config):
     import os
 
     if cfg.model_url:
-        from rlhfkit.models.backends import endpoint_label
+        from rlhfkit.models.backends import completions_url, redact_url
 
         lm = endpoint_lm(cfg.model_url, cfg.model_name, cfg.tokenizer or cfg.model_name,
                          os.environ.get(cfg.api_key_env) or None, cfg.batch_size, cfg.concurrency,
                          cfg.request_timeout, cfg.seed)
-        return lm, endpoint_label(cfg.model_url, cfg.model_name)
+        return lm, f"{redact_url(completions_url(cfg.model_url))} ({cfg.model_name})"
     from rlhfkit.models.loading import load_policy
 
     model, tokenizer = load_policy(cfg.model, cfg.dtype)
