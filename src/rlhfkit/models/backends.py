@@ -334,21 +334,14 @@ class LocalBackend:
         return out
 
     def _top_logprobs(self, prompt_ids: list[int], response_ids: list[int], k: int) -> tuple[TokenLogprob, ...]:
-        import torch
+        from rlhfkit.models.token_scores import score_tokens
 
         if not response_ids:
             return ()
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([prompt_ids + response_ids], device=device)
-        with torch.no_grad():
-            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
-        logps = torch.log_softmax(logits, dim=-1)
-        top_values, top_ids = logps.topk(min(k, logps.shape[-1]), dim=-1)
+        (scores,) = score_tokens(self.model, [prompt_ids + response_ids], [len(prompt_ids)], top=k)
         decode = self.tokenizer.decode
-        return tuple(
-            TokenLogprob(decode([tok]), float(logps[t, tok]),
-                         {decode([int(i)]): float(v) for v, i in zip(top_values[t].tolist(), top_ids[t].tolist())})
-            for t, tok in enumerate(response_ids))
+        return tuple(TokenLogprob(decode([tok]), logp, {decode([a]): v for a, v in alts})
+                     for tok, logp, alts in zip(scores.token_ids, scores.logps, scores.top))
 
     def complete(self, conversations: Sequence[Sequence[Message]], temperature: float = 0.0,
                  max_tokens: int = 512) -> list[str]:
