@@ -174,3 +174,41 @@ def test_score_tokens_counts_and_starts(policy):
     assert [len(t) for t in scores[0].top] == [2, 2, 2]
     with pytest.raises(ValueError, match="starts"):
         score_tokens(model, seqs, [0, 1, 1])
+
+
+def test_concurrent_scoring_requests_share_one_forward_and_equal_single_ones(server):
+    """Three lm-eval-style scoring requests (max_tokens 0, echo) waiting together run as one batch,
+    with the same numbers as each alone; a generating request is not mixed in."""
+    import threading
+    import time
+
+    engine = server.engine
+    prompts = ["short", "a somewhat longer prompt", "mid length one"]
+    alone = [_complete(server, prompt=p, echo=True, logprobs=1, max_tokens=0)["choices"][0]["logprobs"]
+             for p in prompts]
+    before = engine.stats()
+    results = {}
+
+    def ask(i):
+        body = dict(prompt=prompts[i], echo=True, logprobs=1, max_tokens=0) if i < 3 else dict(prompt="x", max_tokens=2)
+        results[i] = _complete(server, **body)
+
+    engine.pause()
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while engine.stats()["waiting"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.resume()
+    for t in threads:
+        t.join(120)
+    after = engine.stats()
+    assert after["score_calls"] - before["score_calls"] == 1
+    assert after["generate_calls"] - before["generate_calls"] == 1
+    for i in range(3):
+        got = results[i]["choices"][0]["logprobs"]
+        assert got["tokens"] == alone[i]["tokens"]
+        assert got["token_logprobs"][1:] == pytest.approx(alone[i]["token_logprobs"][1:], abs=1e-5)
