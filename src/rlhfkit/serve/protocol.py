@@ -142,7 +142,7 @@ def logprobs_request(req: _SamplingRequest) -> LogprobsRequest | None:
     """What log-probs the request asks for (None: none). Chat: ``logprobs: true`` with
     ``top_logprobs`` alternatives; completions: ``logprobs`` alternatives (0: the chosen token only)."""
     if isinstance(req, ChatCompletionRequest):
-        if req.top_logprobs is not None and not req.logprobs:
+        if req.top_logprobs not in (None, 0) and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
         if not req.logprobs:
             return None
