@@ -266,3 +266,18 @@ def test_frontier_with_a_bench_task_scores_every_checkpoint(run_cli, one_thread,
     assert (run / "frontier" / "frontier-bench.png").stat().st_size > 1000
     report = (run / "frontier" / "frontier.md").read_text()
     assert "| toy_ll perplexity |" in report and "frontier-bench.png" in report
+
+
+def test_the_projects_local_task_loads_offline_from_any_directory(monkeypatch, tmp_path):
+    """bench/tasks/rlhfkit_basics (the task of the SmolLM2 figure in docs/evaluation.md): 50 items,
+    four choices each, the right one cycling through the positions, read relative to its folder."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional [bench] extra")
+    from core_helpers import REPO
+    from rlhfkit.evaluation.bench import load_tasks, task_plan
+
+    monkeypatch.chdir(tmp_path)
+    (task,) = load_tasks(task_plan("rlhfkit_basics", "none"), str(REPO / "bench" / "tasks")).objects
+    docs = list(task.test_docs())
+    assert len(docs) == 50 and all(len(d["choices"]) == 4 for d in docs)
+    assert [d["label"] for d in docs[:8]] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert {d["kind"] for d in docs} == {"arithmetic", "commonsense"}
