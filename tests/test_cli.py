@@ -131,6 +131,7 @@ INVALID_IN_PYTHON = {
     "inspect-data": ({}, "--data is required"),
     "ppo": ({"output": "{out}", "reward": "{missing}.py:f"}, "--prompts is required"),
     "dpo": ({"output": "{out}", "beta": 0.0}, "--beta must be > 0"),
+    "kto": ({"output": "{out}", "data": "{missing}", "batch_size": 1}, "--batch-size and --eval-batch-size must be"),
     "offline-rl": ({"output": "{out}", "data": "{missing}", "clip": 1.5}, "--clip must be in (0, 1)"),
     "generate": ({"output": "{out}", "prompts": "{missing}"}, "--prompts: no such file or directory"),
     "rejection-sampling": ({"output": "{out}"}, "--prompts is required"),

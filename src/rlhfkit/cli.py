@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect-data": ("rlhfkit.data.inspect", "Show one example token by token with the trained tokens marked."),
     "ppo": ("rlhfkit.recipes.ppo", "RL against a reward with a KL penalty: PPO, RLOO or GRPO."),
     "dpo": ("rlhfkit.recipes.dpo", "Direct preference optimisation and its relatives (IPO, SLiC, SimPO, ...)."),
+    "kto": ("rlhfkit.recipes.kto", "KTO on unpaired feedback: completions labelled desirable or undesirable."),
     "offline-rl": ("rlhfkit.recipes.offline_rl",
                    "Offline RL from scored completions, no sampling: A-LoL (advantage-based) or AWR."),
     "generate": ("rlhfkit.generation.command", "Decode completions (greedy, beam, sampling) and best-of-N."),

@@ -51,6 +51,10 @@ __all__ = [
     "dpo_apo_zero_loss",
     "dpo_bco_pair_loss",
     "DPO_LOSSES",
+    "kto_loss",
+    "apo_zero_unpaired_loss",
+    "kto_reference_point",
+    "UNPAIRED_LOSSES",
     "ppo_policy_loss",
     "value_loss",
     "alol_loss",
@@ -598,6 +602,97 @@ def dpo_loss(
         if name in params:
             kwargs[name] = value
     return fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Unpaired feedback: KTO
+# --------------------------------------------------------------------------------------------
+#
+# One completion per prompt, labelled desirable (True) or undesirable (False). Each function
+# takes per-sequence log-probs ``[B]`` and the boolean labels ``[B]`` and returns
+# ``(losses [B], rewards [B])``, the rewards being the detached β·(log π − log π_ref).
+
+
+def kto_reference_point(kl_logratios: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """KTO's reference point z_ref, estimated from mismatched pairs as TRL 1.16 does (a scalar, detached).
+
+        z_ref = max(0, mean_{(x, y')} [log π(y'|x) − log π_ref(y'|x)])
+
+    ``kl_logratios`` [B]: the log-ratios of the batch's mismatched pairs (prompt x with another
+    example's completion y'), an estimate of KL(π ‖ π_ref) that no gradient flows through. With
+    ``gather`` (several processes: it returns every process's value stacked), z_ref is the mean
+    of the per-process means, then clamped at 0.
+    """
+    kl = kl_logratios.detach().mean()
+    if gather is not None:
+        kl = gather(kl.reshape(1)).mean()
+    return kl.clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    reference_point: Tensor | float,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 8) with the weights λ_D, λ_U, as TRL 1.16's ``"kto"``.
+
+        r = log π(y|x) − log π_ref(y|x)
+        L = λ_D·(1 − σ(β·(r − z_ref)))   for a desirable y
+        L = λ_U·(1 − σ(β·(z_ref − r)))   for an undesirable y
+
+    ``reference_point`` is z_ref (:func:`kto_reference_point`, detached); the paper's loss
+    λ_y − v(x, y) is the same up to the constant λ_y. λ_D·n_D / (λ_U·n_U) in [1, 4/3] is the
+    paper's advice when desirable and undesirable examples are unbalanced (its eq. 9).
+    """
+    logratios = policy_logps - ref_logps
+    desirable = desirable.bool()
+    z = torch.as_tensor(reference_point, dtype=logratios.dtype, device=logratios.device)
+    gains = torch.where(desirable, logratios - z, z - logratios)
+    weights = torch.where(desirable, torch.full_like(logratios, desirable_weight),
+                          torch.full_like(logratios, undesirable_weight))
+    return weights * (1.0 - torch.sigmoid(beta * gains)), beta * logratios.detach()
+
+
+def apo_zero_unpaired_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    reference_point: Tensor | float = 0.0,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Unpaired APO-zero (D'Oosterlinck et al. 2024, eq. 7 on single answers), as TRL 1.16's
+    ``"apo_zero_unpaired"``: push desirable answers up and undesirable ones down, no reference point.
+
+        L = λ_D·(1 − σ(β·r))   for a desirable y,     L = λ_U·σ(β·r)   for an undesirable y
+
+    That is :func:`kto_loss` with z_ref = 0 (1 − σ(−βr) = σ(βr)); ``reference_point`` is ignored.
+    """
+    return kto_loss(policy_logps, ref_logps, desirable, 0.0, beta=beta, desirable_weight=desirable_weight,
+                    undesirable_weight=undesirable_weight)
+
+
+@dataclass(frozen=True)
+class UnpairedLoss:
+    """A loss on unpaired feedback and what the recipe derives from it."""
+
+    fn: Callable[..., tuple[Tensor, Tensor]]
+    reference_point: bool   # needs z_ref: the recipe scores mismatched (KL) pairs, and needs 2+ examples per batch
+
+
+UNPAIRED_LOSSES: dict[str, UnpairedLoss] = {
+    "kto": UnpairedLoss(kto_loss, reference_point=True),
+    "apo_zero_unpaired": UnpairedLoss(apo_zero_unpaired_loss, reference_point=False),
+}
+"""Losses on unpaired feedback by name; each ``fn(policy_logps, ref_logps, desirable, reference_point, *,
+beta, desirable_weight, undesirable_weight) -> (losses [B], rewards [B])``."""
 
 
 # --------------------------------------------------------------------------------------------

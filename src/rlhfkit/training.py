@@ -529,7 +529,8 @@ def evaluate_means(model, num_examples: int, batch_size: int, loss_fn: Callable[
 def fit(run: Run, cfg, training: Training, loss_fn: Callable, *, desc: str,
         normalizer: Callable[[list[int]], float] | None = None, per_example: tuple[str, ...] = (),
         postfix: dict[str, str] | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
-        constants: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        constants: dict[str, float] | None = None,
+        derived: Callable[[dict[str, float]], dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """The step loop of step-based recipes (sft, rm, dpo): each step is one :func:`optimizer_step`
     over this rank's micro-batches of the StepPlan, scheduled by :func:`run_steps`.
 
@@ -537,7 +538,9 @@ def fit(run: Run, cfg, training: Training, loss_fn: Callable, *, desc: str,
     ``normalizer(global_indices)`` is the count that sum is divided by (default: the examples of
     the global batch; SFT: its trained tokens). A row is :func:`step_row` plus the summed ``stats``
     named in ``per_example``, as means over the global batch, plus ``constants`` (statistics of the
-    whole run, e.g. offline RL's fraction of examples kept). Returns the rows logged.
+    whole run, e.g. offline RL's fraction of examples kept), plus ``derived(stats)``: metrics
+    computed from the step's summed ``stats`` (e.g. KTO's means over its desirable examples only).
+    Returns the rows logged.
     """
     acc, plan = run.accelerator, training.plan
 
@@ -549,7 +552,8 @@ def fit(run: Run, cfg, training: Training, loss_fn: Callable, *, desc: str,
                                normalizer=normalizer(batch) if normalizer else len(batch),
                                max_grad_norm=cfg.max_grad_norm)
         row = step_row(run, plan, step, stats, training.scheduler, time.time() - t0)
-        return {**row, **{k: stats[k] / plan.global_batch for k in per_example}, **(constants or {})}
+        return {**row, **{k: stats[k] / plan.global_batch for k in per_example}, **(derived(stats) if derived else {}),
+                **(constants or {})}
 
     return run_steps(run, cfg, training, step_fn, desc=desc, evaluate=evaluate,
                      postfix={"loss": "loss", **(postfix or {})})

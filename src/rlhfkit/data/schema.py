@@ -7,6 +7,9 @@
   of ``rlhfkit label export --keep-ties``) carry no preferred side and are skipped.
 - Ranking: ``{"prompt", "completions": [...], "ranking": [...]}`` where ``ranking`` lists the
   indices of ``completions`` from best to worst (a permutation of 0..K-1).
+- Unpaired (KTO, TRL's unpaired preference): ``{"prompt", "completion", "label": bool}``
+  (``label`` true: a desirable completion); a preference pair gives both of its sides (chosen
+  desirable, rejected undesirable), as TRL's ``unpair_preference_dataset``.
 - Prompts: ``{"prompt": str | messages}`` or ``{"messages": [...]}``; other fields are kept.
 - Scored (offline RL): an SFT record with a numeric ``reward`` (``{"prompt", "completion",
   "reward"}``), or without one, or a preference record, to be scored by a reward function: each
@@ -64,6 +67,14 @@ class RankingExample:
 class PromptExample:
     prompt: Prompt
     extra: dict = field(default_factory=dict)
+    source: Record | None = None
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    prompt: Prompt
+    completion: Any
+    desirable: bool              # the record's ``label``
     source: Record | None = None
 
 
@@ -128,12 +139,18 @@ def parse_sft(rec: Record, problems: list[str]) -> SFTExample | None:
     if "prompt" not in d and "completion" not in d:
         problems.append(rec.problem(None, "missing field: expected 'messages' or 'prompt' and 'completion'"))
         return None
+    return SFTExample(d["prompt"], d["completion"], rec) if _check_prompt_completion(rec, problems) else None
+
+
+def _check_prompt_completion(rec: Record, problems: list[str]) -> bool:
+    """Whether ``prompt`` and ``completion`` are valid and of one form (both strings or both messages)."""
+    d = rec.data
     ok = check_text_or_messages(rec, "prompt", d.get("prompt"), problems)
     ok &= check_text_or_messages(rec, "completion", d.get("completion"), problems, assistant_only=True)
     if ok and isinstance(d["prompt"], str) != isinstance(d["completion"], str):
         problems.append(rec.problem("completion", "prompt and completion must both be strings or both message lists"))
-        return None
-    return SFTExample(d["prompt"], d["completion"], rec) if ok else None
+        return False
+    return ok
 
 
 def _split_implicit_prompt(chosen: list, rejected: list):
@@ -212,6 +229,25 @@ def parse_prompt(rec: Record, problems: list[str]) -> PromptExample | None:
     return PromptExample(prompt, extra, rec)
 
 
+def parse_unpaired(rec: Record, problems: list[str]) -> list[UnpairedExample]:
+    """A completion labelled desirable or not; a preference pair gives both of its sides."""
+    d = rec.data
+    if "completions" in d or "ranking" in d:  # a middle completion is neither desirable nor undesirable
+        problems.append(rec.problem("completions", "a ranking is not unpaired feedback: expected "
+                                    "{prompt, completion, label} or {prompt, chosen, rejected}"))
+        return []
+    if "chosen" in d or "rejected" in d:
+        return [UnpairedExample(pair.prompt, side, desirable, rec) for pair in parse_preference(rec, problems)
+                for side, desirable in ((pair.chosen, True), (pair.rejected, False))]
+    ok = _check_prompt_completion(rec, problems)
+    label = d.get("label")
+    if not isinstance(label, bool):
+        problems.append(rec.problem("label", "missing field (true: a desirable completion, false: an undesirable "
+                                    "one)" if label is None else f"expected true or false, got {label!r}"))
+        return []
+    return [UnpairedExample(d["prompt"], d["completion"], label, rec)] if ok else []
+
+
 def parse_scored(rec: Record, problems: list[str]) -> list[ScoredExample]:
     """A completion and its reward; a preference record gives both of its sides, unscored."""
     d = rec.data
@@ -267,6 +303,11 @@ def load_rankings(spec: str, *, config: str = "", seed: int = 0) -> list[Ranking
 def load_scored(spec: str, *, config: str = "", seed: int = 0) -> list[ScoredExample]:
     """Scored completions (``reward`` None where the record has none); pairs give both sides."""
     return _load(spec, parse_scored, config, seed)
+
+
+def load_unpaired(spec: str, *, config: str = "", seed: int = 0) -> list[UnpairedExample]:
+    """Completions labelled desirable or not (KTO); a preference pair gives both of its sides."""
+    return _load(spec, parse_unpaired, config, seed)
 
 
 def load_prompts(spec: str, *, config: str = "", seed: int = 0) -> list[PromptExample]:

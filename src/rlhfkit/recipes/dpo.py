@@ -33,7 +33,7 @@ from rlhfkit.data.length import apply_length_policy
 from rlhfkit.data.schema import PreferenceExample, load_preferences
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models import reference as ref_cache
-from rlhfkit.models.packed import Group, completion_logps, supports_packing
+from rlhfkit.models.packed import Group, Scored, completion_logps, supports_packing
 from rlhfkit.models.reference import adapters_disabled, model_fingerprint
 from rlhfkit.recipes.sft import build_model
 from rlhfkit.training import Run, TrainResult, evaluate_means, fit, save_final_model, setup_training, start_run
@@ -188,13 +188,17 @@ class Reference:
               pad_id: int) -> torch.Tensor | None:
         if self.table is not None:
             return self.table[split][indices]
+        scored = self.score([pairs[i].group for i in indices], policy_model, packed, pad_id)
+        return None if scored is None else scored.logps.view(-1, 2)
+
+    def score(self, groups: list[Group], policy_model, packed: bool, pad_id: int) -> Scored | None:
+        """log π_ref of every completion of ``groups``, run now without gradients (None: reference-free)."""
         if self.model is None and not self.adapters_off:
-            return None  # reference-free
+            return None
         model = self.model if self.model is not None else policy_model
         context = adapters_disabled(policy_model) if self.adapters_off else nullcontext()
         with torch.no_grad(), context:
-            scored = completion_logps(model, [pairs[i].group for i in indices], packed, pad_id)
-        return scored.logps.view(-1, 2)
+            return completion_logps(model, groups, packed and supports_packing(model), pad_id)
 
 
 def batch_loss(model, pairs: list[EncodedPair], indices: list[int], reference: Reference, cfg, packed: bool,
@@ -245,29 +249,40 @@ def disable_dropout(model, adapters: bool = False) -> None:
             module.attention_dropout = 0.0
 
 
-def build_reference(run: Run, cfg, model, splits, packed: bool, pad_id: int) -> Reference:
-    """The reference as the loss will read it (see the module docstring, step 2)."""
+def load_reference_model(run: Run, cfg):
+    """--ref-model, frozen and in eval mode with dropout off, on this process's device."""
     from rlhfkit.models.loading import load_causal_lm
 
-    if cfg.loss in REFERENCE_FREE:
-        return Reference()
+    ref_model = load_causal_lm(cfg.ref_model, cfg.dtype, run.accelerator.device, cfg.quantization_bits).eval()
+    ref_model.requires_grad_(False)
+    disable_dropout(ref_model)
+    return ref_model
+
+
+def live_reference(run: Run, cfg, model) -> Reference:
+    """The reference run at every step: --ref-model; else, with LoRA, the policy with its adapters
+    disabled (no second copy); else a frozen copy of the initial policy."""
     if cfg.ref_model:
-        ref_model = load_causal_lm(cfg.ref_model, cfg.dtype, run.accelerator.device, cfg.quantization_bits).eval()
-        ref_model.requires_grad_(False)
-        disable_dropout(ref_model)
-        if cfg.precompute_ref:
-            table = precompute_reference(run, cfg, ref_model, splits, packed and supports_packing(ref_model), pad_id)
-            del ref_model
-            return Reference(table=table)
-        return Reference(model=ref_model)
-    adapters_off = bool(cfg.lora_r)
-    if cfg.precompute_ref:
-        return Reference(table=precompute_reference(run, cfg, model, splits, packed, pad_id, adapters_off))
-    if adapters_off:
+        return Reference(model=load_reference_model(run, cfg))
+    if cfg.lora_r:
         return Reference(adapters_off=True)
     ref_model = copy.deepcopy(model).eval()  # on the policy's device, in its dtype
     ref_model.requires_grad_(False)
     return Reference(model=ref_model)
+
+
+def build_reference(run: Run, cfg, model, splits, packed: bool, pad_id: int) -> Reference:
+    """The reference as the loss will read it (see the module docstring, step 2)."""
+    if cfg.loss in REFERENCE_FREE:
+        return Reference()
+    if not cfg.precompute_ref:
+        return live_reference(run, cfg, model)
+    if cfg.ref_model:
+        ref_model = load_reference_model(run, cfg)
+        table = precompute_reference(run, cfg, ref_model, splits, packed and supports_packing(ref_model), pad_id)
+        del ref_model
+        return Reference(table=table)
+    return Reference(table=precompute_reference(run, cfg, model, splits, packed, pad_id, bool(cfg.lora_r)))
 
 
 # ---------------------------------------------------------------- recipe
