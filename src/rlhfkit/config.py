@@ -53,6 +53,13 @@ DATA_CONFIG_HELP = ("Configuration (subset) of the Hugging Face dataset ids in t
 PROMPTS_HELP = ("Prompts: records {\"prompt\": str | messages} or {\"messages\": [...]} in a .jsonl/.json/.parquet "
                 "file, a saved `datasets` folder, a Hugging Face dataset id or a mixture (docs/data.md).")
 GENERATION_BATCH_HELP = "Prompts per generate call (each prompt gives --samples-per-prompt rows)."
+REWARD_HELP = ("Reward source, repeatable: a reward-model folder (`rlhfkit rm`), path/to/file.py:function or "
+               "package.module:function called as f(prompts, completions) -> list[float], or an http(s):// "
+               "endpoint; NAME=SPEC names it (default: the function name, the folder's or the URL host's). "
+               "Several rewards are combined by --reward-weight and --reward-gate (docs/ppo.md).")
+REWARD_WEIGHT_HELP = "Weight of each --reward in the combined score, in order (default: 1 each)."
+REWARD_GATE_HELP = ("NAME:THRESHOLD, safety first (Llama 2): where reward NAME scores below THRESHOLD the combined "
+                    "score is NAME's score, elsewhere the weighted sum.")
 
 
 @dataclass
@@ -227,8 +234,8 @@ def _flag_kwargs(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"type": conv, "metavar": f.name.upper() if not choices else None}
     if choices:
         kwargs["choices"] = choices
-    if typing.get_origin(base) in (list, tuple):
-        kwargs["nargs"] = "*"
+    if typing.get_origin(base) in (list, tuple):  # `--x a b` and `--x a --x b` both give [a, b]
+        kwargs.update(nargs="*", action="extend")
     return kwargs
 
 
@@ -300,6 +307,8 @@ def _check_type(name: str, value: Any, tp: Any) -> tuple[Any, str | None]:
             return value, f"{name}: {value!r} is not one of {', '.join(map(str, choices))}"
         return value, None
     if origin in (list, tuple):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return [value], None  # one value where a list is expected (a config.yaml saved when it was one)
         if not isinstance(value, (list, tuple)):
             return value, f"{name}: expected a list"
         return list(value), None

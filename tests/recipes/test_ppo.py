@@ -18,6 +18,9 @@ from core_helpers import assert_same_params, read_metrics, write_jsonl, write_te
 REWARD = '''
 def lower(prompts, completions):
     return [sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
+
+def upper(prompts, completions):
+    return [sum(ch.isupper() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
 '''
 TRL_NAMES = ["objective/scores", "objective/kl", "objective/kl_k1", "objective/kl_k2", "objective/kl_k3",
              "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "policy/clipfrac_avg",
@@ -161,11 +164,14 @@ def test_save_only_model_writes_the_snapshots_and_no_resume_state(tiny_lm, rewar
                                        ("elapsed_s", "tokens_per_second")}} for i, row in enumerate(full.history)]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora-r", 4, "--algo", "rloo", "--samples-per-prompt", 2]])
-def test_resume_reproduces_the_uninterrupted_run(run_cli, tiny_lm, reward_fn, prompts, tmp_path, extra):
+@pytest.mark.parametrize("extra", [[], ["--lora-r", 4, "--algo", "rloo", "--samples-per-prompt", 2],
+                                   ["--ptx-data", "DEMOS", "--ptx-coef", 0.5, "--ptx-batch-size", 2,
+                                    "--minibatch-size", 2]])
+def test_resume_reproduces_the_uninterrupted_run(run_cli, tiny_lm, reward_fn, prompts, sft_toy, tmp_path, extra):
     """4 iterations in one go == 2 iterations, then --resume for the other 2: same parameters,
-    same metrics rows (sampling and minibatch order are seeded per iteration; the optimizer,
-    schedule, value head and adaptive KL coefficient come from checkpoint-2)."""
+    same metrics rows (sampling, minibatch order and the PPO-ptx demonstrations are seeded per
+    iteration; the optimizer, schedule, value head and adaptive KL coefficient come from checkpoint-2)."""
+    extra = [sft_toy if e == "DEMOS" else e for e in extra]
     common = ["--max-steps", 4, "--batch-size", 4, "--lr", 1e-3, "--save-steps", 2, "--save-total-limit", 0,
               "--target-kl", 0.5, "--kl-horizon", 50, "--sample-every", 1, *extra]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -203,9 +209,18 @@ def test_resume_reproduces_the_uninterrupted_run(run_cli, tiny_lm, reward_fn, pr
     (["--kl-coef", -1], "--kl-coef must be >= 0"),
     (["--grad-accum", 3], "--grad-accum 3 must divide"),
     (["--policy", "other"], "--policy 'other' contradicts --model 'x'"),
+    (["--ptx-coef", 0.5], "--ptx-coef > 0 and --ptx-data go together"),
+    (["--ptx-data", "PROMPTS"], "--ptx-coef > 0 and --ptx-data go together"),
+    (["--ptx-data", "nope.jsonl", "--ptx-coef", 1], "--ptx-data: no such file"),
+    (["--ptx-coef", -1], "--ptx-coef must be >= 0"),
+    (["--reward", "REWARD2", "--reward-weight", 1], "--reward-weight: 1 weight(s) for 2 reward(s)"),
+    (["--reward-weight", 1, 2], "--reward-weight: 2 weight(s) for 1 reward(s)"),
+    (["--reward", "REWARD2", "--reward-gate", "safety:0.1"], "no reward named 'safety'"),
+    (["--reward", "REWARD2", "--reward-gate", "upper"], "expected NAME:THRESHOLD"),
 ])
 def test_bad_config_exits_2_before_loading_a_model(run_cli, no_model_loading, reward_fn, prompts, tmp_path,
                                                    extra, message):
+    extra = [{"PROMPTS": prompts, "REWARD2": reward_fn.replace(":lower", ":upper")}.get(e, e) for e in extra]
     result = run_cli("ppo", "--model", "x", "--reward", reward_fn, "--prompts", prompts, "--output", tmp_path,
                      *extra)
     assert result.code == 2
@@ -236,3 +251,62 @@ def test_policy_data_and_rollout_batch_size_are_deprecated_aliases(prompts, rewa
     assert (grpo.samples_per_prompt, grpo.kl_estimator, grpo.kl_in) == (4, "k3", "loss")
     ppo = Config(prompts=prompts, output="o", reward=reward_fn)
     assert (ppo.samples_per_prompt, ppo.kl_estimator, ppo.kl_in) == (1, "k1", "reward")
+
+
+def run_train(tmp_path, name: str, **overrides):
+    from rlhfkit.recipes import ppo
+    from rlhfkit.training import start_run
+
+    cfg = ppo.Config(output=str(tmp_path / name), max_new_tokens=8, progress=False, **overrides)
+    with start_run(cfg) as run:
+        return ppo.train(cfg, run)
+
+
+def test_ptx_adds_gamma_times_the_sft_loss_of_the_demonstrations(tiny_lm, reward_fn, prompts, sft_toy, tmp_path):
+    """PPO-ptx on one iteration, one epoch, one minibatch, every demonstration in the batch:
+    loss/ptx_avg is sft's loss of the demonstrations on the initial policy (computed here with the
+    sft recipe's own encoder and loss), the step's loss is the plain PPO loss + γ × it, and with
+    γ = 0 the run equals plain PPO parameter for parameter."""
+    from rlhfkit.data.schema import load_sft
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.recipes import sft
+
+    common = dict(model=tiny_lm, reward=reward_fn, prompts=prompts, max_steps=1, batch_size=4, ppo_epochs=1,
+                  lr=1e-2)
+    plain = run_train(tmp_path, "plain", **common).metrics
+    zero = run_train(tmp_path, "zero", **common, ptx_data=sft_toy, ptx_coef=0.0, ptx_batch_size=16).metrics
+    ptx = run_train(tmp_path, "ptx", **common, ptx_data=sft_toy, ptx_coef=0.5, ptx_batch_size=16).metrics
+
+    tokenizer = load_tokenizer(tiny_lm)
+    rows = [[e] for e in sft.encode_examples(tokenizer, load_sft(sft_toy), sft.Config(data=sft_toy))]
+    by_hand = sft.evaluate(load_causal_lm(tiny_lm), rows, tokenizer.pad_token_id, batch_size=16)["eval/loss"]
+    assert by_hand > 1.0  # a random tiny model: about log(vocabulary)
+    assert zero["loss/ptx_avg"] == pytest.approx(by_hand, rel=1e-5)
+    assert ptx["loss/ptx_avg"] == pytest.approx(by_hand, rel=1e-5)
+    assert "loss/ptx_avg" not in plain
+    assert ptx["loss"] == pytest.approx(plain["loss"] + 0.5 * by_hand, rel=1e-5)
+    assert zero["loss"] == plain["loss"]
+    assert_same_params(tmp_path / "zero", tmp_path / "plain", atol=0)
+    with pytest.raises(AssertionError):
+        assert_same_params(tmp_path / "ptx", tmp_path / "plain", atol=1e-6)
+
+
+def test_several_rewards_log_each_component(run_cli, tiny_lm, reward_fn, prompts, tmp_path):
+    """--reward twice with weights: objective/scores is the weighted sum of the logged components'
+    means (a mean is linear); a gate above every score makes objective/scores the gated one's."""
+    upper = reward_fn.replace(":lower", ":upper")
+    out = tmp_path / "run"
+    result = run_cli(*ppo_args(tiny_lm, reward_fn, prompts, out, "--reward", f"caps={upper}", "--reward-weight", 2,
+                               "--reward-weight", -1, "--max-steps", 2, "--batch-size", 4))
+    assert result.code == 0, result.err
+    for row in read_metrics(out):
+        lower, caps = row["objective/scores/lower"], row["objective/scores/caps"]
+        assert lower > 0 and caps >= 0
+        assert row["objective/scores"] == pytest.approx(2 * lower - caps, abs=1e-6)
+    gated = tmp_path / "gated"
+    result = run_cli(*ppo_args(tiny_lm, reward_fn, prompts, gated, "--reward", f"caps={upper}",
+                               "--reward-gate", "caps:2", "--max-steps", 1, "--batch-size", 4))
+    assert result.code == 0, result.err
+    row = read_metrics(gated)[0]
+    assert row["objective/scores"] == pytest.approx(row["objective/scores/caps"], abs=1e-6)  # every caps < 2
+    assert row["objective/scores"] != pytest.approx(row["objective/scores/lower"] + row["objective/scores/caps"])

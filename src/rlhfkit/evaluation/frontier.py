@@ -226,7 +226,7 @@ def main(cfg: Config) -> int:
     from rlhfkit.evaluation.bench import CheckpointBench, plot_reward_vs_bench
     from rlhfkit.evaluation.report import md_table
     from rlhfkit.models.loading import load_policy
-    from rlhfkit.rl.rewards import load_reward
+    from rlhfkit.rl.rewards import build_reward, load_reward
 
     run = Path(validated(cfg).run)
     run_cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
@@ -241,7 +241,9 @@ def main(cfg: Config) -> int:
     if not reward_spec:
         raise InputError("--reward is required (the run has no reward)")
     prompts = [p.prompt for p in load_prompts(prompts_file, config=data_config, seed=cfg.seed)][:cfg.limit]
-    reward = load_reward(reward_spec, cfg.dtype)
+    # the run's own reward: several ones combined as the run combined them (ppo --reward-weight/--reward-gate)
+    reward = load_reward(reward_spec, cfg.dtype) if cfg.x_reward or cfg.reward else build_reward(
+        reward_spec, run_cfg.get("reward_weight") or (), run_cfg.get("reward_gate") or "", cfg.dtype)
     oracle = load_reward(oracle_spec, cfg.dtype) if oracle_spec else None
     bench = CheckpointBench.load(cfg.y_bench, cfg.include_path, cfg.bench_limit, cfg.seed) if cfg.y_bench else None
     reference, tokenizer = load_policy(reference_name, cfg.dtype)

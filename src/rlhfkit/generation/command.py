@@ -29,7 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rlhfkit.config import DATA_CONFIG_HELP, GENERATION_BATCH_HELP, PROMPTS_HELP, arg, check_data_flag, flag, validated
+from rlhfkit.config import (
+    DATA_CONFIG_HELP,
+    GENERATION_BATCH_HELP,
+    PROMPTS_HELP,
+    REWARD_GATE_HELP,
+    REWARD_HELP,
+    REWARD_WEIGHT_HELP,
+    arg,
+    check_data_flag,
+    flag,
+    validated,
+)
 from rlhfkit.generation.decoding import SamplingParams, Strategy, generate_chat
 from rlhfkit.models.backends import ModelOptions
 
@@ -62,8 +73,10 @@ class Config(ModelOptions):
     generation_batch_size: int = arg(8, GENERATION_BATCH_HELP, aliases=("batch_size",))
     best_of: int = arg(0, "Best-of-N mode: sets --samples-per-prompt to N and adds `scores` and `best`, the "
                        "completion --reward scores highest (needs --reward).")
-    reward: str = arg("", "Reward scoring the completions: a reward-model folder, file.py:function, "
-                      "module:function, or an http(s) endpoint. Adds `scores` and `best`.")
+    reward: list[str] = arg(default_factory=list, help=REWARD_HELP + " Adds `scores` (the combined score) and "
+                            "`best`.")
+    reward_weight: list[float] = arg(default_factory=list, help=REWARD_WEIGHT_HELP)
+    reward_gate: str = arg("", REWARD_GATE_HELP)
     dtype: Literal["float32", "bfloat16"] = arg("float32", "Model dtype.")
 
     def sampling_params(self) -> SamplingParams:
@@ -74,7 +87,7 @@ class Config(ModelOptions):
                               seed=self.seed)
 
     def validate(self) -> list[str]:
-        from rlhfkit.rl.rewards import check_reward_spec
+        from rlhfkit.rl.rewards import check_reward_combination
 
         problems = check_data_flag("prompts", self.prompts) + self.model_problems()
         if not self.output:
@@ -94,8 +107,7 @@ class Config(ModelOptions):
             if self.strategy == "greedy" and self.best_of > 1:
                 problems.append("--best-of with --strategy greedy would score N identical completions; "
                                 "use --strategy sample (or beam)")
-        if self.reward:
-            problems += check_reward_spec(self.reward)
+        problems += check_reward_combination(self.reward, self.reward_weight, self.reward_gate, required=False)
         spelled = {name: f"--{flag(name)}" for name in vars(self.sampling_params())}
         problems += self.sampling_params().problems({**spelled, "n": "--samples-per-prompt"})
         return problems
@@ -174,11 +186,11 @@ def journal_path(output: str) -> Path:
 def main(cfg: Config) -> int:
     from rlhfkit.data.io import write_jsonl
     from rlhfkit.data.schema import load_prompts
-    from rlhfkit.rl.rewards import load_reward
+    from rlhfkit.rl.rewards import build_reward
 
     validated(cfg)
     examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
-    reward = load_reward(cfg.reward, cfg.dtype) if cfg.reward else None
+    reward = build_reward(cfg.reward, cfg.reward_weight, cfg.reward_gate, cfg.dtype) if cfg.reward else None
     records, prompts = [dict(ex.source.data) for ex in examples], [ex.prompt for ex in examples]
     t0 = time.time()
     failure = None

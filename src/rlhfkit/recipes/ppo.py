@@ -7,12 +7,14 @@
     2. for each iteration (a fixed, seeded set of --batch-size prompts):
        a. rollout: sample --samples-per-prompt completions each (KV cache), then the policy and
           reference log-probs and the values in no-grad passes       -> Rollout (immutable)
-       b. score: the reward source on (prompt, completion) text
+       b. score: the reward source on (prompt, completion) text (several rewards: their
+          weighted / gated combination, each one logged: :func:`rlhfkit.rl.rewards.build_reward`)
        c. shape_rewards: missing-EOS penalty, score clipping, the KL penalty on the real
           response tokens (in the reward, InstructGPT style, or later in the loss)
        d. compute_advantages: GAE (ppo) or the RLOO / GRPO group baselines (critic-free)
        e. update: --ppo-epochs passes over shuffled minibatches: clipped policy loss, clipped
-          value loss, KL loss (--kl-in loss), gradient clipping
+          value loss, KL loss (--kl-in loss), gradient clipping; with --ptx-data, γ × the SFT
+          loss of a seeded batch of demonstrations per step (PPO-ptx, :mod:`rlhfkit.rl.ptx`)
        f. the adaptive KL controller; metrics.jsonl, samples.jsonl; checkpoint-N/ + policy-N/
     3. save the final policy (loadable by transformers) in --output
 
@@ -34,13 +36,25 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlhfkit.config import GENERATION_BATCH_HELP, PROMPTS_HELP, TrainConfig, arg, validated
+from rlhfkit.config import (
+    GENERATION_BATCH_HELP,
+    PROMPTS_HELP,
+    REWARD_GATE_HELP,
+    REWARD_HELP,
+    REWARD_WEIGHT_HELP,
+    TrainConfig,
+    arg,
+    check_data_flag,
+    validated,
+)
 from rlhfkit.generation.decoding import SamplingParams
 from rlhfkit.losses import KL_ESTIMATORS, masked_mean, masked_whiten, ppo_policy_loss, value_loss
 from rlhfkit.rl import shaping
 from rlhfkit.rl.advantages import gae, grpo_advantages, rloo_advantages
 from rlhfkit.rl.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.rl.metrics import kl_by_estimator, repeated_ngram_rate
+from rlhfkit.rl.ptx import PtxData, demo_tokens, ptx_loss_sum
+from rlhfkit.rl.rewards import score_parts
 from rlhfkit.rl.rollout import Rollout, forward_response, rollout, score
 from rlhfkit.rl.value import ActorCritic
 from rlhfkit.training import (
@@ -71,9 +85,9 @@ class Config(TrainConfig):
                      aliases=("policy",))
     prompts: str = arg("", PROMPTS_HELP, aliases=("data",))
     data: str = field(default="", init=False)  # not an option here: the input is --prompts
-    reward: str = arg("", "Reward source: a reward-model folder (`rlhfkit rm`), path/to/file.py:function or "
-                      "package.module:function called as f(prompts, completions) -> list[float], or an "
-                      "http(s):// endpoint.")
+    reward: list[str] = arg(default_factory=list, help=REWARD_HELP)
+    reward_weight: list[float] = arg(default_factory=list, help=REWARD_WEIGHT_HELP)
+    reward_gate: str = arg("", REWARD_GATE_HELP)
     algo: Literal["ppo", "rloo", "grpo"] = arg("ppo", "ppo: GAE with a value function; rloo: leave-one-out "
                                               "baseline; grpo: group-normalised advantages, k3 KL in the loss.")
     value_model: str = arg("head", "PPO's value function: `head` (a linear head on the policy trunk, same "
@@ -120,6 +134,11 @@ class Config(TrainConfig):
     generation_batch_size: int = arg(0, GENERATION_BATCH_HELP + " Also bounds the rows of each no-grad pass "
                                      "(× --samples-per-prompt). 0: the whole batch.",
                                      aliases=("rollout_batch_size",))
+    ptx_data: str = arg("", "PPO-ptx (InstructGPT): demonstrations in the SFT schema (what `rlhfkit sft` reads); "
+                        "each optimizer step adds --ptx-coef × their SFT loss on a seeded batch of them.")
+    ptx_coef: float = arg(0.0, "γ, the weight of the --ptx-data SFT loss (InstructGPT eq. 2); needs --ptx-data.")
+    ptx_batch_size: int = arg(0, "Demonstrations per optimizer step with --ptx-data (0: as many as the minibatch "
+                              "has samples).")
     logging_steps: int = arg(1, "Write a metrics row every N iterations.")
     save_steps: int = arg(0, "Write checkpoint-N/ and policy-N/ every N iterations (0: only at the end).")
     save_total_limit: int = arg(2, "Keep at most this many checkpoint-N/ folders (0: all); policy-N/ "
@@ -141,12 +160,12 @@ class Config(TrainConfig):
         return self.batch_size * self.samples_per_prompt
 
     def validate(self) -> list[str]:
-        from rlhfkit.rl.rewards import check_reward_spec
+        from rlhfkit.rl.rewards import check_reward_combination
 
         problems = super().validate()
         if self.eval_data:
             problems.append("--eval-data is not used by ppo")
-        problems += check_reward_spec(self.reward)
+        problems += check_reward_combination(self.reward, self.reward_weight, self.reward_gate)
         if self.algo != "ppo" and self.value_model != "head":
             problems.append(f"--value-model is for --algo ppo only ({self.algo} has no value function)")
         if self.value_model != "head" and not _could_be_model(self.value_model):
@@ -156,8 +175,12 @@ class Config(TrainConfig):
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.value_lr and self.algo != "ppo":
             problems.append(f"--value-lr is for --algo ppo only ({self.algo} has no value function)")
+        if bool(self.ptx_data) != (self.ptx_coef > 0):
+            problems.append("--ptx-coef > 0 and --ptx-data go together (PPO-ptx needs both)")
+        if self.ptx_data:
+            problems += check_data_flag("ptx_data", self.ptx_data)
         for name in ("minibatch_size", "top_k", "sample_every", "generation_batch_size", "kl_coef", "value_lr",
-                     "target_kl", "vf_coef", "missing_eos_penalty", "score_clip"):
+                     "target_kl", "vf_coef", "missing_eos_penalty", "score_clip", "ptx_coef", "ptx_batch_size"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.algo in ("rloo", "grpo") and self.samples_per_prompt < 2:
@@ -352,9 +375,27 @@ def total_over_processes(run: Run, local: Tensor) -> float:
     return float(acc.reduce(local.to(acc.device), reduction="sum"))
 
 
+def with_ptx(loss_fn, policy, ptx: PtxData, demos: list, tokens: float, demo_total: float):
+    """``loss_fn`` plus γ × the SFT loss of ``demos`` (split like the micro-batches): a micro-batch's
+    demonstrations add γ·Σ nll·tokens/demo_total, so that once ``optimizer_step`` divides by the
+    minibatch's ``tokens`` the step's loss holds γ × the token mean over all its demonstrations."""
+
+    def loss_with_ptx(piece):
+        index, part = piece
+        loss, stats = loss_fn(index)
+        if part:
+            nll = ptx_loss_sum(policy, part, ptx.pad_id)
+            loss = loss + ptx.coef * nll * (tokens / demo_total)
+            stats["ptx_nll"] = nll.detach()
+        return loss, stats
+
+    return loss_with_ptx
+
+
 def update(run: Run, model, optimizer, scheduler, batch: Rollout, advantages: Tensor, returns: Tensor | None,
-           cfg: Config, kl_coef: float, iteration: int) -> dict[str, float]:
-    """--ppo-epochs passes over seeded random minibatches; one optimizer step per minibatch.
+           cfg: Config, kl_coef: float, iteration: int, ptx: PtxData | None = None) -> dict[str, float]:
+    """--ppo-epochs passes over seeded random minibatches; one optimizer step per minibatch (plus,
+    with ``ptx``, γ × the SFT loss of a seeded batch of demonstrations: :mod:`rlhfkit.rl.ptx`).
 
     Returns token-weighted means of the loss terms and statistics, the last learning rate and
     the mean gradient norm (before clipping).
@@ -363,8 +404,9 @@ def update(run: Run, model, optimizer, scheduler, batch: Rollout, advantages: Te
     size = cfg.minibatch_size or n
     micro = size // cfg.grad_accum
     order_rng = torch.Generator().manual_seed(iteration_seed(cfg.seed, iteration))
+    ptx_rng = ptx and ptx.generator(cfg.seed, iteration, run.accelerator.process_index)
     totals: dict[str, float] = {}
-    grad_norms, losses = [], []
+    grad_norms, losses, demo_totals = [], [], []
     # dropout is off in every module (build_models): training mode only engages gradient checkpointing
     model.train(cfg.gradient_checkpointing)
     for _ in range(cfg.ppo_epochs):
@@ -380,6 +422,12 @@ def update(run: Run, model, optimizer, scheduler, batch: Rollout, advantages: Te
             # the count over every process's minibatch: N processes then take the step one process takes on
             # the union of their samples (a per-process count would weight a process's tokens by its length)
             tokens = total_over_processes(run, batch.response_mask[index].sum())
+            if ptx is not None:
+                demos = ptx.draw(ptx_rng)
+                demo_totals.append(max(total_over_processes(run, torch.tensor(demo_tokens(demos))), 1.0))
+                loss_fn = with_ptx(loss_fn, run.accelerator.unwrap_model(model).policy, ptx, demos, tokens,
+                                   demo_totals[-1])
+                pieces = list(zip(pieces, [demos[i::cfg.grad_accum] for i in range(cfg.grad_accum)]))
             stats = optimizer_step(run, model, optimizer, scheduler, pieces, loss_fn, normalizer=tokens,
                                    max_grad_norm=cfg.max_grad_norm)
             grad_norms.append(stats.pop("grad_norm"))
@@ -387,8 +435,9 @@ def update(run: Run, model, optimizer, scheduler, batch: Rollout, advantages: Te
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
     tokens = max(totals.pop("tokens", 1.0), 1.0)
+    ptx_avg = {"loss/ptx_avg": totals.pop("ptx_nll", 0.0) / sum(demo_totals)} if ptx is not None else {}
     mean = {k: v / tokens for k, v in totals.items()}
-    return {
+    return {**ptx_avg,
         "loss": sum(losses) / len(losses),
         "grad_norm": sum(grad_norms) / len(grad_norms),
         "learning_rate": scheduler.get_last_lr()[0],
@@ -478,7 +527,7 @@ class PPOResult(TrainResult):
 
 
 def iterate(run: Run, cfg: Config, training: Training, prompts: list, tokenizer, reference, reward_fn, kl_ctl,
-            iteration: int) -> dict[str, float]:
+            ptx: PtxData | None, iteration: int) -> dict[str, float]:
     """One iteration, steps 2a-2f of the module docstring; returns its metrics row."""
     acc = run.accelerator
     t0 = time.time()
@@ -492,18 +541,20 @@ def iterate(run: Run, cfg: Config, training: Training, prompts: list, tokenizer,
                     batch_size=cfg.generation_batch_size * cfg.samples_per_prompt, timings=timings)
     # 2b. score
     t1 = time.time()
-    batch = score(batch, reward_fn)
+    scores, parts = score_parts(reward_fn, list(batch.prompts), list(batch.completions))
+    batch = score(batch, lambda _prompts, _completions: scores)
     t2 = time.time()
     # 2c-d. rewards and advantages
     shaped = shape_rewards(batch, cfg, kl_ctl.value)
     advantages, returns = compute_advantages(batch, shaped, cfg)
     # 2e. update
     stats = update(run, training.model, training.optimizer, training.scheduler, batch, advantages, returns, cfg,
-                   kl_ctl.value, iteration)
+                   kl_ctl.value, iteration, ptx)
     t3 = time.time()
     # 2f. the row, the KL controller, samples (run_steps logs the row and checkpoints)
     row = {"step": iteration + 1, "epoch": training.plan.epoch_at(iteration + 1),
            **iteration_metrics(batch, shaped, cfg), **stats,
+           **{f"objective/scores/{name}": sum(values) / len(values) for name, values in parts.items()},
            "time/generation": t1 - t0, "time/rollout_forward": timings["forward"],
            "time/scoring": t2 - t1, "time/update": t3 - t2,
            "tokens_per_second": float(batch.lengths.sum()) / (t3 - t0),
@@ -516,12 +567,15 @@ def iterate(run: Run, cfg: Config, training: Training, prompts: list, tokenizer,
 
 def train(cfg: Config, run: Run) -> PPOResult:
     from rlhfkit.evaluation.frontier import run_policies
-    from rlhfkit.rl.rewards import load_reward
+    from rlhfkit.rl.ptx import load_ptx_data
+    from rlhfkit.rl.rewards import build_reward
 
     # 1. setup
-    reward_fn = load_reward(cfg.reward, cfg.dtype, run.accelerator.device)
+    reward_fn = build_reward(cfg.reward, cfg.reward_weight, cfg.reward_gate, cfg.dtype, run.accelerator.device)
     tokenizer, model, reference = build_models(cfg, run.accelerator.device)
     prompts = load_prompt_data(cfg, tokenizer, run)
+    ptx = load_ptx_data(cfg.ptx_data, tokenizer, cfg, run, cfg.ptx_batch_size or cfg.minibatch_size or cfg.rollout_size,
+                        cfg.ptx_coef) if cfg.ptx_data else None
     updates_per_iteration = cfg.ppo_epochs * (cfg.rollout_size // (cfg.minibatch_size or cfg.rollout_size))
     value_lr = {"value_head.": cfg.value_lr, "critic.": cfg.value_lr} if cfg.value_lr else None
     kl_ctl = make_kl_controller(cfg)
@@ -532,7 +586,7 @@ def train(cfg: Config, run: Run) -> PPOResult:
 
     # 2. the iterations; 3. the final policy
     logged = run_steps(run, cfg, training,
-                       partial(iterate, run, cfg, training, prompts, tokenizer, reference, reward_fn, kl_ctl),
+                       partial(iterate, run, cfg, training, prompts, tokenizer, reference, reward_fn, kl_ctl, ptx),
                        desc=cfg.algo, postfix={"score": "objective/scores", "kl": "objective/kl"},
                        save=lambda step: save(run, training.model, tokenizer, step, cfg, kl_ctl))
     final = save_final_model(run, run.accelerator.unwrap_model(training.model).policy, tokenizer, cfg.merge_lora)

@@ -24,7 +24,17 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from rlhfkit.config import GENERATION_BATCH_HELP, PROMPTS_HELP, TrainConfig, arg, flag, validated
+from rlhfkit.config import (
+    GENERATION_BATCH_HELP,
+    PROMPTS_HELP,
+    REWARD_GATE_HELP,
+    REWARD_HELP,
+    REWARD_WEIGHT_HELP,
+    TrainConfig,
+    arg,
+    flag,
+    validated,
+)
 from rlhfkit.data.chat import encode_prompt
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.data.schema import load_prompts
@@ -43,7 +53,9 @@ class Config(TrainConfig):
     input_field = "prompts"
 
     model: str = arg("smollm2-135m", "Initial policy: a local path, hub id, or embedded name.", aliases=("policy",))
-    reward: str = arg("", "Reward: a reward-model folder, file.py:function, module:function, or an http(s) URL.")
+    reward: list[str] = arg(default_factory=list, help=REWARD_HELP)
+    reward_weight: list[float] = arg(default_factory=list, help=REWARD_WEIGHT_HELP)
+    reward_gate: str = arg("", REWARD_GATE_HELP)
     prompts: str = arg("", PROMPTS_HELP)
     rounds: int = arg(1, "Rounds of sample -> select -> fine-tune.")
     samples_per_prompt: int = arg(4, "Completions sampled per prompt in each round.", aliases=("n",))
@@ -57,10 +69,10 @@ class Config(TrainConfig):
     data: str = field(default="", init=False)
 
     def validate(self) -> list[str]:
-        from rlhfkit.rl.rewards import check_reward_spec
+        from rlhfkit.rl.rewards import check_reward_combination
 
         problems = super().validate()
-        problems += check_reward_spec(self.reward)
+        problems += check_reward_combination(self.reward, self.reward_weight, self.reward_gate)
         for name in ("rounds", "samples_per_prompt", "keep_top", "max_new_tokens", "generation_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{flag(name)} must be >= 1")
@@ -138,12 +150,12 @@ class RejectionSamplingResult(TrainResult):
 
 def train(cfg: Config, run: Run) -> RejectionSamplingResult:
     from rlhfkit.models.loading import load_policy
-    from rlhfkit.rl.rewards import load_reward
+    from rlhfkit.rl.rewards import build_reward
 
     examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
     prompts = [ex.prompt for ex in examples]
     device = run.accelerator.device
-    reward = load_reward(cfg.reward, cfg.dtype, device)
+    reward = build_reward(cfg.reward, cfg.reward_weight, cfg.reward_gate, cfg.dtype, device)
     initial, tokenizer = load_policy(cfg.model, cfg.dtype, device)
 
     done, rows = 0, []

@@ -35,8 +35,9 @@ class Config(TrainConfig):
 # ---------------------------------------------------------------- data
 
 
-def encode_examples(tokenizer, examples, cfg, run: Run | None = None) -> list[Encoded]:
-    """Tokenise every example under the length policy; refuse empty completion masks."""
+def encode_examples(tokenizer, examples, cfg, run: Run | None = None, source: str = "") -> list[Encoded]:
+    """Tokenise every example under the length policy (``cfg.max_length``, ``cfg.truncation``);
+    refuse empty completion masks. ``source`` names the file in messages (default ``cfg.data``)."""
 
     def encode_one(ex) -> tuple[Encoded | None, bool]:
         enc = encode(tokenizer, ex.prompt, ex.completion, cfg.max_length, cfg.truncation)
@@ -46,7 +47,7 @@ def encode_examples(tokenizer, examples, cfg, run: Run | None = None) -> list[En
             raise ExampleError("the completion mask is empty after tokenisation (nothing to train on)", "completion")
         return enc, enc.truncated
 
-    return apply_length_policy(examples, encode_one, source=cfg.data, max_length=cfg.max_length,
+    return apply_length_policy(examples, encode_one, source=source or cfg.data, max_length=cfg.max_length,
                                truncation=cfg.truncation, say=run.print if run is not None else None)
 
 
