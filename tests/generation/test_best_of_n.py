@@ -119,3 +119,49 @@ def test_generate_cli_rejects_bad_flags(tiny, files, tmp_path, capsys, argv, mes
                 "--output", str(tmp_path / "o.jsonl"), *argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+SECOND = '''
+def short(prompts, completions):
+    return [-len(text) / 4 for text in completions]
+'''
+
+
+@pytest.mark.parametrize("extra, combine", [
+    (["--reward-weight", "1", "--reward-weight", "2"], lambda letters, short: letters + 2 * short),
+    (["--reward-gate", "short:-1"], lambda letters, short: short if short < -1 else letters + short),
+])
+def test_generate_best_of_picks_by_the_combined_score(tiny, files, tmp_path, extra, combine):
+    """Two rewards: `scores` is their combination (worked here from each reward on the same
+    completions) and `best` its argmax."""
+    from rlhfkit.rl.rewards import load_reward
+
+    (tmp_path / "second.py").write_text(SECOND)
+    out = tmp_path / "best.jsonl"
+    code = cli(["generate", "--model", tiny, "--prompts", str(files / "prompts.jsonl"), "--output", str(out),
+                "--best-of", "6", "--reward", f"{files / 'reward.py'}:letters",
+                "--reward", f"{tmp_path}/second.py:short",
+                *extra, "--max-new-tokens", "8"])
+    assert code == 0
+    letters, short = load_reward(f"{files / 'reward.py'}:letters"), load_reward(f"{tmp_path}/second.py:short")
+    for row in read(out):
+        texts = row["completions"]
+        by_hand = [combine(a, b) for a, b in zip(letters(["p"] * 6, texts), short(["p"] * 6, texts))]
+        assert row["scores"] == pytest.approx(by_hand)
+        assert row["best"] == texts[argmax(by_hand)]
+    assert len({len(t) for row in read(out) for t in row["completions"]}) > 1  # the short reward had a say
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reward-weight", "1", "--reward-weight", "2"], "--reward-weight: 2 weight(s) for 1 reward(s)"),
+    (["--reward-gate", "safety:0"], "--reward-gate 'safety:0': no reward named 'safety'"),
+    (["--reward-weight", "1"], "--reward-weight needs --reward"),
+])
+def test_generate_rejects_bad_reward_combinations_before_loading(tiny, files, tmp_path, capsys, no_model_loading,
+                                                                 argv, message):
+    reward = ["--reward", f"{files / 'reward.py'}:letters"] if "needs" not in message else []
+    code = cli(["generate", "--model", tiny, "--prompts", str(files / "prompts.jsonl"),
+                "--output", str(tmp_path / "o.jsonl"), "--best-of", "2", *reward, *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert no_model_loading == []

@@ -84,3 +84,42 @@ def test_former_flag_names_set_the_new_fields_and_keep_top_is_checked(tmp_path, 
     with pytest.raises(InputError) as e:
         parse_config(Config, [*common, "--samples-per-prompt", "2", "--keep-top", "3"])
     assert e.value.problems == ["--keep-top 3 keeps more than the --samples-per-prompt 2 samples"]
+
+
+def test_two_rewards_keep_the_best_by_the_combined_score(tmp_path):
+    """--reward twice with --reward-weight: the round's samples carry the combined score (worked here
+    from each reward on the same completions) and sft.jsonl keeps its argmax."""
+    from rlhfkit.rl.rewards import load_reward
+
+    tiny = make_tiny_causal_lm(tmp_path / "tiny", seed=0)
+    (tmp_path / "reward.py").write_text(REWARD + "\n\ndef short(prompts, completions):\n"
+                                        "    return [-len(t) / 8 for t in completions]\n")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    code = cli(["rejection-sampling", "--model", tiny, "--reward", f"{tmp_path / 'reward.py'}:lowercase",
+                "--reward", f"{tmp_path / 'reward.py'}:short", "--reward-weight", "1", "--reward-weight", "0.5",
+                "--prompts", str(tmp_path / "prompts.jsonl"), "--rounds", "1", "--samples-per-prompt", "4",
+                "--output", str(out), "--max-new-tokens", "8", "--batch-size", "4", "--no-progress"])
+    assert code == 0
+    lower, short = load_reward(f"{tmp_path / 'reward.py'}:lowercase"), load_reward(f"{tmp_path / 'reward.py'}:short")
+    rows = [json.loads(l) for l in (out / "round-1" / "samples.jsonl").read_text().splitlines()]
+    kept = [json.loads(l)["completion"] for l in (out / "round-1" / "sft.jsonl").read_text().splitlines()]
+    best = []
+    for row in rows:
+        texts = row["completions"]
+        by_hand = [a + 0.5 * b for a, b in zip(lower(["p"] * 4, texts), short(["p"] * 4, texts))]
+        assert row["scores"] == pytest.approx(by_hand)
+        best.append(texts[max(range(4), key=lambda i: (by_hand[i], -i))])
+    assert kept == [t for t in best if t.strip()]
+
+
+def test_bad_reward_combinations_exit_2_before_loading(tmp_path, capsys, no_model_loading):
+    (tmp_path / "reward.py").write_text(REWARD)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "p"}) + "\n")
+    code = cli(["rejection-sampling", "--model", "x", "--reward", f"{tmp_path / 'reward.py'}:lowercase",
+                "--reward-weight", "1", "--reward-weight", "2", "--reward-gate", "helpful:0",
+                "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--reward-weight: 2 weight(s) for 1 reward(s)" in err and "no reward named 'helpful'" in err
+    assert no_model_loading == []
