@@ -263,17 +263,17 @@ def main(cfg: Config) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.x_reward:
         return write_reward_plane(out, run, cfg.x_reward, cfg.y_reward, len(prompts), points)
-    (out / "frontier.json").write_text(json.dumps({"run": str(run), "reward": reward_spec, "oracle": cfg.oracle,
+    (out / "frontier.json").write_text(json.dumps({"run": str(run), "reward": reward.name, "oracle": cfg.oracle,
                                                    "prompts": len(prompts), "points": points,
                                                    **({"y_bench": bench.label} if bench else {})}, indent=1))
     header = ["step", "KL (nats)", "reward"] + (["oracle"] if oracle else []) + ([bench.label] if bench else [])
     rows = [[p["step"], f"{p['kl']:.3f}", f"{p['reward']:.3f}"] + ([f"{p['oracle']:.3f}"] if oracle else [])
             + ([f"{p['bench']:.3f}"] if bench else []) for p in points]
     table = md_table(header, rows)
-    plot_frontier(points, out / "frontier.png", f"reward ({Path(reward_spec).name})",
+    plot_frontier(points, out / "frontier.png", f"reward ({Path(reward.name).name})",
                   f"oracle ({cfg.oracle})" if cfg.oracle else "oracle")
     if bench:
-        plot_reward_vs_bench(points, out / "frontier-bench.png", f"reward ({Path(reward_spec).name})", bench.label)
+        plot_reward_vs_bench(points, out / "frontier-bench.png", f"reward ({Path(reward.name).name})", bench.label)
     (out / "frontier.md").write_text(f"# Reward vs KL: {run}\n\n{len(prompts)} prompts, "
                                      f"{cfg.samples_per_prompt} sample(s) each\n\n{table}\n\n"
                                      "![frontier](frontier.png)\n"
