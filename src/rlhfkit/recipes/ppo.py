@@ -404,7 +404,7 @@ def update(run: Run, model, optimizer, scheduler, batch: Rollout, advantages: Te
     size = cfg.minibatch_size or n
     micro = size // cfg.grad_accum
     order_rng = torch.Generator().manual_seed(iteration_seed(cfg.seed, iteration))
-    ptx_rng = ptx and ptx.generator(cfg.seed, iteration, run.accelerator.process_index)
+    ptx_rng = ptx.generator(cfg.seed, iteration, run.accelerator.process_index) if ptx is not None else None
     totals: dict[str, float] = {}
     grad_norms, losses, demo_totals = [], [], []
     # dropout is off in every module (build_models): training mode only engages gradient checkpointing
