@@ -331,3 +331,14 @@ def test_store_concurrent_writers(store_url):
     assert counts == {"completions": CLIENTS * 10, "ratings": len(done), "up": done.count("up"),
                       "down": done.count("down")}
     assert len(kto) == CLIENTS * 10 and sum(r["label"] for r in kto) == done.count("up")
+
+
+def test_a_failing_feedback_log_does_not_fail_the_completion(caplog):
+    from rlhfkit.serve.feedback import record_chat
+
+    class Broken:
+        def log_chat(self, *args):
+            raise RuntimeError("disk full")
+
+    record_chat(Broken(), "chatcmpl-x", "m", [], {}, [])  # logged, not raised
+    assert "could not store chat completion chatcmpl-x" in caplog.text
