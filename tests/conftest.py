@@ -19,7 +19,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))  # core_helpers, for every test folder
 
-from core_helpers import PAIRS_EVAL, PAIRS_TRAIN, RANKINGS, SFT_TOY, write_jsonl  # noqa: E402
+from core_helpers import (  # noqa: E402
+    PAIRS_EVAL,
+    PAIRS_TRAIN,
+    RANKINGS,
+    SFT_TOY,
+    STEPWISE_EVAL,
+    STEPWISE_TRAIN,
+    write_jsonl,
+)
 
 
 class CliResult(NamedTuple):
@@ -63,6 +71,7 @@ def one_thread():
 def no_model_loading(monkeypatch):
     """Make every model loader fail loudly; returns the list of attempted loads (must stay empty)."""
     import rlhfkit.models.loading as loading
+    import rlhfkit.models.prm as prm
     import rlhfkit.models.reward as reward
 
     calls: list[str] = []
@@ -75,6 +84,7 @@ def no_model_loading(monkeypatch):
 
     monkeypatch.setattr(loading, "load_causal_lm", forbidden("load_causal_lm"))
     monkeypatch.setattr(reward, "load_reward_backbone", forbidden("load_reward_backbone"))
+    monkeypatch.setattr(prm, "load_prm_backbone", forbidden("load_prm_backbone"))
     return calls
 
 
@@ -124,3 +134,34 @@ def pairs_eval(data_dir) -> str:
 @pytest.fixture(scope="session")
 def rankings(data_dir) -> str:
     return write_jsonl(data_dir / "rankings.jsonl", RANKINGS)
+
+
+@pytest.fixture(scope="session")
+def stepwise_train(data_dir) -> str:
+    """Toy step-labelled chains: a step saying "bad" and every later one are wrong (core_helpers)."""
+    return write_jsonl(data_dir / "stepwise_train.jsonl", STEPWISE_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def stepwise_eval(data_dir) -> str:
+    return write_jsonl(data_dir / "stepwise_eval.jsonl", STEPWISE_EVAL)
+
+
+@pytest.fixture(scope="session")
+def tiny_prm(tiny_lm, stepwise_train, tmp_path_factory) -> str:
+    """A process reward model on the tiny Llama, trained on the toy chains: it rejects a "bad" step
+    and the steps after it."""
+    import torch
+
+    from rlhfkit.cli import main
+
+    out = tmp_path_factory.mktemp("prm") / "model"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["prm", "--model", tiny_lm, "--data", stepwise_train, "--output", str(out), "--max-steps", "40",
+                     "--batch-size", "8", "--lr", "1e-2", "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return str(out)

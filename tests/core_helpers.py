@@ -33,6 +33,20 @@ RANKINGS = [{"prompt": f"rank {i}", "completions": [f"ok {i}", f"bad {i}", f"goo
             for i in range(6)]
 
 
+
+def stepwise_chain(i: int) -> dict:
+    """Chain i of the toy stepwise set: 2-4 steps, the step that says "bad" (if any) and every later
+    one labelled false (a tiny process reward model learns it)."""
+    num_steps = 2 + i % 3
+    bad_at = (i // 3) % (num_steps + 1)  # == num_steps: a correct chain
+    steps = [f"{'bad' if j == bad_at else 'good'} step {j}" for j in range(num_steps)]
+    return {"prompt": f"task {i}", "completions": steps, "labels": [j < bad_at for j in range(num_steps)]}
+
+
+STEPWISE_TRAIN = [stepwise_chain(i) for i in range(24)]
+STEPWISE_EVAL = [stepwise_chain(i) for i in range(24, 36)]
+
+
 def write_text(path, text: str) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,7 @@ INVALID_IN_PYTHON = {
     "sft": ({"output": "{out}"}, "--data is required"),
     "rm": ({"output": "{out}", "data": "{missing}"}, "--data: no such file or directory"),
     "inspect-data": ({}, "--data is required"),
+    "prm": ({"output": "{out}", "data": "{missing}", "step_separator": ""}, "--step-separator must not be empty"),
     "ppo": ({"output": "{out}", "reward": "{missing}.py:f"}, "--prompts is required"),
     "dpo": ({"output": "{out}", "beta": 0.0}, "--beta must be > 0"),
     "kto": ({"output": "{out}", "data": "{missing}", "batch_size": 1}, "--batch-size and --eval-batch-size must be"),
@@ -150,7 +151,6 @@ INVALID_IN_PYTHON = {
     "label add-user": ({"name": " "}, "NAME is required"),
     "label import": ({"file": "{missing}"}, "no such file"),
     "label export": ({"db": "{missing}"}, "--output is required"),
-    "feedback export": ({"db": "{missing}", "output": "{out}"}, "--db: no such file"),
 }
 
 

@@ -39,6 +39,7 @@ from rlhfkit.losses import (
     offline_loss,
     plackett_luce_loss,
     ppo_policy_loss,
+    process_reward_loss,
     sft_loss,
     token_logps,
     value_loss,
@@ -237,6 +238,28 @@ def test_plackett_luce_hand_worked():
     close(loss, bradley_terry_loss(T([0.3]), T([-0.4])))
     loss.sum().backward()
     assert torch.isfinite(pair.grad).all()
+
+
+
+def test_process_reward_loss_hand_worked():
+    """Two chains of T = 4 positions, logits (wrong, correct); -100 marks positions without a step.
+    Chain 0: a step at t = 1 with z = (0, ln 3), p(correct) = 3/4, label correct → −ln 3/4 = 0.287682;
+    a step at t = 3 with z = (0, 0), label wrong → ln 2 = 0.693147; sum 0.980829.
+    Chain 1: one step at t = 0 with z = (ln 3, 0), p(correct) = 1/4, label correct → ln 4 = 1.386294.
+    Unlabelled positions hold nan/inf logits: selected away, they change nothing.
+    ∂L/∂z_correct at chain 0, t = 1 is p − 1 = −1/4."""
+    ln3, nan, inf = math.log(3), float("nan"), float("inf")
+    logits = T([[[nan, inf], [0.0, ln3], [inf, -inf], [0.0, 0.0]],
+                [[ln3, 0.0], [nan, nan], [1.0, 2.0], [0.0, 0.0]]], requires_grad=True)
+    labels = T([[-100, 1, -100, 0], [1, -100, -100, -100]])
+    loss = process_reward_loss(logits, labels)
+    close(loss, [0.980829, 1.386294])
+    loss.sum().backward()
+    close(logits.grad[0, 1], [0.25, -0.25])
+    close(logits.grad[1, 2], [0.0, 0.0])
+    # equals torch's cross-entropy summed over the labelled positions
+    clean = torch.where(labels.unsqueeze(-1) == -100, torch.zeros(()), logits.detach())
+    close(loss.sum(), F.cross_entropy(clean.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"))
 
 
 # ---------------------------------------------------------------------------------- DPO

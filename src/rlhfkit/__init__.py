@@ -10,4 +10,13 @@ def load_reward_model(path: str, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["load_reward_model", "__version__"]
+def load_prm(path: str, **kwargs):
+    """Load a process reward model saved by ``rlhfkit prm``; ``.score_steps(prompts, steps) ->
+    list[list[float]]`` (the probability that each step is correct) and ``.score(prompts,
+    completions, aggregate="min") -> list[float]`` (completions split into steps at its separator)."""
+    from rlhfkit.models.prm import load_prm as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["load_prm", "load_reward_model", "__version__"]

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rlhfkit.demo", "The embedded end-to-end RLHF pipeline on SmolLM2 (offline, CPU)."),
     "sft": ("rlhfkit.recipes.sft", "Supervised instruction tuning on completion tokens."),
     "rm": ("rlhfkit.recipes.rm", "Train a Bradley-Terry reward model on preference pairs or rankings."),
+    "prm": ("rlhfkit.recipes.prm", "Train a process reward model: a verdict on every step of a chain."),
     "inspect-data": ("rlhfkit.data.inspect", "Show one example token by token with the trained tokens marked."),
     "ppo": ("rlhfkit.recipes.ppo", "RL against a reward with a KL penalty: PPO, RLOO or GRPO."),
     "dpo": ("rlhfkit.recipes.dpo", "Direct preference optimisation and its relatives (IPO, SLiC, SimPO, ...)."),
@@ -48,8 +49,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label add-user": ("rlhfkit.label.commands:add_user", "Add an annotator or admin; prints the token last."),
     "label import": ("rlhfkit.label.commands:import_items", "Import response pairs to be judged."),
     "label export": ("rlhfkit.label.commands:export", "Export judgments as preference pairs."),
-    "feedback export": ("rlhfkit.serve.feedback:export",
-                        "Export `serve --feedback-db` ratings as KTO or SFT records, or the logged prompts."),
 }
 
 

@@ -53,7 +53,8 @@ DATA_CONFIG_HELP = ("Configuration (subset) of the Hugging Face dataset ids in t
 PROMPTS_HELP = ("Prompts: records {\"prompt\": str | messages} or {\"messages\": [...]} in a .jsonl/.json/.parquet "
                 "file, a saved `datasets` folder, a Hugging Face dataset id or a mixture (docs/data.md).")
 GENERATION_BATCH_HELP = "Prompts per generate call (each prompt gives --samples-per-prompt rows)."
-REWARD_HELP = ("Reward source, repeatable: a reward-model folder (`rlhfkit rm`), path/to/file.py:function or "
+REWARD_HELP = ("Reward source, repeatable: a reward-model folder (`rlhfkit rm`), prm:PATH (a process reward model, "
+               "`rlhfkit prm`), path/to/file.py:function or "
                "package.module:function called as f(prompts, completions) -> list[float], or an http(s):// "
                "endpoint; NAME=SPEC names it (default: the function name, the folder's or the URL host's). "
                "Several rewards are combined by --reward-weight and --reward-gate (docs/ppo.md).")

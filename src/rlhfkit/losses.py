@@ -42,6 +42,7 @@ __all__ = [
     "bradley_terry_loss",
     "listwise_loss",
     "plackett_luce_loss",
+    "process_reward_loss",
     "dpo_loss",
     "dpo_sigmoid_loss",
     "dpo_robust_loss",
@@ -349,6 +350,24 @@ def plackett_luce_loss(rewards: Tensor, ranking: Tensor, mask: Tensor | None = N
         available = available.clone()
         available[rows[valid], idx[valid]] = False
     return loss
+
+
+def process_reward_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Step-level cross-entropy of a process reward model, summed per sequence: ``[B]``.
+
+        L_b = −Σ_{s ∈ steps(b)} log p_θ(y_s | x_{≤t_s}),   p_θ(· | x_{≤t}) = softmax(z_t)
+
+    ``logits`` ``[B, T, 2]`` (z_t: the logits of "wrong" and "correct" at position t),
+    ``labels`` ``[B, T]``: y_s ∈ {0 wrong, 1 correct} at t_s, the separator after step s, and
+    ``ignore_index`` everywhere else, so only the separator positions carry loss (Lightman et
+    al. 2023, "Let's Verify Step by Step"; Math-Shepherd, Wang et al. 2024; TRL's PRMTrainer).
+    A step is correct while the whole chain so far is. The caller divides the sum by the number
+    of labelled steps of its batch (a per-step mean, whatever the chains' lengths).
+    """
+    mask = labels != ignore_index
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, labels.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+    return -masked_sum(picked, mask, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------

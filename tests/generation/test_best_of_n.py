@@ -165,3 +165,43 @@ def test_generate_rejects_bad_reward_combinations_before_loading(tiny, files, tm
     assert code == 2
     assert message in capsys.readouterr().err
     assert no_model_loading == []
+
+
+# ------------------------------------------------------------------ process reward models
+
+
+def test_a_prm_reward_prefers_the_chain_without_a_bad_step(tiny_prm):
+    from rlhfkit.rl.rewards import load_reward
+
+    chains = ["good step 0\ngood step 1\ngood step 2", "good step 0\nbad step 1\ngood step 2"]
+    for aggregate in ("min", "prod", "last"):
+        reward = load_reward(f"prm:{tiny_prm}", prm_aggregate=aggregate)
+        good, bad = reward(["task 5", "task 5"], chains)
+        assert 0 <= bad < 0.5 <= good <= 1, aggregate
+
+
+def test_generate_best_of_with_a_prm_picks_the_chain_it_scores_highest(tiny, tiny_prm, files, tmp_path):
+    import rlhfkit
+
+    prompts = files / "prompts.jsonl"
+    prm = rlhfkit.load_prm(tiny_prm)
+    for aggregate in ("min", "last"):
+        out = tmp_path / f"{aggregate}.jsonl"
+        assert cli(["generate", "--model", tiny, "--prompts", str(prompts), "--output", str(out), "--best-of", "4",
+                    "--reward", f"prm:{tiny_prm}", "--prm-aggregate", aggregate, "--max-new-tokens", "12"]) == 0
+        for row in read(out):
+            prompt = row.get("prompt") or row["messages"]
+            expected = prm.score([prompt] * 4, row["completions"], aggregate)
+            assert row["scores"] == pytest.approx(expected, abs=1e-5)
+            assert row["best"] == row["completions"][argmax(expected)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("prm:/no/such/folder", "no such folder"),
+    ("prm:{tiny}", "is not a process reward model"),
+])
+def test_a_bad_prm_reward_exits_2(tiny, files, tmp_path, capsys, spec, message):
+    code = cli(["generate", "--model", tiny, "--prompts", str(files / "prompts.jsonl"), "--output",
+                str(tmp_path / "o.jsonl"), "--best-of", "2", "--reward", spec.format(tiny=tiny)])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -15,6 +15,11 @@
   "reward"}``), or without one, or a preference record, to be scored by a reward function: each
   side of a pair is then one scored completion.
 
+
+- Stepwise supervision (process reward models): ``{"prompt", "completions": [step, ...],
+  "labels": [bool per step]}`` (TRL's format); a label says the chain is still correct after
+  that step.
+
 A prompt is either a string or a list of ``{"role", "content"}`` messages; completions are
 strings (one assistant turn) or lists of assistant messages.
 """
@@ -61,6 +66,14 @@ class RankingExample:
         """All K(K-1)/2 (better, worse) pairs."""
         return [PreferenceExample(self.prompt, self.completions[a], self.completions[b], None, self.source)
                 for a, b in itertools.combinations(self.ranking, 2)]
+
+
+@dataclass(frozen=True)
+class StepwiseExample:
+    prompt: Prompt
+    steps: list[str]             # the solution, one string per step
+    labels: list[bool]           # per step: is the chain still correct after it
+    source: Record | None = None
 
 
 @dataclass(frozen=True)
@@ -269,6 +282,31 @@ def parse_scored(rec: Record, problems: list[str]) -> list[ScoredExample]:
     return [ScoredExample(example.prompt, example.completion, None if reward is None else float(reward), rec)]
 
 
+def parse_stepwise(rec: Record, problems: list[str]) -> StepwiseExample | None:
+    d = rec.data
+    ok = check_text_or_messages(rec, "prompt", d.get("prompt"), problems)
+    steps, labels = d.get("completions"), d.get("labels")
+    if not isinstance(steps, list) or not steps:
+        problems.append(rec.problem("completions", "expected a non-empty list of steps (strings)"))
+        return None
+    for i, step in enumerate(steps):
+        if not isinstance(step, str) or not step.strip():
+            problems.append(rec.problem(f"completions[{i}]", "expected a non-empty string"))
+            ok = False
+    if not isinstance(labels, list):
+        problems.append(rec.problem("labels", "expected a list of true/false, one per step"))
+        return None
+    if len(labels) != len(steps):
+        problems.append(rec.problem("labels", f"{len(labels)} label(s) for {len(steps)} step(s): "
+                                    "expected one per step"))
+        ok = False
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):
+            problems.append(rec.problem(f"labels[{i}]", f"expected true or false, got {label!r}"))
+            ok = False
+    return StepwiseExample(d["prompt"], list(steps), list(labels), rec) if ok else None
+
+
 def _load(spec: str, parse, config: str, seed: int) -> list:
     problems: list[str] = []
     out = []
@@ -312,3 +350,7 @@ def load_unpaired(spec: str, *, config: str = "", seed: int = 0) -> list[Unpaire
 
 def load_prompts(spec: str, *, config: str = "", seed: int = 0) -> list[PromptExample]:
     return _load(spec, parse_prompt, config, seed)
+
+
+def load_stepwise(spec: str, *, config: str = "", seed: int = 0) -> list[StepwiseExample]:
+    return _load(spec, parse_stepwise, config, seed)

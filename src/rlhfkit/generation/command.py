@@ -77,6 +77,9 @@ class Config(ModelOptions):
                             "`best`.")
     reward_weight: list[float] = arg(default_factory=list, help=REWARD_WEIGHT_HELP)
     reward_gate: str = arg("", REWARD_GATE_HELP)
+    prm_aggregate: Literal["min", "prod", "last"] = arg(
+        "min", "With --reward prm:PATH: a completion's score from its steps' probabilities of being correct: the "
+        "weakest step (min), all steps correct (prod), or the last step (last).")
     dtype: Literal["float32", "bfloat16"] = arg("float32", "Model dtype.")
 
     def sampling_params(self) -> SamplingParams:
@@ -190,7 +193,8 @@ def main(cfg: Config) -> int:
 
     validated(cfg)
     examples = load_prompts(cfg.prompts, config=cfg.data_config, seed=cfg.seed)
-    reward = build_reward(cfg.reward, cfg.reward_weight, cfg.reward_gate, cfg.dtype) if cfg.reward else None
+    reward = build_reward(cfg.reward, cfg.reward_weight, cfg.reward_gate, cfg.dtype,
+                          prm_aggregate=cfg.prm_aggregate) if cfg.reward else None
     records, prompts = [dict(ex.source.data) for ex in examples], [ex.prompt for ex in examples]
     t0 = time.time()
     failure = None

@@ -260,8 +260,11 @@ def apply_lora(model, r: int, alpha: int, dropout: float = 0.0, targets: str = "
     from peft import LoraConfig, get_peft_model
 
     target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    # peft leaves a sequence-classification head out of "all-linear" (it trains in full as a module
+    # to save) but not a token-classification head, which then cannot be both: leave it out the same way
+    exclude = ["score", "classifier"] if task_type == "TOKEN_CLS" and targets == "all-linear" else None
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type=task_type, bias="none")
+                        task_type=task_type, bias="none", exclude_modules=exclude)
     return get_peft_model(model, config)
 
 

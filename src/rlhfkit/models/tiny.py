@@ -17,7 +17,9 @@ CHATML_TEMPLATE = (
 )
 
 
-def make_tiny_tokenizer(chat_template: bool = True):
+def make_tiny_tokenizer(chat_template: bool = True, merges: list[tuple[str, str]] = ()):
+    """``merges``: byte-level BPE merges (pairs of tokens in the byte alphabet, e.g. ``(".", "Ċ")``
+    for ".\n"), each adding its merged token to the vocabulary; none by default (one token per byte)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -25,7 +27,9 @@ def make_tiny_tokenizer(chat_template: bool = True):
     vocab = {PAD: 0, BOS: 1, EOS: 2}
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS)

@@ -3,6 +3,9 @@
 A reward spec ``R`` (``--reward``) is one of:
 - a reward-model folder written by ``rlhfkit rm`` (re-tokenised with its own tokenizer, so the
   policy and the reward model may use different tokenizers);
+- ``prm:PATH``, a process reward model written by ``rlhfkit prm``: each completion is split into
+  steps at the PRM's separator, every step scored, and the step probabilities reduced to one
+  score by an aggregate (``min``, ``prod`` or ``last``: :data:`rlhfkit.models.prm.AGGREGATES`);
 - a Python function ``path/to/file.py:function`` or ``package.module:function`` called as
   ``function(prompts, completions) -> list[float]`` with prompts as plain strings (the last
   user turn and its context, see :func:`rlhfkit.data.chat.prompt_text`);
@@ -32,6 +35,7 @@ from rlhfkit.data.chat import prompt_text
 from rlhfkit.errors import InputError
 
 RewardFn = Callable[[list, list], list]
+PRM_PREFIX = "prm:"
 
 
 def check_reward_spec(spec: str) -> list[str]:
@@ -40,15 +44,29 @@ def check_reward_spec(spec: str) -> list[str]:
         return ["--reward is required"]
     if spec.startswith(("http://", "https://")):
         return []
+    if spec.startswith(PRM_PREFIX):
+        return _prm_spec_problems(spec, spec[len(PRM_PREFIX):])
     if os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "config.json")):
             return [f"--reward {spec}: a folder without config.json is not a reward model"]
         return []
     target, sep, fn = spec.rpartition(":")
     if not sep or not fn or not target:
-        return [f"--reward {spec!r}: expected a reward-model folder, file.py:function, module:function or an http URL"]
+        return [f"--reward {spec!r}: expected a reward-model folder, file.py:function, module:function, "
+                "an http URL or prm:PATH (a process reward model)"]
     if target.endswith(".py") and not os.path.exists(target):
         return [f"--reward {spec}: no such file: {target}"]
+    return []
+
+
+def _prm_spec_problems(spec: str, path: str) -> list[str]:
+    from rlhfkit.models.prm import is_prm_dir
+
+    if not os.path.isdir(path):
+        return [f"--reward {spec}: no such folder: {path!r} (expected prm:PATH, a folder written by rlhfkit prm)"]
+    if not is_prm_dir(path):
+        return [f"--reward {spec}: {path} is not a process reward model (its config.json names no "
+                "...ForTokenClassification architecture; rlhfkit prm writes one)"]
     return []
 
 
@@ -104,14 +122,22 @@ def _http(url: str) -> RewardFn:
     return call
 
 
-def load_reward(spec: str, dtype: str = "float32", device=None) -> RewardSource:
+def load_reward(spec: str, dtype: str = "float32", device=None, prm_aggregate: str = "min") -> RewardSource:
     """Resolve ``--reward`` into a :class:`RewardSource`; a reward model is loaded on ``device``
-    (default: :func:`rlhfkit.models.loading.default_device`) in ``dtype``."""
+    (default: :func:`rlhfkit.models.loading.default_device`) in ``dtype``. ``prm_aggregate``: how
+    a ``prm:`` reward reduces the step probabilities of a completion to its score."""
     problems = check_reward_spec(spec)
     if problems:
         raise InputError(problems)
     if spec.startswith(("http://", "https://")):
         return RewardSource(_http(spec), spec)
+    if spec.startswith(PRM_PREFIX):
+        from functools import partial
+
+        from rlhfkit.models.prm import load_prm
+
+        prm = load_prm(spec[len(PRM_PREFIX):], dtype, device=device)
+        return RewardSource(partial(prm.score, aggregate=prm_aggregate), spec, wants_raw_prompts=True)
     if os.path.isdir(spec):
         from rlhfkit.models.reward import load_reward_model
 
