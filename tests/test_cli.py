@@ -151,6 +151,7 @@ INVALID_IN_PYTHON = {
     "label add-user": ({"name": " "}, "NAME is required"),
     "label import": ({"file": "{missing}"}, "no such file"),
     "label export": ({"db": "{missing}"}, "--output is required"),
+    "feedback export": ({"db": "{missing}", "output": "{out}"}, "--db: no such file"),
 }
 
 

@@ -49,6 +49,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label add-user": ("rlhfkit.label.commands:add_user", "Add an annotator or admin; prints the token last."),
     "label import": ("rlhfkit.label.commands:import_items", "Import response pairs to be judged."),
     "label export": ("rlhfkit.label.commands:export", "Export judgments as preference pairs."),
+    "feedback export": ("rlhfkit.serve.feedback:export",
+                        "Export `serve --feedback-db` ratings as KTO or SFT records, or the logged prompts."),
 }
 
 

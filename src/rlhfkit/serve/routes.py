@@ -30,6 +30,7 @@ class ServeState:
     created_at: int             # the models' "created" time: when the app was built
     max_n: int
     default_max_tokens: int
+    feedback: Any = None        # rlhfkit.serve.feedback.FeedbackStore: log chat completions (--feedback-db)
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.created_at,
@@ -152,9 +153,10 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _stream(job, events: asyncio.Queue, first: list[dict], chunk, usage_obj) -> StreamingResponse:
+def _stream(job, events: asyncio.Queue, first: list[dict], chunk, usage_obj, on_done=None) -> StreamingResponse:
     """Server-sent events: ``first``, then a ``chunk`` per delta and finish, the usage object when
-    asked for, an error object if generation fails, and ``data: [DONE]``."""
+    asked for, an error object if generation fails, and ``data: [DONE]``. ``on_done``: awaited with
+    the finished completions before the last events (a stream the client leaves early never gets there)."""
 
     async def gen():
         try:
@@ -168,6 +170,8 @@ def _stream(job, events: asyncio.Queue, first: list[dict], chunk, usage_obj) -> 
                 elif kind == "finish":
                     yield _sse(chunk(event[1], None, event[2].finish_reason))
                 elif kind == "done":
+                    if on_done is not None:
+                        await on_done(event[1])
                     if usage_obj is not None:
                         yield _sse(usage_obj(event[1]))
                     break
@@ -181,6 +185,16 @@ def _stream(job, events: asyncio.Queue, first: list[dict], chunk, usage_obj) -> 
 
     return StreamingResponse(gen(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _log_chat(state: ServeState, rid: str, messages: list[dict], params, completions) -> None:
+    """Store a chat completion about to be returned, when the server keeps a feedback log; before
+    the client has it, so that a rating posted right after finds it."""
+    if state.feedback is not None:
+        from rlhfkit.serve.feedback import record_chat
+
+        await run_in_threadpool(record_chat, state.feedback, rid, state.served_model_name, messages, params,
+                                completions)
 
 
 def _include_usage(req) -> bool:
@@ -205,6 +219,7 @@ async def chat_completions(req: P.ChatCompletionRequest, state: ServeState = Dep
     rid, created, name = P.new_id("chatcmpl"), P.now(), state.served_model_name
     if not req.stream:
         completions = await _wait(job, events)
+        await _log_chat(state, rid, messages, job.params, completions)
         logprobs = None
         if job.logprobs is not None:
             texts = await run_in_threadpool(_token_texts, state.engine, _scored_ids(job))
@@ -219,7 +234,8 @@ async def chat_completions(req: P.ChatCompletionRequest, state: ServeState = Dep
              for i in range(job.num_choices)]
     usage_obj = ((lambda cs: P.usage_chunk(rid, created, name, "chat.completion.chunk", job.prompt_tokens, cs))
                  if _include_usage(req) else None)
-    return _stream(job, events, first, chunk, usage_obj)
+    return _stream(job, events, first, chunk, usage_obj,
+                   on_done=lambda completions: _log_chat(state, rid, messages, job.params, completions))
 
 
 # ------------------------------------------------------------------------------ completions

@@ -55,6 +55,8 @@ class Config:
     api_key_env: str = arg("", "Name of an environment variable holding an API key; when set, requests "
                            "need `Authorization: Bearer <key>`.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = arg("info", "uvicorn log level.")
+    feedback_db: str = arg("", "Store every chat completion returned, and accept thumbs up/down at POST "
+                           "/v1/feedback: a file path for SQLite or a SQLAlchemy URL (docs/serve.md, Feedback).")
 
     def validate(self) -> list[str]:
         problems = []
@@ -66,6 +68,10 @@ class Config:
         for name in ("max_length", "threads"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.feedback_db:
+            from rlhfkit.label.commands import _db_problems
+
+            problems += [p.replace("--db", "--feedback-db", 1) for p in _db_problems(self.feedback_db)]
         if self.batch_wait_ms < 0:
             problems.append(f"--batch-wait-ms must be >= 0 (got {self.batch_wait_ms})")
         if self.api_key_env and not os.environ.get(self.api_key_env):
@@ -75,10 +81,12 @@ class Config:
 
 # ------------------------------------------------------------------------------ the app
 def create_app(engine, served_model_name: str, *, max_n: int = 16, default_max_tokens: int = 256,
-               api_key: str | None = None):
+               api_key: str | None = None, feedback=None):
     """The FastAPI application answering with ``engine`` under the id ``served_model_name``.
 
     The routes live in :mod:`rlhfkit.serve.routes` and read what they share from ``app.state.serve``.
+    ``feedback``: a :class:`rlhfkit.serve.feedback.FeedbackStore` that logs every chat completion
+    returned and backs ``POST /v1/feedback``; None: neither.
     """
     from fastapi import FastAPI
 
@@ -86,12 +94,17 @@ def create_app(engine, served_model_name: str, *, max_n: int = 16, default_max_t
     from rlhfkit.serve.routes import ServeState, chat_router, completions_router, models_router
 
     app = FastAPI(title="rlhfkit serve", version="1", docs_url=None, redoc_url=None)
-    app.state.serve = ServeState(engine, served_model_name, P.now(), max_n, default_max_tokens)
+    app.state.serve = ServeState(engine, served_model_name, P.now(), max_n, default_max_tokens, feedback)
+    app.state.feedback = feedback
     app.state.engine, app.state.served_model_name = engine, served_model_name  # for code embedding the app
     _add_error_handlers(app)
     app.add_middleware(_Guard, api_key=api_key)
     for router in (models_router, chat_router, completions_router):
         app.include_router(router)
+    if feedback is not None:
+        from rlhfkit.serve.feedback import feedback_router
+
+        app.include_router(feedback_router)
     return app
 
 
@@ -162,8 +175,8 @@ class _Guard:
         await self.app(scope, receive, send)
 
 
-def _validation_response(errors: list[dict]):
-    """FastAPI's 422 validation errors as one OpenAI-style 400."""
+def _validation_response(errors: list[dict], status: int = 400):
+    """FastAPI's 422 validation errors as one OpenAI-style error (400; /v1/feedback answers 422)."""
     from fastapi.responses import JSONResponse
 
     from rlhfkit.serve.protocol import error_body
@@ -189,7 +202,7 @@ def _validation_response(errors: list[dict]):
         else:
             message = f"invalid value for '{param}': {err.get('msg', 'invalid')}"
         code = "missing_required_parameter" if kind == "missing" else "invalid_type"
-    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=status)
 
 
 # ------------------------------------------------------------------------------ running it
@@ -210,6 +223,15 @@ def _bind(host: str, port: int) -> socket.socket:
 def _url(host: str, port: int) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
     return f"http://{shown}:{port}"
+
+
+def _open_feedback(db: str | None):
+    """The feedback store of ``--feedback-db`` (None without one)."""
+    if not db:
+        return None
+    from rlhfkit.serve.feedback import open_store
+
+    return open_store(db)
 
 
 def _load(model, tokenizer, dtype: str):
@@ -236,8 +258,8 @@ class ServerHandle:
     """A server running in a background thread: ``.url``, ``.base_url`` (``url + "/v1"``),
     ``.model_name``, ``.engine`` (``.engine.stats()``), ``.stop()``; also a context manager."""
 
-    def __init__(self, server, thread: threading.Thread, engine, url: str, model_name: str):
-        self._server, self._thread, self.engine = server, thread, engine
+    def __init__(self, server, thread: threading.Thread, engine, url: str, model_name: str, feedback=None):
+        self._server, self._thread, self.engine, self.feedback = server, thread, engine, feedback
         self.url, self.base_url, self.model_name = url, url + "/v1", model_name
         self.port = int(url.rsplit(":", 1)[1])
 
@@ -245,6 +267,8 @@ class ServerHandle:
         self.engine.stop(timeout)
         self._server.should_exit = True
         self._thread.join(timeout)
+        if self.feedback is not None:
+            self.feedback.dispose()
 
     def __enter__(self) -> "ServerHandle":
         return self
@@ -259,7 +283,7 @@ class ServerHandle:
 def start_background(model, tokenizer=None, *, port: int = 0, host: str = "127.0.0.1",
                      served_model_name: str | None = None, dtype: str = "float32", max_batch_size: int = 8,
                      batch_wait_ms: float = 5.0, max_n: int = 16, default_max_tokens: int = 256,
-                     max_context: int = 0, api_key: str | None = None,
+                     max_context: int = 0, api_key: str | None = None, feedback_db: str | None = None,
                      log_level: str = "warning", startup_timeout: float = 60.0) -> ServerHandle:
     """Serve ``model`` from a background thread; returns once it accepts connections.
 
@@ -267,17 +291,20 @@ def start_background(model, tokenizer=None, *, port: int = 0, host: str = "127.0
     loaded causal LM; ``tokenizer``: a tokenizer, a name to load one from, or None (from
     ``model``). ``port=0`` picks a free port (``handle.url`` tells which). The served id is
     ``served_model_name``, else the model string, else the model's ``name_or_path``.
+    ``feedback_db``: as ``--feedback-db`` (log chat completions, accept ``POST /v1/feedback``).
     The engine then owns the model: do not train or generate with it until ``stop()``.
     """
     import uvicorn
 
     from rlhfkit.serve.engine import Engine
 
+    feedback = _open_feedback(feedback_db)
     loaded, tok = _load(model, tokenizer, dtype)
     name = served_model_name or (model if isinstance(model, str) else getattr(loaded, "name_or_path", "") or "model")
     engine = Engine(loaded, tok, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                     context_length=max_context or None)
-    app = create_app(engine, name, max_n=max_n, default_max_tokens=default_max_tokens, api_key=api_key)
+    app = create_app(engine, name, max_n=max_n, default_max_tokens=default_max_tokens, api_key=api_key,
+                     feedback=feedback)
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5,
                             access_log=False)
@@ -290,9 +317,11 @@ def start_background(model, tokenizer=None, *, port: int = 0, host: str = "127.0
         if not thread.is_alive() or time.monotonic() > deadline:
             engine.stop()
             server.should_exit = True
+            if feedback is not None:
+                feedback.dispose()
             raise RuntimeError(f"the server did not start on {host}:{sock.getsockname()[1]}")
         time.sleep(0.01)
-    return ServerHandle(server, thread, engine, _url(host, sock.getsockname()[1]), name)
+    return ServerHandle(server, thread, engine, _url(host, sock.getsockname()[1]), name, feedback)
 
 
 def main(cfg: Config) -> int:
@@ -304,19 +333,26 @@ def main(cfg: Config) -> int:
     if validated(cfg).threads:
         torch.set_num_threads(cfg.threads)
     sock = _bind(cfg.host, cfg.port)  # fail before loading the model if the port is taken
+    feedback = _open_feedback(cfg.feedback_db)  # and if the feedback database cannot be opened
     model, tokenizer = _load(cfg.model, None, cfg.dtype)
     name = cfg.served_model_name or cfg.model
     engine = Engine(model, tokenizer, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
                     context_length=cfg.max_length or None)
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    app = create_app(engine, name, max_n=cfg.max_n, default_max_tokens=cfg.default_max_tokens, api_key=api_key)
+    app = create_app(engine, name, max_n=cfg.max_n, default_max_tokens=cfg.default_max_tokens, api_key=api_key,
+                     feedback=feedback)
     url = _url(cfg.host, sock.getsockname()[1])
     print(f"rlhfkit serve: '{name}' at {url}/v1 (context {engine.context_length} tokens, "
           f"batches of up to {cfg.max_batch_size}, wait {cfg.batch_wait_ms:g} ms)", file=sys.stderr, flush=True)
+    if feedback is not None:
+        print(f"rlhfkit serve: logging chat completions and POST /v1/feedback to "
+              f"{feedback.db.engine.url.render_as_string(hide_password=True)}", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, lifespan="off",
                                            timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     finally:
         engine.stop()
+        if feedback is not None:
+            feedback.dispose()
     return 0
