@@ -243,7 +243,8 @@ def load_prompt_data(cfg: Config, tokenizer, run: Run) -> list:
 
 def build_models(cfg: Config, device=None):
     """(tokenizer, ActorCritic, reference) on ``device`` (the accelerator's) in --dtype: the
-    reference is None with LoRA (adapters disabled), else a frozen copy of the initial policy."""
+    reference is None with LoRA (adapters disabled), else a frozen copy of the initial policy.
+    Also the policy and reference of ``dpo --online`` (a config without ``algo``: no value function)."""
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer, prepare_for_training, torch_dtype
     from rlhfkit.recipes.dpo import disable_dropout
     from rlhfkit.rl.value import ValueHead, load_critic
@@ -257,7 +258,7 @@ def build_models(cfg: Config, device=None):
     reference = None if cfg.lora_r else copy.deepcopy(policy).requires_grad_(False).eval()
     policy = prepare_for_training(policy, cfg)
     value_head = critic = None
-    if cfg.algo == "ppo":
+    if getattr(cfg, "algo", None) == "ppo":  # rloo, grpo and `dpo --online` (no algo) have no value function
         if cfg.value_model == "head":
             hidden_size = policy.config.get_text_config().hidden_size
             value_head = ValueHead(hidden_size, torch_dtype(cfg.dtype)).to(next(policy.parameters()).device)
