@@ -110,6 +110,17 @@ def test_resume_reproduces_the_uninterrupted_run(run_cli, tiny_lm, reward_fn, pr
     assert abs(a[3]["objective/kl"]) > 1e-4  # the resumed steps sampled from the trained policy (k1: either sign)
 
 
+def test_several_rewards_are_combined_as_ppo_combines_them(run_cli, tiny_lm, reward_fn, prompts, tmp_path):
+    """--reward repeated with --reward-weight (rl.rewards.build_reward): weights 1 and 0 make the combined
+    score the first reward's; each reward's mean is logged as objective/scores/<name>."""
+    out = tmp_path / "run"
+    result = run_cli(*online_args(tiny_lm, prompts, out, "--reward", f"a={reward_fn}", "--reward", f"b={reward_fn}",
+                                  "--reward-weight", 1, "--reward-weight", 0, "--max-steps", 2, "--batch-size", 4))
+    assert result.code == 0, result.err
+    for r in read_metrics(out):
+        assert r["objective/scores"] == pytest.approx(r["objective/scores/a"]) == pytest.approx(r["objective/scores/b"])
+
+
 def judge_by_lower_case(body: dict) -> str:
     """A consistent scripted judge: the answer with more lower-case letters wins (a tie: [[C]])."""
     a, b = SHOWN.search(body["messages"][1]["content"]).groups()
@@ -190,6 +201,9 @@ def test_a_position_biased_judge_trains_nothing(run_cli, tiny_lm, prompts, tmp_p
     (["--online", "--prompts", "{prompts}", "--reward", "{reward}", "--max-new-tokens", 600], "--max-length (512)"),
     (["--online", "--prompts", "{prompts}", "--reward", "{reward}", "--temperature", 0], "--temperature must be"),
     (["--data", "{prompts}", "--reward", "{reward}"], "--reward is for --online"),
+    (["--data", "{prompts}", "--reward-gate", "a:0"], "--reward-gate is for --online"),
+    (["--online", "--prompts", "{prompts}", "--reward", "{reward}", "--reward-weight", 1, "--reward-weight", 2],
+     "--reward-weight: 2 weight(s) for 1 reward(s)"),
 ])
 def test_bad_flags_exit_2_before_loading_a_model(run_cli, no_model_loading, reward_fn, prompts, tmp_path, extra,
                                                  message):

@@ -30,7 +30,15 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.config import PROMPTS_HELP, TrainConfig, arg, validated
+from rlhfkit.config import (
+    PROMPTS_HELP,
+    REWARD_GATE_HELP,
+    REWARD_HELP,
+    REWARD_WEIGHT_HELP,
+    TrainConfig,
+    arg,
+    validated,
+)
 from rlhfkit.data.chat import encode
 from rlhfkit.data.length import apply_length_policy
 from rlhfkit.data.schema import PreferenceExample, load_preferences
@@ -81,9 +89,11 @@ class Config(TrainConfig, JudgeOptions):
     online: bool = arg(False, "Online DPO: every step samples two completions per --prompts prompt from the current "
                        "policy and --reward or the judge (--judge-model/--judge-url) picks the chosen one.")
     prompts: str = arg("", PROMPTS_HELP + " --online only.")
-    reward: str = arg("", "--online: the reward that picks the chosen completion (higher wins; a tie keeps the "
-                      "first sample), any source `rlhfkit ppo --reward` takes: a reward-model folder, "
-                      "file.py:function, module:function or an http(s):// endpoint.")
+    reward: list[str] = arg(default_factory=list, help="--online: the reward that picks the chosen completion "
+                            "(higher wins; a tie keeps the first sample), as `rlhfkit ppo --reward` takes it. "
+                            + REWARD_HELP)
+    reward_weight: list[float] = arg(default_factory=list, help="--online: " + REWARD_WEIGHT_HELP)
+    reward_gate: str = arg("", "--online: " + REWARD_GATE_HELP)
     judge_model: str = arg("", "--online: a pairwise judge instead of --reward: the model name sent to "
                            "--judge-url, or (without it) a local path, hub id or embedded name.")
     judge_max_new_tokens: int = arg(512, "--online with a judge: maximum tokens of each judgment.")
@@ -116,7 +126,7 @@ class Config(TrainConfig, JudgeOptions):
         return problems
 
     def online_problems(self) -> list[str]:
-        from rlhfkit.rl.rewards import check_reward_spec
+        from rlhfkit.rl.rewards import check_reward_combination
 
         problems = [f"--{name} is for offline dpo (--online samples its pairs from --prompts)"
                     for name in ("data", "eval-data") if getattr(self, name.replace("-", "_"))]
@@ -127,7 +137,7 @@ class Config(TrainConfig, JudgeOptions):
             problems += self.judge_problems()
         else:
             problems += [p.replace("--reward is required", "--online needs --reward or --judge-model")
-                         for p in check_reward_spec(self.reward)]
+                         for p in check_reward_combination(self.reward, self.reward_weight, self.reward_gate)]
         if self.max_new_tokens < 1 or self.judge_max_new_tokens < 1:
             problems.append("--max-new-tokens and --judge-max-new-tokens must be >= 1")
         elif self.max_length <= self.max_new_tokens:
@@ -138,7 +148,8 @@ class Config(TrainConfig, JudgeOptions):
         return problems
 
     def offline_problems(self) -> list[str]:
-        given = [name for name in ("prompts", "reward", "judge_model", "judge_url") if getattr(self, name)]
+        given = [name for name in ("prompts", "reward", "reward_weight", "reward_gate", "judge_model", "judge_url")
+                 if getattr(self, name)]
         return [f"--{name.replace('_', '-')} is for --online" for name in given]
 
 

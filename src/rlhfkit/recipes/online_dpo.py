@@ -10,9 +10,9 @@ OnlineDPOTrainer): ``rlhfkit dpo --online``.
        a. sample two completions per prompt from the *current* policy (rl.rollout.rollout, the
           one sampling path), with their policy and reference log-probs (no grad)
        b. prefer: the reward scores both and the higher one is chosen (a tie keeps the first
-          sample, as TRL does); or the judge compares them in both orders (the verdicts of
-          ``ai-label``), and a tie, an inconsistent or an unreadable verdict leaves the pair out
-          of the loss (weight 0)
+          sample, as TRL does; several rewards: their combination, rl.rewards.build_reward); or
+          the judge compares them in both orders (the verdicts of ``ai-label``), and a tie, an
+          inconsistent or an unreadable verdict leaves the pair out of the loss (weight 0)
        c. update: one optimizer step of the DPO loss (--loss, losses.DPO_LOSSES) on
           [chosen, rejected] per prompt: the policy's log-probs with gradients, the reference's
           from 2a; micro-batches of --batch-size pairs
@@ -58,7 +58,7 @@ class Preference:
 
     first_wins: Tensor           # [B] bool: row 2i is chosen
     weights: Tensor              # [B] float: 1 for a pair in the loss, 0 for one left out
-    stats: dict[str, float]      # the source's own metrics (judge rates)
+    stats: dict[str, float]      # the source's own metrics (judge rates, each reward's mean score)
 
     def rows(self) -> Tensor:
         """``[B, 2]`` rollout rows: [chosen, rejected] per pair."""
@@ -108,13 +108,16 @@ def prefer_by_judge(backend, prompts: list, completions: list, max_tokens: int) 
 def preference_source(cfg: Config, run: Run) -> tuple[Callable[[Rollout], tuple[Rollout, Preference]], Callable]:
     """``prefer(batch) -> (batch with scores or not, Preference)`` and a function that closes it."""
     if cfg.reward:
-        from rlhfkit.rl.rewards import load_reward
+        from rlhfkit.rl.rewards import build_reward, score_parts
 
-        reward_fn = load_reward(cfg.reward, cfg.dtype, run.accelerator.device)
+        reward_fn = build_reward(cfg.reward, cfg.reward_weight, cfg.reward_gate, cfg.dtype, run.accelerator.device)
 
         def by_reward(batch: Rollout) -> tuple[Rollout, Preference]:
-            batch = score(batch, reward_fn)
-            return batch, prefer_by_scores(batch.scores)
+            scores, parts = score_parts(reward_fn, list(batch.prompts), list(batch.completions))
+            batch = score(batch, lambda _prompts, _completions: scores)
+            preference = prefer_by_scores(batch.scores)
+            means = {f"objective/scores/{name}": sum(values) / len(values) for name, values in parts.items()}
+            return batch, Preference(preference.first_wins, preference.weights, means)
 
         return by_reward, lambda: None
     from rlhfkit.models.backends import make_backend
