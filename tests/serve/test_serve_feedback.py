@@ -26,7 +26,7 @@ from test_serve_cli import _env  # noqa: I001 - the serve tests' environment for
 
 from rlhfkit.cli import main as cli_main
 from rlhfkit.data.io import read_records
-from rlhfkit.data.schema import load_prompts, load_sft
+from rlhfkit.data.schema import load_prompts, load_sft, load_unpaired
 from rlhfkit.serve.feedback import FeedbackStore, export_records
 from rlhfkit.serve.server import Config
 
@@ -221,6 +221,25 @@ def test_streamed_reply_stored_once_and_complete(served):
                                                                           (1, texts[1], messages)]
 
 
+def test_served_feedback_exported_trains_kto(served, tiny_path, tmp_path):
+    """serve --feedback-db → POST /v1/feedback → feedback export → rlhfkit kto. At step 1 π = π_ref:
+    every log-ratio and z_ref are 0, so each example's loss is λ·(1 − σ(0)) = 1/2 (λ_D = λ_U = 1)."""
+    with httpx.Client(timeout=120) as http:
+        for k, rating in enumerate(["up", "down", "up", "down"]):
+            rid, _ = _chat(http, served.url, [{"role": "user", "content": f"kto {k}"}], stream=k % 2 == 1)
+            assert _rate(http, served.url, {"id": rid, "rating": rating}).status_code == 200
+    data = tmp_path / "kto.jsonl"
+    records = _export(served.db, data, "kto")
+    assert {r["label"] for r in records} == {True, False}
+    assert all(set(r) == {"prompt", "completion", "label"} for r in records)
+    out = tmp_path / "kto"
+    assert cli_main(["kto", "--model", tiny_path, "--data", str(data), "--output", str(out), "--batch-size", "4",
+                     "--max-steps", "2", "--lr", "1e-3", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6) and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------ export
 class _Reply:
     def __init__(self, text, finish_reason="stop"):
@@ -264,8 +283,8 @@ def test_export_formats_round_trip(tmp_path, tiny_path):
         {"prompt": conv, "completion": [{"role": "assistant", "content": "4"}], "label": True},
         {"prompt": ask, "completion": [{"role": "assistant", "content": "{{ 7*7 }}"}], "label": False},
     ]
-    assert [e.completion[0]["content"] for e in load_sft(str(tmp_path / "kto.jsonl"))] == \
-        ["hi <b>there</b>", "yo", "4", "{{ 7*7 }}"]
+    assert [(e.prompt, e.completion[0]["content"], e.desirable) for e in load_unpaired(str(tmp_path / "kto.jsonl"))] \
+        == [(ask, "hi <b>there</b>", True), (ask, "yo", False), (conv, "4", True), (ask, "{{ 7*7 }}", False)]
     # what TRL's KTO trainer reads: conversational {prompt, completion} with a bool label
     from transformers import AutoTokenizer
     from trl.data_utils import apply_chat_template, is_conversational

@@ -219,7 +219,7 @@ class ExportConfig:
         from rlhfkit.label.commands import _db_problems
 
         problems = _db_problems(self.db)
-        if problems == [] and "://" not in self.db and not os.path.isfile(self.db):
+        if not problems and "://" not in self.db and not os.path.isfile(self.db):
             problems.append(f"--db: no such file: {self.db}")
         if not self.output:
             problems.append("--output is required")
