@@ -82,7 +82,7 @@ def _several_models(rng, n_instructions=120):
         p = _sigmoid(ability - skill * difficulty + 1.5 * np.tanh(diff / diff.std()))
         models[name] = {"preference": (rng.random(n_instructions) < p).astype(float).tolist(),
                         "len_model": length.tolist()}
-    return {"len_ref": ref.tolist(), "models": models}
+    return {"len_ref": ref.tolist(), "difficulty": difficulty.round(6).tolist(), "models": models}
 
 
 def alpaca_eval_minimal(preference, len_model, len_ref) -> tuple[float, float]:
@@ -102,6 +102,57 @@ def alpaca_eval_minimal(preference, len_model, len_ref) -> tuple[float, float]:
     return float(model.predict_proba(test)[:, 1].mean()), float(model.C_[0])
 
 
+JOINT_FORMULA = ("C(generator_2):np.tanh(rand_delta_len_std_only) + C(generator_2) + C(index)"
+                 " + not_gamed_baseline.astype(float) - 1")
+
+
+def alpaca_eval_difficulty(several: dict) -> np.ndarray:
+    """AlpacaEval's instruction difficulty: the ``C(index)`` weights of its joint GLM over every model.
+
+    notebooks/instruction_difficulty.ipynb and notebook_helpers.make_data in tatsu-lab/alpaca_eval: a
+    per-model bias, a per-model slope on tanh(length difference / that model's std), one weight per
+    instruction (treatment coding: the first instruction is 0), fitted with ``fit_LogisticRegressionCV``.
+    (make_data adds uniform noise of 1e-4 characters to the length differences, unseeded; left out.)
+    """
+    import pandas as pd
+    from alpaca_eval.metrics.glm_winrate import fit_LogisticRegressionCV, make_dmatrix_for_model
+
+    ref = np.asarray(several["len_ref"], dtype=float)
+    frames = []
+    for name, m in several["models"].items():
+        delta = pd.Series(ref - np.asarray(m["len_model"], dtype=float))
+        frames.append(pd.DataFrame({"preference": m["preference"], "index": np.arange(ref.size),
+                                    "generator_2": name, "rand_delta_len_std_only": delta / delta.std(),
+                                    "not_gamed_baseline": True}))
+    df = pd.concat(frames, ignore_index=True)
+    train, _ = make_dmatrix_for_model(df, df, formula=JOINT_FORMULA)
+    model = fit_LogisticRegressionCV(train, "preference", is_ytrue_proba=True, n_splits=5)
+    weights = dict(zip(train.drop(columns=["preference"]).columns, model.coef_[0]))
+    return np.array([weights.get(f"C(index)[T.{i}]", 0.0) for i in range(ref.size)]), float(model.C_[0])
+
+
+def alpaca_eval_with_difficulty(preference, len_model, len_ref, difficulty) -> tuple[float, float]:
+    """AlpacaEval's LC win rate with the instruction-difficulty term for a given difficulty.
+
+    ``length_controlled_v1``'s formula without its regularisation to the gamed baselines (which needs
+    AlpacaEval's own annotations of them): that is ``length_controlled_noreg``. The LC win rate is the
+    mean over the instructions of the prediction at zero length difference.
+    """
+    import pandas as pd
+    from alpaca_eval.metrics.glm_winrate import GLM_INFO, fit_LogisticRegressionCV, make_dmatrix_for_model
+
+    info = GLM_INFO["length_controlled_noreg"]
+    df = pd.DataFrame({"preference": preference, "instruction_difficulty": difficulty})
+    delta = pd.Series(len_ref, dtype=float) - pd.Series(len_model, dtype=float)
+    df["std_delta_len"] = delta / delta.std()
+    df["not_gamed_baseline"] = True
+    df_test = df[["instruction_difficulty", "not_gamed_baseline"]].copy()
+    df_test["std_delta_len"] = 0
+    train, test = make_dmatrix_for_model(df, df_test, formula=info["formula"])
+    model = fit_LogisticRegressionCV(train, "preference", is_ytrue_proba=True, **info["kwargs"])
+    return float(model.predict_proba(test)[:, 1].mean()), float(model.C_[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-fixture", action="store_true", help="regenerate the synthetic annotations first")
@@ -114,6 +165,17 @@ def main() -> None:
     for name, s in data["one_model"].items():
         lc, c = alpaca_eval_minimal(s["preference"], s["len_model"], s["len_ref"])
         print(f"  {name}: {lc!r}  (C = {c:.4g}, n = {len(s['preference'])})")
+    several = data["several_models"]
+    difficulty, c_joint = alpaca_eval_difficulty(several)
+    print(f"instruction difficulty from the joint GLM (C = {c_joint:.4g}): "
+          f"{int(np.sum(difficulty != 0))} of {difficulty.size} non-zero, "
+          f"first five {difficulty[:5].round(6).tolist()}")
+    for label, d in [("the simulated difficulty", np.asarray(several["difficulty"])),
+                     ("AlpacaEval's joint-GLM difficulty", difficulty)]:
+        print(f"LC win rate with the instruction term, given {label}:")
+        for name, m in several["models"].items():
+            lc, c = alpaca_eval_with_difficulty(m["preference"], m["len_model"], several["len_ref"], d)
+            print(f"  {name}: {lc!r}  (C = {c:.4g})")
 
 
 if __name__ == "__main__":

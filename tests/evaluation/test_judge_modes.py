@@ -16,7 +16,7 @@ from rlhfkit.evaluation.judging.modes.pairwise import PairwiseSummary
 from rlhfkit.evaluation.judging.modes.single import ModelGrades, SingleSummary
 from rlhfkit.evaluation.judging.modes.winrate import WinRateSummary
 from rlhfkit.evaluation.judging.parsing import parse_pairwise, parse_pass_fail, parse_rating
-from rlhfkit.evaluation.winrate import length_controlled_win_rate
+from rlhfkit.evaluation.winrate import instruction_difficulty, length_controlled_win_rate
 
 
 def test_the_registry_holds_every_mode_under_its_flag_value():
@@ -145,6 +145,32 @@ def test_winrate_summary():
     assert list(s.to_dict()) == ["reference_model", "models"]
     assert s.to_dict()["models"]["m"]["wins"] == 1
     assert s.console_lines() == [f"  m vs ref: win rate 0.500, LC {lc.lc_win_rate:.3f}"]
+
+
+def test_winrate_with_two_candidates_adds_the_difficulty_term():
+    """Two candidates against one reference on 20 questions: the difficulty comes from both."""
+    qs = range(1, 21)
+    lengths = {"m": [2 + q % 7 for q in qs], "n": [9 - q % 5 for q in qs]}
+    answers = {x: {str(q): ["a" * n] for q, n in zip(qs, lengths[x])} for x in lengths}
+    answers["ref"] = {str(q): ["b" * 4] for q in qs}
+    prefs = {"m": [0.0 if q % 3 == 0 else 1.0 for q in qs], "n": [1.0 if q % 4 == 0 or q % 3 else 0.5 for q in qs]}
+    verdicts = {1.0: ("[[A]]", "[[B]]"), 0.0: ("[[B]]", "[[A]]"), 0.5: ("[[C]]", "[[C]]")}
+    judged = _games([(x, "ref", q, *verdicts[p]) for x in ("m", "n") for q, p in zip(qs, prefs[x])])
+    s = MODES["winrate"].summarize(JudgedRun([], answers, ["m", "n", "ref"], judged, "j", reference_model="ref"))
+    gamma, c = instruction_difficulty(prefs["m"] + prefs["n"], ["m"] * 20 + ["n"] * 20,
+                                      [f"{q}:1" for q in qs] * 2, lengths["m"] + lengths["n"], [4] * 40)
+    # treatment coding: the first instruction in sorted order ("10:1") is the zero
+    assert s.difficulty == gamma and s.difficulty_c == c and gamma["10:1"] == 0.0 and len(gamma) == 20
+    for x in ("m", "n"):
+        lc = length_controlled_win_rate(prefs[x], lengths[x], [4] * 20, difficulty=[gamma[f"{q}:1"] for q in qs])
+        v = s.models[x]
+        assert (v.lc_difficulty_win_rate, v.lc_difficulty_stderr, v.difficulty_coef) == (
+            lc.lc_win_rate, lc.stderr, lc.difficulty_coef)
+        assert v.lc_win_rate == length_controlled_win_rate(prefs[x], lengths[x], [4] * 20).lc_win_rate
+        assert 0 < v.lc_difficulty_win_rate < 1
+    assert s.to_dict()["instruction_difficulty"] == {"c": c, "values": gamma}
+    assert "| LC + difficulty |" in "\n".join(s.report_lines())
+    assert s.console_lines()[0].endswith(f", LC + difficulty {s.models['m'].lc_difficulty_win_rate:.3f}")
 
 
 # ---------------------------------------------------------------------------- chat-bench

@@ -30,7 +30,7 @@ it stays finite on separable data) by the delta method: ``SE = σ(a)(1 - σ(a)) 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,6 +62,7 @@ class LengthControlled:
     length_scale: float  # s, characters
     n: int
     c: float = float("nan")  # the inverse L1 penalty cross-validation chose
+    difficulty_coef: float = float("nan")  # d, the weight of the instruction difficulty (when given)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,20 +182,26 @@ def fit_logistic_l1(features: np.ndarray, targets: np.ndarray, c: float, max_ite
 
 
 def _lasso_step(w: np.ndarray, grad: np.ndarray, hess: np.ndarray, tol: float, sweeps: int = 500) -> np.ndarray:
-    """``argmin_d grad·d + ½ dᵀ hess d + |w + d|₁`` by cyclic coordinate descent."""
-    d = np.zeros_like(w)
+    """``argmin_d grad·d + ½ dᵀ hess d + |w + d|₁`` by cyclic coordinate descent.
+
+    Plain Python floats: with a few coordinates, numpy's per-call overhead would dominate.
+    """
+    n = w.size
+    w0, g0, h = w.tolist(), grad.tolist(), hess.tolist()
+    d = [0.0] * n
     for _ in range(sweeps):
         biggest = 0.0
-        for j in range(w.size):
-            u = w[j] + d[j]
-            g = grad[j] + hess[j] @ d
-            target = u - g / hess[j, j]
-            new = np.sign(target) * max(abs(target) - 1.0 / hess[j, j], 0.0)
+        for j in range(n):
+            row = h[j]
+            u = w0[j] + d[j]
+            target = u - (g0[j] + sum(row[k] * d[k] for k in range(n))) / row[j]
+            shrink = 1.0 / row[j]
+            new = target - shrink if target > shrink else target + shrink if target < -shrink else 0.0
             biggest = max(biggest, abs(new - u))
-            d[j] = new - w[j]
+            d[j] = new - w0[j]
         if biggest < tol:
             break
-    return d
+    return np.array(d)
 
 
 def cv_folds(n: int, k: int = CV_FOLDS) -> np.ndarray:
@@ -206,57 +213,111 @@ def cv_folds(n: int, k: int = CV_FOLDS) -> np.ndarray:
     return (n - 1 - np.arange(n)) % k
 
 
-def fit_logistic_cv(features: np.ndarray, targets: np.ndarray, cs: Sequence[float] = CV_CS,
-                    folds: int = CV_FOLDS) -> tuple[np.ndarray, float]:
-    """AlpacaEval's ``fit_LogisticRegressionCV``: the L1 fit at the ``C`` with the best held-out log loss.
+def fit_ridge(features: np.ndarray, targets: np.ndarray, c: float) -> np.ndarray:
+    """``fit_logistic`` at ``λ = 1 / C``: the L2 counterpart of :func:`fit_logistic_l1`'s ``C``."""
+    return fit_logistic(features, targets, l2=1.0 / c)[0]
 
-    Each fold's score is the mean soft-label log loss of its held-out rows (a mean over the fold,
-    summed over folds, as ``LogisticRegressionCV`` does); the first best ``C`` wins ties. With fewer
-    rows than folds there is nothing to cross-validate and the weakest penalty (largest ``C``) is used.
-    Returns the weights refitted on every row and the chosen ``C``.
+
+def fit_logistic_cv(features: np.ndarray, targets: np.ndarray, cs: Sequence[float] = CV_CS,
+                    folds: int = CV_FOLDS,
+                    fit: Callable[[np.ndarray, np.ndarray, float], np.ndarray] = fit_logistic_l1,
+                    ) -> tuple[np.ndarray, float]:
+    """AlpacaEval's ``fit_LogisticRegressionCV``: the fit at the ``C`` with the best held-out log loss.
+
+    ``fit(x, y, C)`` is the penalised fit (default the L1 one AlpacaEval uses). Each fold's score is
+    the mean soft-label log loss of its held-out rows (a mean over the fold, summed over folds, as
+    ``LogisticRegressionCV`` does); the first best ``C`` wins ties. With fewer rows than folds there
+    is nothing to cross-validate and the weakest penalty (largest ``C``) is used. Returns the
+    weights refitted on every row and the chosen ``C``.
     """
     x = np.asarray(features, dtype=float)
     y = np.asarray(targets, dtype=float)
     if len(y) < folds:
         best = float(max(cs))
-        return fit_logistic_l1(x, y, best), best
+        return fit(x, y, best), best
     fold = cv_folds(len(y), folds)
     scores = np.zeros(len(cs))
     for k in range(folds):
         train, test = fold != k, fold == k
         for i, c in enumerate(cs):
-            w = fit_logistic_l1(x[train], y[train], c)
+            w = fit(x[train], y[train], c)
             p = np.clip(1.0 / (1.0 + np.exp(-(x[test] @ w))), 1e-15, 1 - 1e-15)
             scores[i] -= float(np.mean(-(y[test] * np.log(p) + (1 - y[test]) * np.log(1 - p))))
     best = float(cs[int(np.argmax(scores))])
-    return fit_logistic_l1(x, y, best), best
+    return fit(x, y, best), best
 
 
-def _lc_stderr(design: np.ndarray, w: np.ndarray, l2: float) -> float:
-    """Delta-method standard error of σ(w₀) from the inverse (ridged) Hessian of the log-likelihood."""
+def _predicted_rate(design: np.ndarray, w: np.ndarray, at: np.ndarray, l2: float) -> tuple[float, float]:
+    """Mean of ``σ(at · w)`` over the rows of ``at`` and its delta-method standard error.
+
+    The covariance of ``w`` is the inverse (ridged by ``l2``) Hessian of the log-likelihood at the fit;
+    the gradient of the mean is ``mean_i σ'(at_i · w) at_i``.
+    """
     p = 1.0 / (1.0 + np.exp(-(design @ w)))
     cov = np.linalg.inv((design * (p * (1 - p))[:, None]).T @ design + l2 * np.eye(design.shape[1]))
-    lc = 1.0 / (1.0 + math.exp(-w[0]))
-    return lc * (1 - lc) * math.sqrt(max(cov[0, 0], 0.0))
+    q = 1.0 / (1.0 + np.exp(-(at @ w)))
+    grad = ((q * (1 - q))[:, None] * at).mean(axis=0)
+    return float(q.mean()), math.sqrt(max(float(grad @ cov @ grad), 0.0))
 
 
 def length_controlled_win_rate(preferences: Sequence[float], len_model: Sequence[float],
-                               len_ref: Sequence[float], l2: float = LC_L2) -> LengthControlled:
-    """Fit ``P(model preferred) = σ(a + b tanh(Δlen / s))`` and predict at ``Δlen = 0``.
+                               len_ref: Sequence[float], l2: float = LC_L2,
+                               difficulty: Sequence[float] | None = None) -> LengthControlled:
+    """Fit ``P(model preferred) = σ(a + b tanh(Δlen / s) [+ d γ])`` and predict at ``Δlen = 0``.
 
     ``len_model`` and ``len_ref`` are the answer lengths (characters) per comparison, aligned
     with ``preferences``. See the module docstring for the method (AlpacaEval's L1 fit with a
     cross-validated penalty; ``l2`` only regularises the Hessian behind the standard error).
+    With ``difficulty`` (each comparison's instruction's γ, from :func:`instruction_difficulty`) the
+    GLM is AlpacaEval's ``length_controlled_v1`` form and the LC win rate is the mean over the
+    comparisons of ``σ(a + d γ)``.
     """
     y = _as_preferences(preferences)
-    if not (len(y) == len(len_model) == len(len_ref)):
-        raise ValueError("preferences, len_model and len_ref must have the same length")
+    if not (len(y) == len(len_model) == len(len_ref)) or (difficulty is not None and len(difficulty) != len(y)):
+        raise ValueError("preferences, len_model, len_ref (and difficulty) must have the same length")
     n = int(y.size)
     if n == 0:
         nan = float("nan")
         return LengthControlled(nan, nan, nan, nan, nan, 0)
     x, s = length_feature(len_model, len_ref)
-    design = np.column_stack([np.ones(n), x])
+    extra = [] if difficulty is None else [np.asarray(difficulty, dtype=float)]
+    design = np.column_stack([np.ones(n), x, *extra])
     w, c = fit_logistic_cv(design, y)
-    lc = 1.0 / (1.0 + math.exp(-w[0]))
-    return LengthControlled(float(lc), _lc_stderr(design, w, l2), float(w[0]), float(w[1]), s, n, c)
+    at = design.copy()
+    at[:, 1] = 0.0  # no length difference
+    lc, se = _predicted_rate(design, w, at if extra else at[:1], l2)
+    return LengthControlled(lc, se, float(w[0]), float(w[1]), s, n, c,
+                            float(w[2]) if extra else float("nan"))
+
+
+def instruction_difficulty(preferences: Sequence[float], models: Sequence[str], instructions: Sequence[Hashable],
+                           len_model: Sequence[float], len_ref: Sequence[float]) -> tuple[dict[Hashable, float], float]:
+    """Each instruction's γ, estimated jointly from several models' comparisons with one reference.
+
+    AlpacaEval's joint GLM (its notebooks/instruction_difficulty.ipynb)::
+
+        P(model m preferred on x) = σ(θ_m + φ_m tanh(Δlen / s_m) + γ_x)
+
+    with ``s_m`` the sample std of model m's length differences and γ treatment-coded (the first
+    instruction, in sorted order, is 0). A larger γ: the models beat the reference more easily there.
+    AlpacaEval fits it with its L1 ``fit_LogisticRegressionCV``; here the penalty is a ridge
+    ``λ = 1/C`` with ``C`` chosen by the same cross-validation (:func:`fit_ridge`), which is fast
+    with hundreds of instructions. Returns ``{instruction: γ}`` and the chosen ``C``.
+    """
+    y = _as_preferences(preferences)
+    names = sorted(set(models))
+    keys = sorted(set(instructions))
+    if not (len(y) == len(models) == len(instructions) == len(len_model) == len(len_ref)):
+        raise ValueError("preferences, models, instructions, len_model and len_ref must have the same length")
+    m_of = np.array([names.index(m) for m in models])
+    slope = np.zeros((len(y), len(names)))
+    for k in range(len(names)):
+        rows = m_of == k
+        slope[rows, k] = length_feature(np.asarray(len_model, float)[rows], np.asarray(len_ref, float)[rows])[0]
+    bias = np.eye(len(names))[m_of]
+    where = {key: i for i, key in enumerate(keys)}
+    inst = np.eye(len(keys))[[where[key] for key in instructions]][:, 1:]
+    design = np.column_stack([slope, bias, inst, np.ones(len(y))])  # the last: AlpacaEval's not_gamed_baseline
+    w, c = fit_logistic_cv(design, y, fit=fit_ridge)
+    gamma = np.concatenate([[0.0], w[2 * len(names):2 * len(names) + len(keys) - 1]])
+    return {key: float(g) for key, g in zip(keys, gamma)}, c
