@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from core_helpers import read_metrics
+from core_helpers import assert_same_params, read_metrics, run_distributed
 from rlhfkit.cli import main as cli
-from rlhfkit.models.loading import load_causal_lm
+from rlhfkit.data.schema import load_unpaired
+from rlhfkit.losses import kto_loss
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.packed import completion_logps
 from rlhfkit.models.tiny import make_tiny_causal_lm
+from rlhfkit.recipes import kto
+from rlhfkit.training import StepPlan
 
 RECORDS = [
     {"prompt": "Say something nice.", "completion": "You are wonderful.", "label": True},
@@ -139,3 +144,57 @@ def test_flags_validated_before_loading(tiny, tmp_path, run_cli):
     for message in ("--beta must be > 0", "--undesirable-weight must be > 0", "--batch-size and --eval-batch-size "
                     "must be >= 2", "--data: no such file"):
         assert message in joined, message
+
+
+def expected_two_process_step(model, ref, data, batch_size: int, beta: float) -> tuple[float, float]:
+    """Step 1 of a 2-process kto run worked out in one process: rank r's micro-batch is the r-th
+    slice of the global batch; each rank's mismatched pairs stay inside its micro-batch; z_ref is
+    max(0, the mean of the two ranks' mean log-ratios), shared; the loss is the mean over all examples."""
+    tokenizer = load_tokenizer(model)
+    examples = kto.encode_examples(tokenizer, load_unpaired(str(data)), str(data), 512)
+    plan = StepPlan(len(examples), batch_size, 1, 2, seed=42, total_steps=1)
+    policy, reference = load_causal_lm(model), load_causal_lm(ref)
+    logps = []
+    with torch.no_grad():
+        for rank in range(2):
+            (mb,) = plan.local_microbatches(0, rank)
+            batch = [examples[i] for i in mb]
+            groups = kto.kl_groups(batch, 512, mismatched=True)
+            logps.append((completion_logps(policy, groups).logps.view(-1, 2),
+                          completion_logps(reference, groups).logps.view(-1, 2),
+                          torch.tensor([ex.desirable for ex in batch])))
+    means = torch.stack([(p[:, 1] - r[:, 1]).mean() for p, r, _ in logps])
+    z = means.mean().clamp(min=0)
+    losses = torch.cat([kto_loss(p[:, 0], r[:, 0], d, z, beta=beta)[0] for p, r, d in logps])
+    # each rank with its own z_ref (no gather) would give another loss: the comparison can fail
+    alone = torch.cat([kto_loss(p[:, 0], r[:, 0], d, m.clamp(min=0), beta=beta)[0]
+                       for (p, r, d), m in zip(logps, means)])
+    assert abs(float(alone.mean() - losses.mean())) > 1e-5
+    return float(losses.mean()), float(z)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_processes_share_the_reference_point(tiny, data, tmp_path):
+    """kto under 2 processes: z_ref is averaged over the processes (TRL's gather), checked against
+    step 1 worked out in one process. apo_zero_unpaired (no reference point) under 2 processes
+    equals one process with the same global batch."""
+    # seeds chosen so that the mean log-ratio of the mismatched pairs is positive
+    policy, ref = make_tiny_causal_lm(tmp_path / "policy", seed=1), str(tiny)
+    common = ["kto", "--model", policy, "--data", data, "--lr", "1e-3", "--no-progress", "--batch-size", "3"]
+    launched = run_distributed([*common, "--max-steps", "1", "--ref-model", ref, "--output", tmp_path / "two"])
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
+    (row,) = read_metrics(tmp_path / "two")
+    loss, z = expected_two_process_step(policy, ref, data, batch_size=3, beta=0.1)
+    assert z > 1e-4  # a real reference point, not the clamp
+    assert row["kl"] == pytest.approx(z, abs=1e-6)
+    assert row["loss"] == pytest.approx(loss, abs=1e-6)
+
+    apo = [*common, "--max-steps", "2", "--loss", "apo_zero_unpaired"]
+    launched = run_distributed([*apo, "--output", tmp_path / "apo2"])
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
+    assert cli([*map(str, apo), "--grad-accum", "2", "--output", str(tmp_path / "apo1")]) == 0
+    assert_same_params(tmp_path / "apo1", tmp_path / "apo2", atol=1e-5)
+    for a, b in zip(read_metrics(tmp_path / "apo1"), read_metrics(tmp_path / "apo2")):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-6)
