@@ -198,3 +198,25 @@ def test_two_processes_share_the_reference_point(tiny, data, tmp_path):
     for a, b in zip(read_metrics(tmp_path / "apo1"), read_metrics(tmp_path / "apo2")):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-6)
+
+
+def test_deployment_feedback_export_trains(tiny, tmp_path):
+    """serve's feedback log → `rlhfkit feedback export --format kto` → `rlhfkit kto` (issue 13 §3-4)."""
+    from types import SimpleNamespace
+
+    from rlhfkit.serve.feedback import FeedbackStore
+
+    store = FeedbackStore(str(tmp_path / "fb.db"))
+    chats = [("Say something nice.", "You are wonderful.", "up"), ("How are you?", "Bad.", "down"),
+             ("Name a colour", "blue", "up"), ("Tell me a joke", "No.", "down")]
+    for k, (prompt, reply, rating) in enumerate(chats):
+        store.log_chat(f"chatcmpl-{k}", "tiny", [{"role": "user", "content": prompt}], {},
+                       [SimpleNamespace(text=reply, finish_reason="stop")])
+        assert store.rate(f"chatcmpl-{k}", 0, rating, None) is not None
+    store.dispose()
+    records = tmp_path / "kto.jsonl"
+    assert cli(["feedback", "export", "--db", str(tmp_path / "fb.db"), "--output", str(records)]) == 0
+    assert [ex.desirable for ex in load_unpaired(str(records))] == [True, False, True, False]
+    rows = run_kto(tiny, records, tmp_path / "out", "--max-steps", "2", "--batch-size", "4")
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # π = π_ref at step 1: λ/2 for every example
+    assert rows[1]["rewards/margins"] > 0
