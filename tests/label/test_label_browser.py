@@ -1,4 +1,5 @@
-"""A real browser (Debian's chromium driven by Playwright) judges an item with the keyboard.
+"""A real browser (Debian's chromium driven by Playwright) judges a pair and ranks completions with the
+keyboard and the mouse.
 
 `make test` installs chromium when it is missing (scripts/ensure_browser.sh); where it cannot be
 installed this test skips and says so. Set RLHFKIT_LABEL_SCREENSHOT=/path.png to keep a
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from rlhfkit.label import service
-from rlhfkit.label.db import Database, Item, Judgment
+from rlhfkit.label.db import Database, Item, Judgment, Ranking
 from rlhfkit.label.importer import Pair, import_pairs
 
 CHROMIUM = "/usr/bin/chromium"
@@ -86,3 +87,61 @@ def test_sign_in_and_judge_with_the_keyboard(tmp_path, live_server, browser):
     assert j.preferred == j.left_side
     assert j.likert == (2 if j.left_side == "response_a" else 7)
     assert j.seconds >= 0
+
+
+def _shown_labels(page, k: int) -> dict[str, str]:
+    """Text -> the label it is shown under."""
+    return {page.inner_text(f"#response-{label} .text").strip(): label for label in "ABCD"[:k]}
+
+
+def test_rank_with_the_keyboard_and_with_the_mouse(tmp_path, live_server, browser):
+    db_path = str(tmp_path / "labels.db")
+    db = Database(db_path)
+    first = ["Paris.", "Lyon, I think.", "Berlin. " + XSS]
+    second = ["Four.", "Three.", "Five.", "Twenty-two."]
+    import_pairs(db, [Pair.ranking("What is the capital of France?", first),
+                      Pair.ranking("What is 2 + 2?", second)], overlap=1)
+    user, token, _ = service.add_user(db, "ranker")
+    db.dispose()
+    server = live_server(db_path)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server.url}/?token={token}")
+    page.wait_for_selector("#rank")
+    assert "capital of France" in page.inner_text(".conversation")
+    shown = _shown_labels(page, 3)
+    assert ("Berlin. " + XSS).strip() in shown  # the <script> is text ...
+    assert page.evaluate("typeof window.__pwned") == "undefined"  # ... and ran nothing
+    # Keyboard: worst first by mistake, Backspace, then best, middle (the last is placed for us).
+    page.keyboard.press(str("ABC".index(shown["Berlin. " + XSS.strip()]) + 1))
+    page.keyboard.press("Backspace")
+    page.keyboard.press(str("ABC".index(shown["Lyon, I think."]) + 1))
+    page.keyboard.press(str("ABC".index(shown["Paris."]) + 1))
+    ranked = [li.get_attribute("data-label") for li in page.query_selector_all("#ranking li")]
+    assert ranked == [shown["Lyon, I think."], shown["Paris."], shown["Berlin. " + XSS.strip()]]
+    page.focus("#ranking li:nth-child(2)")  # Paris moves up with the arrow key
+    page.keyboard.press("ArrowUp")
+    ranked = [li.get_attribute("data-label") for li in page.query_selector_all("#ranking li")]
+    assert ranked[:2] == [shown["Paris."], shown["Lyon, I think."]]
+    page.keyboard.press("g")
+    page.keyboard.press("Enter")
+
+    # Mouse: the second item, "Next best" in the order Four, Five, Three (Twenty-two placed last),
+    # then Three moved above Five with its button.
+    page.wait_for_selector('#rank[data-k="4"]', timeout=30_000)
+    shown = _shown_labels(page, 4)
+    for text in ["Four.", "Five.", "Three."]:
+        page.click(f'button.pick[data-label="{shown[text]}"]')
+    page.click(f'#ranking li[data-label="{shown["Three."]}"] button[title^="Move {shown["Three."]} up"]')
+    page.click("#submit")
+    page.wait_for_selector("#empty", timeout=30_000)
+    assert errors == []
+
+    db = Database(db_path)
+    with db.reading() as s:
+        rows = s.scalars(select(Ranking).order_by(Ranking.id)).all()
+    db.dispose()
+    assert [(r.user_id, r.ranking, r.rating) for r in rows] == [(user.id, [0, 1, 2], "good"),
+                                                               (user.id, [0, 1, 2, 3], None)]

@@ -102,8 +102,8 @@ def test_import_errors_name_file_line_and_field(tmp_path, capsys):
         f"error: {bad}:2: invalid JSON: Expecting property name enclosed in double quotes",
         f"error: {bad}:3: needs 'prompt' (a string) or 'messages' (a list)",
         f"error: {bad}:4: field 'response_a': expected a string, got int",
-        f"error: {bad}:5: field 'completions': expected a list of exactly 2 completions "
-        "(generate with --samples-per-prompt 2), got 1",
+        f"error: {bad}:5: field 'completions': expected a list of 2 to 4 completions "
+        "(2: a pair to compare, 3 or 4: a ranking task), got 1",
         f"error: {bad}:6: field 'messages': holds only assistant turns: there is nothing to respond to",
         f"error: {bad}:7: expected a JSON object",
         f"error: {bad}:8: field 'prompt': contains a NUL (\\u0000) character, which databases "

@@ -12,6 +12,8 @@ JSON API (``Authorization: Bearer TOKEN``, or the page's session cookie):
   ``POST /api/judgments``          201 stored; 200 the identical judgment was already stored;
                                    409 a different judgment of that item was already stored,
                                    or the item was not served to you; 422 invalid body
+  ``POST /api/rankings``           a ranking task: ``{"item_id", "ranking": ["C", "A", "B"]}`` (labels
+                                   as shown, best first); the same answers as ``/api/judgments``
   ``GET  /api/judgments``          the caller's own judgments
   ``POST /api/skip``               ``{"item_id"}``: give the item back
   ``GET  /api/admin/stats``        progress, agreement, alpha, position bias, throughput
@@ -42,7 +44,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 
-from rlhfkit.label import service, stats
+from rlhfkit.label import ranking, service, stats
 from rlhfkit.label.db import FLAGS, SCALE, Database, User
 from rlhfkit.label.export import iter_rows
 from rlhfkit.label.service import DEFAULT_LEASE_SECONDS, LabelError
@@ -201,6 +203,9 @@ def index(request: Request, token: str | None = None, st: LabelState = Depends(l
     judged = service.count_judgments(st.db, user.id)
     if served is None:
         return st.render("judge.html", user=user, served=None, judged=judged, remaining=0)
+    if served.item.is_ranking:
+        return st.render("rank.html", user=user, item=served.item, conversation=served.item.conversation(),
+                         shown=served.shown(), flags=FLAGS, judged=judged, remaining=remaining)
     a, item = served.assignment, served.item
     right = "response_b" if a.left_side == "response_a" else "response_a"
     return st.render("judge.html", user=user, served=served, item=item,
@@ -282,6 +287,14 @@ async def api_post_judgment(request: Request, user: User = Depends(api_user),
                             st: LabelState = Depends(label_state)):
     judgment = service.parse_judgment(await _json_body(request))
     status, data = await run_in_threadpool(service.record_judgment, st.db, user.id, judgment)
+    return JSONResponse(data, status_code=status)
+
+
+@annotator_api.post("/api/rankings", status_code=201)
+async def api_post_ranking(request: Request, user: User = Depends(api_user),
+                           st: LabelState = Depends(label_state)):
+    given = ranking.parse_ranking(await _json_body(request))
+    status, data = await run_in_threadpool(ranking.record_ranking, st.db, user.id, given)
     return JSONResponse(data, status_code=status)
 
 

@@ -131,12 +131,15 @@ class ImportItemsConfig:
     """Import response pairs to be judged (JSONL)."""
 
     file: str = arg(None, "JSONL with {prompt | messages, response_a, response_b, ...} records, "
-                    "or `rlhfkit generate --samples-per-prompt 2` output ({prompt | messages, completions: [a, b]}).",
+                    "or `rlhfkit generate --samples-per-prompt 2` output ({prompt | messages, completions: [a, b]}), "
+                    "or ranking tasks ({prompt | messages, completions: [3 or 4 of them]}).",
                     positional=True)
     db: str = arg("labels.db", DB_HELP)
     overlap: int = arg(3, "K: how many different annotators judge each item.")
     extra_on_disagreement: int = arg(0, "When an item's K judgments disagree on the preferred "
                                      "response, send it to this many extra annotators (once).")
+    rank_pairs: bool = arg(False, "Import records with 2 `completions` as ranking tasks too (3 or 4 "
+                           "completions always are; 2 are otherwise a pair judged on the 8-point scale).")
 
     def validate(self) -> list[str]:
         problems = _db_problems(self.db)
@@ -154,7 +157,8 @@ class ImportItemsConfig:
 def import_items(cfg: ImportItemsConfig) -> int:
     from rlhfkit.label.importer import import_pairs, read_pairs
 
-    pairs = read_pairs(validated(cfg).file)  # every problem is reported before anything is written
+    # every problem is reported before anything is written
+    pairs = read_pairs(validated(cfg).file, rank_pairs=cfg.rank_pairs)
     db = _open(cfg.db)
     try:
         result = import_pairs(db, pairs, cfg.overlap, cfg.extra_on_disagreement)
@@ -198,6 +202,7 @@ def export(cfg: ExportConfig) -> int:
         db.dispose()
     ties = (f"{result.ties_kept} ties kept" if cfg.keep_ties
             else f"{result.ties_dropped} evenly split items dropped")
-    print(f"wrote {result.written} preference pairs to {cfg.output} "
+    rankings = f" and {result.rankings} rankings" if result.rankings else ""
+    print(f"wrote {result.written - result.rankings} preference pairs{rankings} to {cfg.output} "
           f"({result.items_judged} items judged; {ties})")
     return 0

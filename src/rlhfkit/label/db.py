@@ -4,12 +4,17 @@ Tables
 ------
 ``users``        annotators and admins; only the sha256 of each token is stored.
 ``web_sessions`` browser sessions created by ``/?token=...`` (only the hash of the cookie value).
-``items``        one pair of responses to one conversation, with ``target``: how many annotators
-                 should judge it (``--overlap K`` at import, plus extra annotators when its
-                 judgments disagree).
+``items``        one pair of responses to one conversation (or, for a ranking task, the K
+                 completions in ``completions``, the first two also in ``response_a``/``_b``),
+                 with ``target``: how many annotators should judge it (``--overlap K`` at import,
+                 plus extra annotators when its judgments disagree).
 ``assignments``  an item served to one annotator: which stored response was shown on the left
-                 (randomised per annotator and item), when it was served, and its state
+                 (randomised per annotator and item; for a ranking task the whole display order,
+                 ``display_order``), when it was served, and its state
                  (``open``, ``done``, ``skipped``). Unique on (item, user): nobody sees an item twice.
+``rankings``     a ranking task's judgments: one per (item, annotator) (unique), the order shown
+                 (completion indices, first = shown as A) and the ranking given (completion
+                 indices, best first). Only ever inserted, like ``judgments``.
 ``judgments``    one judgment per (item, annotator), enforced by a unique constraint. The Likert
                  point is stored both as shown (1 = left much better) and in stored orientation
                  (1 = ``response_a`` much better), with the left side and the seconds spent.
@@ -22,6 +27,12 @@ that writes starts with ``BEGIN IMMEDIATE`` so two writers never deadlock on a l
 deferred transaction that reads and then writes can fail at once with "database is locked");
 read-only transactions start with a plain ``BEGIN`` and run beside the writer. On PostgreSQL the
 same code locks the item row (``SELECT ... FOR UPDATE``) where it counts judgments and writes.
+
+Schema versions
+---------------
+Version 2 added ``items.completions``, ``assignments.display_order`` (nullable JSON) and the
+``rankings`` table. Opening a version-1 database adds them (``ALTER TABLE ... ADD COLUMN`` of a
+nullable column: no row is rewritten, every existing item stays a pair).
 """
 
 from __future__ import annotations
@@ -33,12 +44,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The per-response flags of the judging page, in display order, with their labels.
 FLAGS: dict[str, str] = {
@@ -113,6 +136,8 @@ class Item(Base):
     response_a: Mapped[str] = mapped_column(Text)
     response_b: Mapped[str] = mapped_column(Text)
     meta: Mapped[dict] = mapped_column("metadata", JSON, default=dict)
+    # A ranking task's K completions (2 <= K <= 4); None for a pair.
+    completions: Mapped[list | None] = mapped_column(JSON, nullable=True, default=None)
     source: Mapped[str] = mapped_column(String(1000), default="")
     # sha256 of (prompt, response_a, response_b): importing the same record twice adds nothing.
     content_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -134,6 +159,10 @@ class Item(Base):
     def text(self, side: str) -> str:
         return self.response_a if side == "response_a" else self.response_b
 
+    @property
+    def is_ranking(self) -> bool:
+        return self.completions is not None
+
 
 class Assignment(Base):
     __tablename__ = "assignments"
@@ -144,6 +173,8 @@ class Assignment(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     left_side: Mapped[str] = mapped_column(String(16))  # response_a | response_b
+    # A ranking task: the completion indices in the order shown (first = shown as A).
+    display_order: Mapped[list | None] = mapped_column(JSON, nullable=True, default=None)
     status: Mapped[str] = mapped_column(String(16), default="open")  # open | done | skipped
     shown_at: Mapped[float] = mapped_column(Float, default=now)
     closed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -169,6 +200,25 @@ class Judgment(Base):
     @property
     def left_won(self) -> bool:
         return self.preferred == self.left_side
+
+
+class Ranking(Base):
+    """One annotator's ranking of a ranking task's K completions."""
+
+    __tablename__ = "rankings"
+    __table_args__ = (UniqueConstraint("item_id", "user_id", name="uq_ranking_item_user"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    display_order: Mapped[list] = mapped_column(JSON)    # completion indices as shown (A, B, ...)
+    ranking_shown: Mapped[list] = mapped_column(JSON)    # labels as given, best first: ["C", "A", "B"]
+    ranking: Mapped[list] = mapped_column(JSON)          # completion indices, best first
+    flags: Mapped[dict] = mapped_column(JSON, default=dict)  # {"0": [...], ...} by completion index
+    rating: Mapped[str | None] = mapped_column(String(8), nullable=True)  # good | bad | None
+    rationale: Mapped[str] = mapped_column(Text, default="")
+    shown_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    seconds: Mapped[float] = mapped_column(Float)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,9 +268,26 @@ def make_engine(db: str, create: bool = True) -> Engine:
 
 def create_schema(engine: Engine) -> None:
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     with Session(engine) as s, s.begin():
-        if s.get(Meta, "schema_version") is None:
+        version = s.get(Meta, "schema_version")
+        if version is None:
             s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        elif int(version.value) < SCHEMA_VERSION:
+            version.value = str(SCHEMA_VERSION)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring an older database up to date: add the nullable columns a later version introduced."""
+    present = inspect(engine)
+    with engine.connect().execution_options(label_write=True) as conn:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in present.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+        conn.commit()
 
 
 class Database:

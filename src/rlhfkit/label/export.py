@@ -17,6 +17,9 @@ A row: ``{"prompt", "chosen", "rejected", "margin", "n_judgments", "agreement",
 "annotator_ids", "tie", "item_id", "chosen_is", "votes", "likerts", "left_wins", "flags",
 "ratings", "metadata"}``. ``prompt`` is the imported string, or the message list of a
 multi-turn conversation; ``chosen``/``rejected`` are strings.
+
+Ranking tasks follow the pairs, one row each, ``{"prompt", "completions", "ranking", ...}``
+(see :mod:`rlhfkit.label.ranking`); ``rlhfkit rm`` reads both kinds of row from one file.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from sqlalchemy import select
 
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.data.likert import to_preference
-from rlhfkit.label.db import Database, Item, Judgment
+from rlhfkit.label.db import Database, Item, Judgment, Ranking
+from rlhfkit.label.ranking import aggregate_ranking
 from rlhfkit.label.stats import majority
 
 
@@ -80,21 +84,43 @@ class ExportResult:
     ties_dropped: int
     ties_kept: int
     items_judged: int
+    rankings: int = 0
 
 
 def iter_rows(db: Database, keep_ties: bool = False, counts: dict | None = None,
               chunk: int = 500) -> Iterator[dict]:
     """Export rows in item order; ``counts`` (if given) receives ties/written tallies."""
     counts = counts if counts is not None else {}
-    counts.update(written=0, ties_dropped=0, ties_kept=0, items_judged=0)
+    counts.update(written=0, ties_dropped=0, ties_kept=0, items_judged=0, rankings=0)
+    yield from _pair_rows(db, keep_ties, counts, chunk)
+    yield from _ranking_rows(db, counts, chunk)
+
+
+def _judged(s, table, chunk: int) -> Iterator[tuple[list[int], dict[int, Item], dict[int, list]]]:
+    """Chunks of (item ids, their items, their rows of ``table``) over the items judged in ``table``."""
+    item_ids = s.scalars(select(table.item_id).distinct().order_by(table.item_id)).all()
+    for start in range(0, len(item_ids), chunk):
+        ids = item_ids[start:start + chunk]
+        items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))}
+        by_item: dict[int, list] = defaultdict(list)
+        for j in s.scalars(select(table).where(table.item_id.in_(ids))):
+            by_item[j.item_id].append(j)
+        yield ids, items, by_item
+
+
+def _ranking_rows(db: Database, counts: dict, chunk: int) -> Iterator[dict]:
     with db.reading() as s:
-        item_ids = s.scalars(select(Judgment.item_id).distinct().order_by(Judgment.item_id)).all()
-        for start in range(0, len(item_ids), chunk):
-            ids = item_ids[start:start + chunk]
-            items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))}
-            by_item: dict[int, list[Judgment]] = defaultdict(list)
-            for j in s.scalars(select(Judgment).where(Judgment.item_id.in_(ids))):
-                by_item[j.item_id].append(j)
+        for ids, items, by_item in _judged(s, Ranking, chunk):
+            for item_id in ids:
+                counts["items_judged"] += 1
+                counts["rankings"] += 1
+                counts["written"] += 1
+                yield aggregate_ranking(items[item_id], by_item[item_id])
+
+
+def _pair_rows(db: Database, keep_ties: bool, counts: dict, chunk: int) -> Iterator[dict]:
+    with db.reading() as s:
+        for ids, items, by_item in _judged(s, Judgment, chunk):
             for item_id in ids:
                 counts["items_judged"] += 1
                 row = aggregate(items[item_id], by_item[item_id], keep_ties)

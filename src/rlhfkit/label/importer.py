@@ -8,12 +8,14 @@ Each line is one JSON object with the conversation and two responses:
   with an assistant turn is cut before it, as ``rlhfkit generate`` does, and that reply is kept
   in the metadata as ``reference_reply``), or
 * the output of ``rlhfkit generate --samples-per-prompt 2``: ``prompt`` or ``messages`` plus
-  ``"completions": [a, b]`` (strings, or objects with a ``text``/``content``/``completion``).
+  ``"completions": [a, b]`` (strings, or objects with a ``text``/``content``/``completion``), or
+* a ranking task: ``"completions"`` with 3 or 4 entries (``generate --samples-per-prompt 4``), which
+  the annotator orders best to worst; ``--rank-pairs`` makes 2 completions a ranking task too.
 
 Every other field is kept as the item's metadata and comes back in the export. The whole file is
 checked first; any problem (reported as ``file:line: field 'x': message``) imports nothing.
 Importing a record that is already in the database (same prompt and responses) adds nothing,
-and a record whose two responses are identical is skipped (it can carry no preference, and the
+and a record with two identical responses (completions) is skipped (it can carry no preference, and the
 trainers reject such pairs).
 """
 
@@ -33,20 +35,29 @@ from rlhfkit.label.db import Database, Item, now
 PROMPT_KEYS = ("prompt", "messages")
 RESPONSE_KEYS = ("response_a", "response_b", "completions")
 MAX_PROBLEMS = 50
+MIN_K, MAX_K = 2, 4  # completions of a ranking task
 
 
 @dataclass
 class Pair:
+    """A pair to compare, or with ``completions`` (K of them) a ranking task."""
+
     prompt: str | list[dict]
     response_a: str
     response_b: str
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    completions: list[str] | None = None
+
+    @classmethod
+    def ranking(cls, prompt: str | list[dict], completions: list[str], **kw) -> Pair:
+        return cls(prompt, completions[0], completions[1], completions=list(completions), **kw)
 
     @property
     def content_hash(self) -> str:
-        blob = json.dumps([self.prompt, self.response_a, self.response_b], ensure_ascii=False,
-                          sort_keys=True)
+        content = [self.prompt, self.completions] if self.completions else [self.prompt, self.response_a,
+                                                                            self.response_b]
+        blob = json.dumps(content, ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -86,8 +97,40 @@ def _conversation(messages: list[dict], metadata: dict) -> list[dict]:
     return turns
 
 
-def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list[str]]:
-    """One JSON value -> a Pair, or the problems with it."""
+def _responses(record: dict, problem, problems: list[str], metadata: dict, rank_pairs: bool
+               ) -> tuple[str | None, str | None, list[str] | None]:
+    """(response_a, response_b, completions of a ranking task or None), appending any problems.
+
+    ``completions`` of 3 or 4 make a ranking task; of 2, a pair (a ranking with ``rank_pairs``)."""
+    if "completions" not in record:
+        for key in ("response_a", "response_b"):
+            if key not in record:
+                problems.append(problem(key, "required (or give 'completions': [a, b, ...])"))
+            elif not isinstance(record[key], str):
+                problems.append(problem(key, f"expected a string, got {type(record[key]).__name__}"))
+        return record.get("response_a"), record.get("response_b"), None
+    if "response_a" in record or "response_b" in record:
+        problems.append(problem("completions", "give 'completions' or 'response_a'/'response_b', not both"))
+    comps = record["completions"]
+    if not isinstance(comps, list) or not MIN_K <= len(comps) <= MAX_K:
+        n = len(comps) if isinstance(comps, list) else type(comps).__name__
+        problems.append(problem("completions", f"expected a list of {MIN_K} to {MAX_K} completions "
+                                               f"(2: a pair to compare, 3 or 4: a ranking task), got {n}"))
+        return None, None, None
+    texts = [_completion_text(c) for c in comps]
+    if any(t is None for t in texts):
+        problems.append(problem("completions", "each completion must be a string or an object with a 'text' string"))
+        return None, None, None
+    extra = [{k: v for k, v in c.items() if k not in ("text", "content", "completion")}
+             for c in comps if isinstance(c, dict)]
+    if any(extra):
+        metadata["completions_meta"] = extra
+    ranking = len(texts) > 2 or rank_pairs
+    return texts[0], texts[1], (texts if ranking else None)
+
+
+def parse_record(record: Any, source: str, line: int, rank_pairs: bool = False) -> tuple[Pair | None, list[str]]:
+    """One JSON value -> a Pair (or ranking task), or the problems with it."""
     def problem(field_name: str | None, message: str) -> str:
         return record_problem(source, line, field_name, message)
 
@@ -119,34 +162,9 @@ def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list
     else:
         problems.append(problem(None, "needs 'prompt' (a string) or 'messages' (a list)"))
 
-    a = b = None
-    if "completions" in record:
-        if "response_a" in record or "response_b" in record:
-            problems.append(problem("completions", "give 'completions' or "
-                                                   "'response_a'/'response_b', not both"))
-        comps = record["completions"]
-        if not isinstance(comps, list) or len(comps) != 2:
-            n = len(comps) if isinstance(comps, list) else type(comps).__name__
-            problems.append(problem("completions", f"expected a list of exactly 2 completions "
-                                                   f"(generate with --samples-per-prompt 2), got {n}"))
-        else:
-            a, b = (_completion_text(c) for c in comps)
-            if a is None or b is None:
-                problems.append(problem("completions", "each completion must be a string or an "
-                                                       "object with a 'text' string"))
-            extra = [{k: v for k, v in c.items() if k not in ("text", "content", "completion")}
-                     for c in comps if isinstance(c, dict)]
-            if any(extra):
-                metadata["completions_meta"] = extra
-    else:
-        for key in ("response_a", "response_b"):
-            if key not in record:
-                problems.append(problem(key, "required (or give 'completions': [a, b])"))
-            elif not isinstance(record[key], str):
-                problems.append(problem(key, f"expected a string, got {type(record[key]).__name__}"))
-        a, b = record.get("response_a"), record.get("response_b")
+    a, b, completions = _responses(record, problem, problems, metadata, rank_pairs)
     if not problems:
-        texts = [("response_a", a), ("response_b", b)]
+        texts = [("completions", c) for c in completions] if completions else [("response_a", a), ("response_b", b)]
         if isinstance(prompt, str):
             texts.append(("prompt", prompt))
         else:
@@ -160,10 +178,10 @@ def parse_record(record: Any, source: str, line: int) -> tuple[Pair | None, list
     if problems:
         return None, problems
     return Pair(prompt=prompt, response_a=a, response_b=b, metadata=metadata,
-                source=f"{Path(source).name}:{line}"), []
+                source=f"{Path(source).name}:{line}", completions=completions), []
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
+def read_pairs(path: str | Path, rank_pairs: bool = False) -> list[Pair]:
     """Read and check every record; raise InputError listing the problems (up to 50)."""
     path = Path(path)
     source = str(path)
@@ -185,7 +203,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
                 except json.JSONDecodeError as e:
                     problems.append(record_problem(source, line_no, None, f"invalid JSON: {e.msg}"))
                     continue
-                pair, rec_problems = parse_record(record, source, line_no)
+                pair, rec_problems = parse_record(record, source, line_no, rank_pairs)
                 problems += rec_problems
                 if pair is not None:
                     pairs.append(pair)
@@ -226,7 +244,8 @@ def import_pairs(db: Database, pairs: list[Pair], overlap: int = 3,
         rows = []
         t = now()
         for pair, h in zip(pairs, hashes):
-            if pair.response_a == pair.response_b:
+            texts = pair.completions or [pair.response_a, pair.response_b]
+            if len(set(texts)) < len(texts):
                 identical += 1
                 continue
             if h in present:
@@ -234,7 +253,8 @@ def import_pairs(db: Database, pairs: list[Pair], overlap: int = 3,
                 continue
             present.add(h)
             rows.append(Item(prompt=pair.prompt, response_a=pair.response_a,
-                             response_b=pair.response_b, meta=pair.metadata, source=pair.source,
+                             response_b=pair.response_b, completions=pair.completions,
+                             meta=pair.metadata, source=pair.source,
                              content_hash=h, overlap=overlap, target=overlap,
                              extra_on_disagreement=extra_on_disagreement, escalated=0,
                              judged=0, complete=0,

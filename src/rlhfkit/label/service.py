@@ -23,6 +23,7 @@ already judged is a 409 (the first one stands; judgments are never changed or de
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ from rlhfkit.label.db import (
 )
 
 DEFAULT_LEASE_SECONDS = 30 * 60
+LABELS = "ABCD"  # the responses as shown, in display order
 CANDIDATES = 20  # items considered per claim attempt
 MAX_RATIONALE = 20_000
 
@@ -155,10 +157,26 @@ class Served:
     assignment: Assignment
     item: Item
 
+    def shown(self) -> list[tuple[str, str]]:
+        """(label, text) of the responses in display order: A = left (or first), B, C, D."""
+        a, item = self.assignment, self.item
+        if item.is_ranking:
+            return [(LABELS[pos], item.completions[i]) for pos, i in enumerate(a.display_order)]
+        right_side = "response_b" if a.left_side == "response_a" else "response_a"
+        return [("A", item.text(a.left_side)), ("B", item.text(right_side))]
+
     def to_json(self, queue_remaining: int | None = None) -> dict:
         a, item = self.assignment, self.item
+        if item.is_ranking:
+            out = {"kind": "ranking", "item_id": item.id, "conversation": item.conversation(),
+                   "prompt": item.prompt, "shown_at": a.shown_at, "flags": list(FLAGS),
+                   "responses": [{"label": label, "text": text} for label, text in self.shown()]}
+            if queue_remaining is not None:
+                out["queue_remaining"] = queue_remaining
+            return out
         right_side = "response_b" if a.left_side == "response_a" else "response_a"
         out = {
+            "kind": "pair",
             "item_id": item.id,
             "conversation": item.conversation(),
             "prompt": item.prompt,
@@ -211,8 +229,9 @@ def _claim(db: Database, user_id: int, lease_seconds: float, rng) -> Served | No
                         and_(Assignment.status == "open", Assignment.shown_at > cutoff))))
                 if taken >= item.target:
                     continue
+                order = rng.sample(range(len(item.completions)), len(item.completions)) if item.is_ranking else None
                 a = Assignment(item_id=item_id, user_id=user_id, left_side=rng.choice(SIDES),
-                               status="open", shown_at=t)
+                               display_order=order, status="open", shown_at=t)
                 s.add(a)
                 s.flush()
                 return Served(a, item)
@@ -264,39 +283,20 @@ class JudgmentIn:
     rationale: str
 
 
-def parse_judgment(body: Any) -> JudgmentIn:
-    """Validate a POST /api/judgments body; raises LabelError(422) naming every problem."""
-    problems: list[str] = []
-    if not isinstance(body, dict):
-        raise LabelError(422, "the body must be a JSON object like "
-                              '{"item_id": 1, "likert": 3}')
-    allowed = {"item_id", "likert", "flags", "rating", "rationale"}
-    for key in body:
-        if key not in allowed:
-            problems.append(f"unknown field {key!r} (expected {', '.join(sorted(allowed))})")
-    item_id = body.get("item_id")
-    if "item_id" not in body:
-        problems.append("item_id: required")
-    elif isinstance(item_id, bool) or not isinstance(item_id, int):
-        problems.append(f"item_id: must be an integer (got {item_id!r})")
-    likert = body.get("likert")
-    if "likert" not in body:
-        problems.append("likert: required (1 = A much better ... 8 = B much better)")
-    else:
-        try:
-            likert_scale.check(likert)
-        except ValueError as e:
-            problems.append(f"likert: {e}")
+def parse_annotations(body: dict, labels: Sequence[str], problems: list[str]
+                      ) -> tuple[dict[str, list[str]], str | None, str]:
+    """The parts of a judgment shared by pairs and rankings: flags per shown label, the good/bad
+    rating of the conversation and the rationale; appends what is wrong to ``problems``."""
     flags_in = body.get("flags")
-    flags: dict[str, list[str]] = {"A": [], "B": []}
+    flags: dict[str, list[str]] = {label: [] for label in labels}
     if flags_in is not None:
         if not isinstance(flags_in, dict):
             problems.append('flags: must be an object like {"A": ["hallucination"], "B": []}')
         else:
             for label, names in flags_in.items():
-                if label not in ("A", "B"):
-                    problems.append(f"flags: unknown response {label!r} (use \"A\" for the left, "
-                                    "\"B\" for the right)")
+                if label not in labels:
+                    problems.append(f"flags: unknown response {label!r} (the responses are "
+                                    f"{', '.join(map(repr, labels))} as shown)")
                     continue
                 if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                     problems.append(f"flags.{label}: must be a list of flag names")
@@ -320,6 +320,33 @@ def parse_judgment(body: Any) -> JudgmentIn:
         problems.append("rationale: must not contain NUL (\\u0000) characters")
     elif len(rationale) > MAX_RATIONALE:
         problems.append(f"rationale: at most {MAX_RATIONALE} characters (got {len(rationale)})")
+    return flags, rating, rationale
+
+
+def parse_judgment(body: Any) -> JudgmentIn:
+    """Validate a POST /api/judgments body; raises LabelError(422) naming every problem."""
+    problems: list[str] = []
+    if not isinstance(body, dict):
+        raise LabelError(422, "the body must be a JSON object like "
+                              '{"item_id": 1, "likert": 3}')
+    allowed = {"item_id", "likert", "flags", "rating", "rationale"}
+    for key in body:
+        if key not in allowed:
+            problems.append(f"unknown field {key!r} (expected {', '.join(sorted(allowed))})")
+    item_id = body.get("item_id")
+    if "item_id" not in body:
+        problems.append("item_id: required")
+    elif isinstance(item_id, bool) or not isinstance(item_id, int):
+        problems.append(f"item_id: must be an integer (got {item_id!r})")
+    likert = body.get("likert")
+    if "likert" not in body:
+        problems.append("likert: required (1 = A much better ... 8 = B much better)")
+    else:
+        try:
+            likert_scale.check(likert)
+        except ValueError as e:
+            problems.append(f"likert: {e}")
+    flags, rating, rationale = parse_annotations(body, ("A", "B"), problems)
     if problems:
         raise LabelError(422, "; ".join(problems), problems=problems)
     return JudgmentIn(item_id=item_id, likert=likert, flags=flags, rating=rating,
@@ -368,29 +395,54 @@ def _resolve_duplicate(existing: Judgment, j: JudgmentIn) -> tuple[int, dict]:
                           "judgments cannot be changed", judgment=judgment_to_json(existing))
 
 
-def record_judgment(db: Database, user_id: int, j: JudgmentIn) -> tuple[int, dict]:
-    """Store ``j`` for ``user_id``. Returns (201, stored) or (200, the identical stored one)."""
+def store_once(db: Database, user_id: int, j, record: Callable, existing_of: Callable,
+               resolve: Callable) -> tuple[int, dict]:
+    """``record(db, user_id, j)``, once per (item, annotator): when a racing request for the same
+    pair committed between the check and the insert, answer with ``resolve(existing, j)``."""
     for _ in range(3):
         try:
-            return _record(db, user_id, j)
+            return record(db, user_id, j)
         except IntegrityError:
-            # Another request for the same (item, user) committed between our check and insert.
             with db.reading() as s:
-                existing = _existing_judgment(s, j.item_id, user_id)
+                existing = existing_of(s, j.item_id, user_id)
             if existing is not None:
-                return _resolve_duplicate(existing, j)
+                return resolve(existing, j)
     raise LabelError(503, "the judgment could not be stored; send it again")
+
+
+def record_judgment(db: Database, user_id: int, j: JudgmentIn) -> tuple[int, dict]:
+    """Store ``j`` for ``user_id``. Returns (201, stored) or (200, the identical stored one)."""
+    return store_once(db, user_id, j, _record, _existing_judgment, _resolve_duplicate)
+
+
+def served_item(s, item_id: int, user_id: int, ranking: bool) -> tuple[Item, Assignment]:
+    """The item (locked) and its assignment to ``user_id``; 404/409 when there is none, or when it
+    is the other kind of task (a ranking sent as a pair judgment, or the other way round)."""
+    item = s.execute(select(Item).where(Item.id == item_id).with_for_update()).scalar_one_or_none()
+    if item is None:
+        raise LabelError(404, f"item {item_id} does not exist")
+    if item.is_ranking != ranking:
+        kind, url = ("a ranking task", "/api/rankings") if item.is_ranking else ("a pair", "/api/judgments")
+        raise LabelError(409, f"item {item_id} is {kind}: send its judgment to {url}")
+    a = s.scalars(select(Assignment).where(Assignment.item_id == item_id,
+                                           Assignment.user_id == user_id)).first()
+    if a is None:
+        raise LabelError(409, f"item {item_id} was not served to you (GET /api/next first)")
+    return item, a
+
+
+def close_assignment(s, item: Item, a: Assignment, t: float) -> None:
+    """A judgment of ``item`` was just added under its lock: the slot is done, the count moves."""
+    a.status = "done"
+    a.closed_at = t
+    item.judged += 1
+    _maybe_escalate(s, item)
+    item.complete = int(item.judged >= item.target)
 
 
 def _record(db: Database, user_id: int, j: JudgmentIn) -> tuple[int, dict]:
     with db.writing() as s:
-        item = s.execute(select(Item).where(Item.id == j.item_id).with_for_update()).scalar_one_or_none()
-        if item is None:
-            raise LabelError(404, f"item {j.item_id} does not exist")
-        a = s.scalars(select(Assignment).where(Assignment.item_id == j.item_id,
-                                               Assignment.user_id == user_id)).first()
-        if a is None:
-            raise LabelError(409, f"item {j.item_id} was not served to you (GET /api/next first)")
+        item, a = served_item(s, j.item_id, user_id, ranking=False)
         existing = _existing_judgment(s, j.item_id, user_id)
         if existing is not None:
             return _resolve_duplicate(existing, j)
@@ -402,11 +454,7 @@ def _record(db: Database, user_id: int, j: JudgmentIn) -> tuple[int, dict]:
                        created_at=t, seconds=max(0.0, t - a.shown_at))
         s.add(row)
         s.flush()  # raises IntegrityError here if a racing request got in first
-        a.status = "done"
-        a.closed_at = t
-        item.judged += 1
-        _maybe_escalate(s, item)
-        item.complete = int(item.judged >= item.target)
+        close_assignment(s, item, a, t)
         s.flush()
         return 201, judgment_to_json(row)
 
