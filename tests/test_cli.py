@@ -136,6 +136,7 @@ INVALID_IN_PYTHON = {
     "offline-rl": ({"output": "{out}", "data": "{missing}", "clip": 1.5}, "--clip must be in (0, 1)"),
     "generate": ({"output": "{out}", "prompts": "{missing}"}, "--prompts: no such file or directory"),
     "rejection-sampling": ({"output": "{out}"}, "--prompts is required"),
+    "loop": ({"output": "{out}", "plan": "{missing}"}, "--plan: no such file"),
     "serve": ({"port": 70000}, "--port must be in 0..65535"),
     "eval-rm": ({"model": "m"}, "--model and --ref-model go together"),
     "judge": ({"output": "{out}"}, "no candidates"),

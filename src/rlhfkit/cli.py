@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "FLAN-style instruction records from a labelled dataset (several phrasings per task)."),
     "rejection-sampling": ("rlhfkit.recipes.rejection_sampling",
                            "Rejection-sampling fine-tuning: sample N, keep the best, SFT, repeat."),
+    "loop": ("rlhfkit.loop.command", "Iterative RLHF in rounds: sample, label, reward model, optimise, evaluate."),
     "serve": ("rlhfkit.serve.server", "OpenAI-compatible HTTP server over any checkpoint."),
     "eval-rm": ("rlhfkit.evaluation.rm_accuracy", "Reward-model (or DPO implicit reward) agreement accuracy."),
     "judge": ("rlhfkit.evaluation.judge", "LLM-as-judge: single grading, pairwise, win rates, chat-bench."),

@@ -1,6 +1,7 @@
 """``rlhfkit eval-frontier``: reward against KL over a run's checkpoints (over-optimisation).
 
-For every saved policy of a PPO run (``policy-N/``), a rejection-sampling run (``round-K/``) or
+For every saved policy of a PPO run (``policy-N/``), a rejection-sampling run (``round-K/``), an
+``rlhfkit loop`` with dpo or ppo rounds (``round-N/policy/``) or
 an SFT/DPO run (``checkpoint-N/`` of a full fine-tune), plus the reference itself (step 0) and
 the final model: sample responses to held-out prompts, score them with the run's reward (and an
 optional second reward or oracle), and estimate KL(π ‖ π_ref) from the same samples. The
@@ -191,9 +192,10 @@ def run_policies(run: Path) -> list[tuple[int, str]]:
     for p in run.iterdir():
         for prefix in ("policy-", "round-"):
             suffix = p.name[len(prefix):]
-            loadable = (p / "config.json").exists() or (p / "adapter_config.json").exists()
+            folder = p / "policy" if prefix == "round-" and (p / "policy").is_dir() else p  # an `rlhfkit loop` round
+            loadable = (folder / "config.json").exists() or (folder / "adapter_config.json").exists()
             if p.is_dir() and p.name.startswith(prefix) and suffix.isdigit() and loadable:
-                found[int(suffix)] = str(p)
+                found[int(suffix)] = str(folder)
     if not found:
         from rlhfkit.training import list_checkpoints
 
