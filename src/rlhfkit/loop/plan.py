@@ -178,14 +178,15 @@ def command_config(module: str, options: dict, owned: dict[str, Any], where: str
 
 def sample_owned(plan: Plan, policy: str, output: Path, round_index: int) -> dict[str, Any]:
     """The options of round ``round_index``'s `rlhfkit generate` that the loop sets."""
-    reward = plan.label.reward if plan.label.source == "reward" else ""
+    reward = [plan.label.reward] if plan.label.source == "reward" else []
     return {"model": policy, "prompts": plan.prompts, "output": str(output), "seed": plan.seed + round_index,
-            "reward": reward, "best_of": 0, "model_url": "", "model_name": ""}
+            "reward": reward, "reward_weight": [], "reward_gate": "", "best_of": 0, "model_url": "", "model_name": ""}
 
 
 def optimise_owned(plan: Plan, policy: str, pairs: str, reward: str, output: Path, resume: bool) -> dict[str, Any]:
     """The options of the optimise phase's recipe that the loop sets."""
-    inputs = {"data": pairs} if plan.optimise.method == "dpo" else {"prompts": plan.prompts, "reward": reward}
+    inputs = {"data": pairs} if plan.optimise.method == "dpo" else {
+        "prompts": plan.prompts, "reward": [reward], "reward_weight": [], "reward_gate": ""}
     return {"model": policy, **inputs, "output": str(output), "resume": resume}
 
 
