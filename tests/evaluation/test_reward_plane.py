@@ -41,7 +41,10 @@ def test_the_two_reward_plane_has_a_point_per_checkpoint(run_cli, one_thread, ti
     for p in plane["points"]:
         assert 0.0 <= p["x"] <= 1.0 and p["y"] > 0.0
     assert (tmp_path / "plane" / "plane.png").stat().st_size > 1000
-    assert "| step | x: rewards.py:lower | y: rewards.py:length |" in (tmp_path / "plane" / "plane.md").read_text()
+    table = (tmp_path / "plane" / "plane.md").read_text()
+    assert "| step | x: rewards.py:lower | y: rewards.py:length | KL (nats) |" in table
+    last = plane["points"][-1]
+    assert f"| 2 | {last['x']:.4g} | {last['y']:.4g} | {last['kl']:.3f} |" in table
     assert not (tmp_path / "plane" / "frontier.json").exists()
 
 

@@ -174,7 +174,7 @@ def write_reward_plane(out: Path, run: Path, x_spec: str, y_spec: str, n_prompts
     write_json(out / "plane.json", {"run": str(run), "x_reward": x_spec, "y_reward": y_spec, "prompts": n_prompts,
                                     "points": plane})
     table = md_table(["step", "x: " + Path(x_spec).name, "y: " + Path(y_spec).name, "KL (nats)"],
-                     [[p["step"], f"{p['x']:.3f}", f"{p['y']:.3f}", f"{p['kl']:.3f}"] for p in plane])
+                     [[p["step"], f"{p['x']:.4g}", f"{p['y']:.4g}", f"{p['kl']:.3f}"] for p in plane], "rrrr")
     plot_reward_plane(plane, out / "plane.png", Path(x_spec).name, Path(y_spec).name)
     write_text(out / "plane.md", f"# Two rewards over checkpoints: {run}\n\n{n_prompts} prompts\n\n{table}\n"
                                  "![plane](plane.png)\n")
