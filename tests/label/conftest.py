@@ -152,8 +152,9 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, db: str, log: Path):
+    def __init__(self, db: str, log: Path, extra: tuple[str, ...] = ()):
         self.db = db
+        self.extra = list(extra)
         self.log_path = log
         self.proc: subprocess.Popen | None = None
         self.url = ""
@@ -166,7 +167,7 @@ class LiveServer:
             self._log = self.log_path.open("ab")
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "rlhfkit", "label", "serve", "--db", self.db,
-                 "--host", "127.0.0.1", "--port", str(port)],
+                 "--host", "127.0.0.1", "--port", str(port), *self.extra],
                 stdout=self._log, stderr=subprocess.STDOUT, env=env)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -194,11 +195,11 @@ class LiveServer:
 
 @pytest.fixture
 def live_server(tmp_path):
-    """``live_server(db_path)`` starts ``rlhfkit label serve`` and returns it (stopped at the end)."""
+    """``live_server(db_path, *flags)`` starts ``rlhfkit label serve`` and returns it (stopped at the end)."""
     servers = []
 
-    def start(db: str) -> LiveServer:
-        server = LiveServer(db, tmp_path / f"server{len(servers)}.log").start()
+    def start(db: str, *flags: str) -> LiveServer:
+        server = LiveServer(db, tmp_path / f"server{len(servers)}.log", flags).start()
         servers.append(server)
         return server
 

@@ -145,3 +145,56 @@ def test_rank_with_the_keyboard_and_with_the_mouse(tmp_path, live_server, browse
     db.dispose()
     assert [(r.user_id, r.ranking, r.rating) for r in rows] == [(user.id, [0, 1, 2], "good"),
                                                                (user.id, [0, 1, 2, 3], None)]
+
+
+def test_a_live_conversation_against_two_scripted_models(tmp_path, live_server, browser):
+    from scripted_endpoint import ScriptedEndpoint
+
+    def reply(body):
+        last = body["messages"][-1]["content"]
+        return f"alpha answers {last}" if body["model"] == "alpha" else f"beta answers {last} {XSS}"
+
+    db_path = str(tmp_path / "labels.db")
+    db = Database(db_path)
+    user, token, _ = service.add_user(db, "live-annotator")
+    db.dispose()
+    with ScriptedEndpoint(reply) as ep:
+        server = live_server(db_path, "--live-url", ep.url, "--live-model", "alpha",
+                             "--live-url", ep.url, "--live-model", "beta")
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{server.url}/?token={token}")
+        page.goto(f"{server.url}/live")
+        # Turn 1, keyboard: write, Ctrl+Enter, then the point for beta's reply and Enter.
+        page.fill("#user-turn", "Hello there")
+        page.keyboard.press("Control+Enter")
+        page.wait_for_selector("#choice:not([hidden])", timeout=30_000)
+        beta = f"beta answers Hello there {XSS}"
+        texts = [page.inner_text(f"#response-{x} .text").strip() for x in "AB"]
+        assert sorted(texts) == sorted(["alpha answers Hello there", beta.strip()])
+        assert page.evaluate("typeof window.__pwned") == "undefined"  # model output stays text
+        page.keyboard.press("1" if texts[0] == beta.strip() else "8")  # beta, "much better"
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#message.good", timeout=30_000)
+        assert page.inner_text("#turns .role-assistant .text").strip() == beta.strip()
+        # Turn 2, mouse: Send, then click the point for alpha's reply and Submit.
+        page.fill("#user-turn", "Tell me more")
+        page.click("#send")
+        page.wait_for_selector("#choice:not([hidden])", timeout=30_000)
+        left = page.inner_text("#response-A .text").strip()
+        page.click(f'.point:has(input[value="{2 if left.startswith("alpha") else 7}"])')
+        page.click("#submit")
+        page.wait_for_selector("#message.good", timeout=30_000)
+        assert len(page.query_selector_all("#turns .turn")) == 4
+        assert errors == []
+        assert ep.seen[-1]["messages"][1] == {"role": "assistant", "content": beta}
+
+    db = Database(db_path)
+    with db.reading() as s:
+        rows = s.execute(select(Judgment, Item).join(Item, Item.id == Judgment.item_id).order_by(Judgment.id)).all()
+    db.dispose()
+    assert [(j.user_id, item.meta[f"model_{j.preferred[-1]}"], item.meta["live"]["turn"]) for j, item in rows] == [
+        (user.id, "beta", 1), (user.id, "alpha", 2)]
+    assert rows[1][1].prompt == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": beta},
+                                 {"role": "user", "content": "Tell me more"}]

@@ -2,6 +2,7 @@
 
 Pages (cookie session, started by opening ``/?token=TOKEN``):
   ``/``        the judging page (the annotator's next item), or "queue empty"
+  ``/live``    live tasks: write a user turn, choose between two model replies (``--live-url``)
   ``/mine``    the annotator's own judgments
   ``/admin``   progress and live statistics (admins)
   ``/logout``  end the browser session
@@ -14,12 +15,16 @@ JSON API (``Authorization: Bearer TOKEN``, or the page's session cookie):
                                    or the item was not served to you; 422 invalid body
   ``POST /api/rankings``           a ranking task: ``{"item_id", "ranking": ["C", "A", "B"]}`` (labels
                                    as shown, best first); the same answers as ``/api/judgments``
+  ``POST /api/live/turn``          ``{"user": "...", "after_item"?: id}``: two model replies to the
+                                   conversation so far, as a pair served to the caller (503 when
+                                   the app has no ``--live-url``, 502 when the model fails)
   ``GET  /api/judgments``          the caller's own judgments
   ``POST /api/skip``               ``{"item_id"}``: give the item back
   ``GET  /api/admin/stats``        progress, agreement, alpha, position bias, throughput
   ``GET  /api/admin/items``        every item: target, votes, majority side, agreement
   ``GET  /api/admin/judgments``    every judgment
-  ``GET  /api/admin/export``       the preference-pair JSONL (``?keep_ties=true``)
+  ``GET  /api/admin/export``       the preference-pair JSONL (``?keep_ties=true``; ``?format=battles``:
+                                   the human votes as ``rlhfkit arena`` battles)
   ``POST /api/admin/escalate``     ``{"extra": N}``: disagreeing complete items get N more annotators
 
 The routes are three routers, ``pages``, ``annotator_api`` (``/api/*``) and ``admin_api``
@@ -36,6 +41,7 @@ import datetime as _dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -44,7 +50,8 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 
-from rlhfkit.label import ranking, service, stats
+from rlhfkit.label import live, ranking, service, stats
+from rlhfkit.label.battles import iter_battles
 from rlhfkit.label.db import FLAGS, SCALE, Database, User
 from rlhfkit.label.export import iter_rows
 from rlhfkit.label.service import DEFAULT_LEASE_SECONDS, LabelError
@@ -109,6 +116,7 @@ class LabelState:
     lease_seconds: float
     secure_cookies: bool
     templates: Environment
+    live: live.LiveModels | None = None
 
     def render(self, name: str, status: int = 200, **ctx) -> HTMLResponse:
         ctx.setdefault("user", None)
@@ -116,13 +124,14 @@ class LabelState:
 
 
 def create_app(db: Database | str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
-               secure_cookies: bool = False) -> FastAPI:
-    """The app over ``db`` (a :class:`Database`, a SQLAlchemy URL or a SQLite path)."""
+               secure_cookies: bool = False, live_models: live.LiveModels | None = None) -> FastAPI:
+    """The app over ``db`` (a :class:`Database`, a SQLAlchemy URL or a SQLite path); with
+    ``live_models``, the live page asks them for replies."""
     if not isinstance(db, Database):
         db = Database(db)
     app = FastAPI(title="rlhfkit label", docs_url=None, redoc_url=None)
     app.state.db = db
-    app.state.label = LabelState(db, lease_seconds, secure_cookies, _templates())
+    app.state.label = LabelState(db, lease_seconds, secure_cookies, _templates(), live_models)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(LabelError, _label_error)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -226,6 +235,15 @@ def _sign_in(st: LabelState, token: str) -> Response:
     return resp
 
 
+@pages.get("/live", response_class=HTMLResponse)
+def live_page(request: Request, st: LabelState = Depends(label_state)):
+    user = _user(st.db, request)
+    if user is None:
+        return st.render("signin.html", 401, problem=None)
+    return st.render("live.html", user=user, enabled=st.live is not None, scale=SCALE, flags=FLAGS,
+                     models=len(st.live.models) if st.live else 0)
+
+
 @pages.get("/mine", response_class=HTMLResponse)
 def mine(request: Request, st: LabelState = Depends(label_state)):
     user = _user(st.db, request)
@@ -298,6 +316,15 @@ async def api_post_ranking(request: Request, user: User = Depends(api_user),
     return JSONResponse(data, status_code=status)
 
 
+@annotator_api.post("/api/live/turn", status_code=201)
+async def api_live_turn(request: Request, user: User = Depends(api_user), st: LabelState = Depends(label_state)):
+    if st.live is None:
+        raise LabelError(503, "live tasks are off: start the app with --live-url URL --live-model NAME")
+    text, after_item = live.parse_turn(await _json_body(request))
+    served = await run_in_threadpool(live.start_turn, st.db, st.live, user.id, text, after_item)
+    return JSONResponse(live.served_turn_json(served), status_code=201)
+
+
 @annotator_api.get("/api/judgments")
 def api_my_judgments(user: User = Depends(api_user), st: LabelState = Depends(label_state)):
     return {"judgments": service.judgments_of(st.db, user.id, limit=100_000)}
@@ -338,10 +365,12 @@ def api_all_judgments(_admin: User = Depends(api_admin), st: LabelState = Depend
 
 
 @admin_api.get("/api/admin/export")
-def api_export(keep_ties: bool = False, _admin: User = Depends(api_admin), st: LabelState = Depends(label_state)):
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in iter_rows(st.db, keep_ties))
+def api_export(keep_ties: bool = False, format: Literal["pairs", "battles"] = "pairs",
+               _admin: User = Depends(api_admin), st: LabelState = Depends(label_state)):
+    rows = iter_battles(st.db) if format == "battles" else iter_rows(st.db, keep_ties)
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return Response(body, media_type="application/x-ndjson",
-                    headers={"Content-Disposition": 'attachment; filename="pairs.jsonl"'})
+                    headers={"Content-Disposition": f'attachment; filename="{format}.jsonl"'})
 
 
 @admin_api.post("/api/admin/escalate")

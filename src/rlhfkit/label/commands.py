@@ -60,9 +60,23 @@ class ServeConfig:
                                "long; after that, if not judged, the slot is offered to others.")
     secure_cookies: bool = arg(False, "Mark the session cookie Secure (when served over HTTPS).")
     access_log: bool = arg(False, "Log every request (off by default: sign-in URLs carry tokens).")
+    live_url: list[str] = arg(default_factory=list, help="OpenAI-compatible endpoint for live tasks (e.g. "
+                              "http://127.0.0.1:8001/v1 from `rlhfkit serve`). Once: two replies sampled from one "
+                              "model; twice: one reply from each of two models.")
+    live_model: list[str] = arg(default_factory=list, help="The model name sent to each --live-url, in order.")
+    live_api_key_env: str = arg("OPENAI_API_KEY", "Environment variable holding the live endpoints' API key "
+                                "(unset: no key sent; never written anywhere).")
+    live_temperature: float = arg(0.8, "Sampling temperature of the live replies (> 0 with one model, or both "
+                                  "replies are the same).")
+    live_max_tokens: int = arg(256, "Longest live reply, in tokens.")
 
     def validate(self) -> list[str]:
         problems = _db_problems(self.db)
+        if len(self.live_url) > 2 or len(self.live_model) != len(self.live_url):
+            problems.append(f"--live-url and --live-model go together, once or twice (got {len(self.live_url)} "
+                            f"--live-url, {len(self.live_model)} --live-model)")
+        if self.live_temperature < 0 or self.live_max_tokens < 1:
+            problems.append("--live-temperature must be >= 0 and --live-max-tokens >= 1")
         if not 0 <= self.port <= 65535:
             problems.append(f"--port must be in 0..65535 (got {self.port})")
         if self.lease_minutes <= 0:
@@ -76,7 +90,14 @@ def serve(cfg: ServeConfig) -> int:
     from rlhfkit.label.app import create_app
 
     db = _open(validated(cfg).db)
-    app = create_app(db, lease_seconds=cfg.lease_minutes * 60, secure_cookies=cfg.secure_cookies)
+    live_models = None
+    if cfg.live_url:
+        from rlhfkit.label.live import LiveModels
+
+        live_models = LiveModels.from_flags(cfg.live_url, cfg.live_model, os.environ.get(cfg.live_api_key_env) or None,
+                                            cfg.live_temperature, cfg.live_max_tokens)
+    app = create_app(db, lease_seconds=cfg.lease_minutes * 60, secure_cookies=cfg.secure_cookies,
+                     live_models=live_models)
     print(f"rlhfkit label: serving {db.engine.url.render_as_string(hide_password=True)} "
           f"on http://{cfg.host}:{cfg.port}/ (sign in with /?token=TOKEN)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, access_log=cfg.access_log, log_level="info")
@@ -176,15 +197,32 @@ def import_items(cfg: ImportItemsConfig) -> int:
 
 @dataclass
 class ExportConfig:
-    """Export judgments as preference pairs (prompt/chosen/rejected/margin JSONL)."""
+    """Export judgments as preference pairs (prompt/chosen/rejected/margin JSONL) and rankings, or as
+    arena battles."""
 
     db: str = arg("labels.db", DB_HELP)
     output: str = arg("", "Where to write the JSONL (written atomically).")
+    format: Literal["pairs", "battles"] = arg("pairs", "pairs: preference pairs and rankings (what `rlhfkit rm` "
+                                              "and `rlhfkit dpo` read); battles: one human vote per line between "
+                                              "the two named models of an item (what `rlhfkit arena` reads).")
     keep_ties: bool = arg(False, "Keep items whose judgments split evenly, as rows with "
                           "\"tie\": true and margin 0 (by default they are dropped).")
+    exclude_flag: list[str] = arg(default_factory=list, help="Drop rows (and battles) that any annotator flagged "
+                                  "with this flag on any response (repeat for several), e.g. hallucination.")
+    min_agreement: float = arg(0.0, "Keep rows judged by several annotators only when their agreement (share on "
+                               "the majority side; for rankings, of the pair orderings) is at least this.")
+    min_judgments: int = arg(1, "Keep only rows with at least this many judgments.")
 
     def validate(self) -> list[str]:
+        from rlhfkit.label.db import FLAGS
+
         problems = _db_problems(self.db)
+        problems += [f"--exclude-flag {f!r}: not a flag (known: {', '.join(FLAGS)})"
+                     for f in self.exclude_flag if f not in FLAGS]
+        if not 0 <= self.min_agreement <= 1:
+            problems.append(f"--min-agreement must be in [0, 1] (got {self.min_agreement})")
+        if self.min_judgments < 1:
+            problems.append(f"--min-judgments must be >= 1 (got {self.min_judgments})")
         if "://" not in self.db and self.db and not os.path.exists(self.db):
             problems.append(f"--db: no such database file: {self.db}")
         if not self.output:
@@ -193,16 +231,22 @@ class ExportConfig:
 
 
 def export(cfg: ExportConfig) -> int:
-    from rlhfkit.label.export import write_export
+    from rlhfkit.label.export import Curation, write_battles, write_export
 
     db = _open(validated(cfg).db)
+    curation = Curation(cfg.exclude_flag, cfg.min_agreement, cfg.min_judgments)
     try:
-        result = write_export(db, cfg.output, keep_ties=cfg.keep_ties)
+        if cfg.format == "battles":
+            n = write_battles(db, cfg.output, curation)
+            print(f"wrote {n} battles to {cfg.output} (read them with `rlhfkit arena --battles {cfg.output}`)")
+            return 0
+        result = write_export(db, cfg.output, keep_ties=cfg.keep_ties, curation=curation)
     finally:
         db.dispose()
     ties = (f"{result.ties_kept} ties kept" if cfg.keep_ties
             else f"{result.ties_dropped} evenly split items dropped")
     rankings = f" and {result.rankings} rankings" if result.rankings else ""
+    curated = f"; {result.curated_out} dropped by curation" if result.curated_out else ""
     print(f"wrote {result.written - result.rankings} preference pairs{rankings} to {cfg.output} "
-          f"({result.items_judged} items judged; {ties})")
+          f"({result.items_judged} items judged; {ties}{curated})")
     return 0

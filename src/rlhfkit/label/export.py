@@ -20,19 +20,30 @@ multi-turn conversation; ``chosen``/``rejected`` are strings.
 
 Ranking tasks follow the pairs, one row each, ``{"prompt", "completions", "ranking", ...}``
 (see :mod:`rlhfkit.label.ranking`); ``rlhfkit rm`` reads both kinds of row from one file.
+
+Curation (:class:`Curation`, the export's ``--exclude-flag``, ``--min-agreement``,
+``--min-judgments``) drops rows after aggregation: a row any annotator flagged with an excluded
+flag (on either response, or any completion), a row judged by several annotators whose
+``agreement`` is below the minimum (a row judged once has agreement 1), a row with fewer
+judgments than the minimum.
+
+Battles (``--format battles``, :mod:`rlhfkit.label.battles`): one human vote per row in the
+format ``rlhfkit arena`` reads; ``--exclude-flag`` applies to them too.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
 
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.data.likert import to_preference
+from rlhfkit.label.battles import iter_battles
 from rlhfkit.label.db import Database, Item, Judgment, Ranking
 from rlhfkit.label.ranking import aggregate_ranking
 from rlhfkit.label.stats import majority
@@ -79,21 +90,44 @@ def aggregate(item: Item, judgments: list[Judgment], keep_ties: bool = False) ->
 
 
 @dataclass
+class Curation:
+    """Which aggregated rows (and battles) the export keeps."""
+
+    exclude_flags: list[str] = field(default_factory=list)
+    min_agreement: float = 0.0
+    min_judgments: int = 1
+
+    def keep(self, row: dict) -> bool:
+        flagged = {name for counts in row["flags"].values() for name in counts}
+        return (not flagged & set(self.exclude_flags) and row["n_judgments"] >= self.min_judgments
+                and (row["n_judgments"] < 2 or row["agreement"] >= self.min_agreement))
+
+
+@dataclass
 class ExportResult:
     written: int
     ties_dropped: int
     ties_kept: int
     items_judged: int
     rankings: int = 0
+    curated_out: int = 0
 
 
 def iter_rows(db: Database, keep_ties: bool = False, counts: dict | None = None,
-              chunk: int = 500) -> Iterator[dict]:
-    """Export rows in item order; ``counts`` (if given) receives ties/written tallies."""
+              chunk: int = 500, curation: Curation | None = None) -> Iterator[dict]:
+    """Export rows in item order (pairs, then rankings) that ``curation`` keeps; ``counts`` (if
+    given) receives the tallies."""
     counts = counts if counts is not None else {}
-    counts.update(written=0, ties_dropped=0, ties_kept=0, items_judged=0, rankings=0)
-    yield from _pair_rows(db, keep_ties, counts, chunk)
-    yield from _ranking_rows(db, counts, chunk)
+    counts.update(written=0, ties_dropped=0, ties_kept=0, items_judged=0, rankings=0, curated_out=0)
+    curation = curation or Curation()
+    for row in itertools.chain(_pair_rows(db, keep_ties, counts, chunk), _ranking_rows(db, counts, chunk)):
+        if not curation.keep(row):
+            counts["curated_out"] += 1
+            continue
+        counts["written"] += 1
+        counts["rankings"] += "ranking" in row
+        counts["ties_kept"] += bool(row.get("tie"))
+        yield row
 
 
 def _judged(s, table, chunk: int) -> Iterator[tuple[list[int], dict[int, Item], dict[int, list]]]:
@@ -113,8 +147,6 @@ def _ranking_rows(db: Database, counts: dict, chunk: int) -> Iterator[dict]:
         for ids, items, by_item in _judged(s, Ranking, chunk):
             for item_id in ids:
                 counts["items_judged"] += 1
-                counts["rankings"] += 1
-                counts["written"] += 1
                 yield aggregate_ranking(items[item_id], by_item[item_id])
 
 
@@ -127,13 +159,19 @@ def _pair_rows(db: Database, keep_ties: bool, counts: dict, chunk: int) -> Itera
                 if row is None:
                     counts["ties_dropped"] += 1
                     continue
-                counts["ties_kept"] += row["tie"]
-                counts["written"] += 1
                 yield row
 
 
-def write_export(db: Database, output: str | Path, keep_ties: bool = False) -> ExportResult:
+def write_export(db: Database, output: str | Path, keep_ties: bool = False,
+                 curation: Curation | None = None) -> ExportResult:
     """Write the JSONL atomically (a temporary file renamed into place)."""
     counts: dict = {}
-    write_jsonl(output, iter_rows(db, keep_ties, counts))
+    write_jsonl(output, iter_rows(db, keep_ties, counts, curation=curation))
     return ExportResult(**counts)
+
+
+def write_battles(db: Database, output: str | Path, curation: Curation | None = None) -> int:
+    """Write the battles JSONL atomically; returns how many."""
+    battles = list(iter_battles(db, (curation or Curation()).exclude_flags))
+    write_jsonl(output, battles)
+    return len(battles)

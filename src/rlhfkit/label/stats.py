@@ -17,6 +17,8 @@ has no middle point, 4 and 5 being the close calls). Agreement is measured on th
   pairable values, or every value the same).
 * Position bias: how often the response shown on the left won, with a 95% Wilson interval.
   Because the left side is randomised, an unbiased crowd sits at 0.5.
+* Per-model human win rates: over the pair judgments whose items name two models (live turns,
+  or imported pairs with ``model_a``/``model_b``), each model's share of its battles won.
 * Throughput: judgments in the last hour and day; overall judgments per hour between the first
   and the last judgment (once they are at least 5 minutes apart); per annotator, judgments per
   hour of judging time (the seconds spent on each item, capped at 10 minutes so that breaks do
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
+from rlhfkit.label.battles import iter_battles, win_rates
 from rlhfkit.label.db import Assignment, Database, Item, Judgment, User, now
 
 WORK_CAP_SECONDS = 600.0  # longer than this on one item: a break, counted as 10 minutes
@@ -257,6 +260,7 @@ def summary(db: Database, item_limit: int = 50) -> dict:
         "position_bias": position_bias(votes),
         "throughput": throughput(votes),
         "annotators": annotators,
+        "models": win_rates(iter_battles(db)),
         "disagreements": [{**w, "target": targets.get(w["item_id"]),
                            "prompt": prompts.get(w["item_id"], "")}
                           for w in worst if w["agreement"] < 1.0],

@@ -49,15 +49,15 @@
         function (el) { return el.value; });
     };
 
-    // POST a judgment; 201/200 saved (then the next item), 409 already judged.
-    self.post = function (url, body, what) {
+    // POST a judgment; 201/200 saved (then onSaved(stored), by default the next item), 409 already judged.
+    self.post = function (url, body, what, onSaved) {
       if (self.busy) return;
       self.lock(true);
       self.say("Saving…");
       return self.send(url, body).then(function (res) {
         if (res.status === 201 || res.status === 200) {
           self.say("Saved.", "good");
-          self.next();
+          (onSaved || self.next)(res.data);
         } else if (res.status === 409 && res.data && res.data.judgment) {
           self.say("You had already judged this " + what + "; your first judgment stands.", "bad");
           setTimeout(self.next, 1200);
