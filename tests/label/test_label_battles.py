@@ -1,5 +1,5 @@
 """Human votes -> `rlhfkit arena` battles and per-model win rates; curation of the export
-(--exclude-flag, --min-agreement, --min-judgments) on hand-made judgments."""
+(--exclude-flag, --min-agreement, --min-judgments, --quadrant) on hand-made judgments."""
 
 from __future__ import annotations
 
@@ -117,3 +117,57 @@ def test_curation_exclude_flag_min_agreement_min_judgments(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--exclude-flag 'typo': not a flag (known: hallucination," in err
     assert "--min-agreement must be in [0, 1] (got 2.0)" in err
+
+
+def test_quality_is_stored_by_response_and_gives_the_quadrant(tmp_path, capsys, client_for):
+    db_path = str(tmp_path / "labels.db")
+    db = Database(db_path)
+    # Each prompt names the quality of its answers: "gg" both good, "gb" the kind one good and the other bad...
+    import_pairs(db, [Pair("api?", "one", "two")], overlap=1)
+    import_pairs(db, [Pair(f"{q}?", f"kind {q}", f"rude {q}") for q in ("gg", "gb", "bb", "bg", "split")],
+                 overlap=2)
+    (u1, t1), (u2, _) = add_users(db, 2)
+    c = client_for(db)
+    served = c.get("/api/next", headers=bearer(t1)).json()
+    assert c.post("/api/judgments", headers=bearer(t1), json={"item_id": served["item_id"], "likert": 3,
+                                                              "quality": {"A": "maybe"}}).status_code == 422
+    body = {"item_id": served["item_id"], "likert": 3, "quality": {"A": "good", "B": "bad"}}
+    stored = c.post("/api/judgments", headers=bearer(t1), json=body).json()
+    assert stored["quality"] == {"A": "good", "B": "bad"}
+    assert stored["quality_stored"] == {stored["left_is"]: "good",
+                                        "response_b" if stored["left_is"] == "response_a" else "response_a": "bad"}
+    assert c.post("/api/judgments", headers=bearer(t1), json=body).status_code == 200
+    other = {**body, "quality": {"A": "good"}}
+    assert c.post("/api/judgments", headers=bearer(t1), json=other).status_code == 409
+
+    def decide(item, left, k):
+        """Prefer the kind answer; rate each answer by the prompt's letters (kind first); "split": the
+        two annotators rate both answers opposite ways."""
+        q = item.prompt[:-1]
+        kind_q, rude_q = ("good", "bad") if q == "split" and k == 0 else ("bad", "good") if q == "split" else (
+            {"g": "good", "b": "bad"}[q[0]], {"g": "good", "b": "bad"}[q[1]])
+        kind_left = left.startswith("kind")
+        return (1 if kind_left else 8), {"A": kind_q if kind_left else rude_q, "B": rude_q if kind_left else kind_q}
+
+    for k, uid in enumerate([u1, u2]):
+        while (served := service.next_item(db, uid)) is not None:
+            likert, quality = decide(served.item, served.item.text(served.assignment.left_side), k)
+            service.record_judgment(db, uid, service.parse_judgment(
+                {"item_id": served.item.id, "likert": likert, "quality": quality}))
+    db.dispose()
+
+    def export(*flags: str) -> list[dict]:
+        out = tmp_path / "out.jsonl"
+        assert main(["label", "export", "--db", db_path, "--output", str(out), *flags]) == 0
+        return _rows(out)
+
+    rows = {r["prompt"]: r for r in export()}
+    # api?: one judgment, the left answer (A, rated good) slightly better: chosen good, rejected bad.
+    assert {p: r["quadrant"] for p, r in rows.items()} == {
+        "api?": "good-vs-bad", "gg?": "good-vs-good", "gb?": "good-vs-bad", "bb?": "bad-vs-bad", "bg?": "bad-vs-good",
+        "split?": None}
+    assert rows["split?"]["quality"] == {"chosen": {"good": 1, "bad": 1}, "rejected": {"good": 1, "bad": 1}}
+    assert [r["prompt"] for r in export("--quadrant", "good-vs-bad")] == ["api?", "gb?"]
+    assert [r["prompt"] for r in export("--quadrant", "good-vs-good", "--quadrant", "bad-vs-bad")] == ["gg?", "bb?"]
+    assert main(["label", "export", "--db", db_path, "--output", str(tmp_path / "x"), "--quadrant", "ok"]) == 2
+    assert "--quadrant" in capsys.readouterr().err

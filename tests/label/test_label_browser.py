@@ -69,6 +69,8 @@ def test_sign_in_and_judge_with_the_keyboard(tmp_path, live_server, browser):
         page.keyboard.press("g")
         page.screenshot(path=os.environ["RLHFKIT_LABEL_SCREENSHOT"], full_page=True)
 
+    page.click('input[name="quality-A"][value="good"]')  # each response on its own: A good, B bad
+    page.click('input[name="quality-B"][value="bad"]')
     page.keyboard.press("2")  # "A is better": the left response
     assert page.is_checked('input[name="likert"][value="2"]')
     page.keyboard.press("Enter")
@@ -86,6 +88,7 @@ def test_sign_in_and_judge_with_the_keyboard(tmp_path, live_server, browser):
     assert item.text(j.left_side).strip() == left_text.strip()
     assert j.preferred == j.left_side
     assert j.likert == (2 if j.left_side == "response_a" else 7)
+    assert j.quality == {j.left_side: "good", ({"response_a", "response_b"} - {j.left_side}).pop(): "bad"}
     assert j.seconds >= 0
 
 

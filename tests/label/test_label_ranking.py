@@ -143,6 +143,7 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path):
         conn.exec_driver_sql("DROP TABLE rankings")
         conn.exec_driver_sql("ALTER TABLE items DROP COLUMN completions")
         conn.exec_driver_sql("ALTER TABLE assignments DROP COLUMN display_order")
+        conn.exec_driver_sql("ALTER TABLE judgments DROP COLUMN quality")
         conn.exec_driver_sql("UPDATE label_meta SET value = '1' WHERE key = 'schema_version'")
     d.dispose()
     d = Database(path)
@@ -150,7 +151,8 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path):
     with d.reading() as s:
         assert [(i.prompt, i.is_ranking) for i in s.scalars(select(Item).order_by(Item.id))] == [
             ("old pair?", False), ("new?", True)]
-        assert s.get(Meta, "schema_version").value == "2"
+        assert s.get(Meta, "schema_version").value == "3"
+        assert s.execute(text("SELECT count(quality) FROM judgments")).scalar() == 0
         assert s.execute(text("SELECT count(*) FROM rankings")).scalar() == 0
     d.dispose()
 

@@ -212,6 +212,11 @@ class ExportConfig:
     min_agreement: float = arg(0.0, "Keep rows judged by several annotators only when their agreement (share on "
                                "the majority side; for rankings, of the pair orderings) is at least this.")
     min_judgments: int = arg(1, "Keep only rows with at least this many judgments.")
+    quadrant: list[str] = arg(
+        default_factory=list, help="Keep only pairs in this quadrant, one of good-vs-good, good-vs-bad, bad-vs-good, "
+        "bad-vs-bad (repeat for several): each response's own "
+        "good/bad votes, the chosen one first (good-vs-bad: chosen good, rejected bad). Pairs without a quadrant "
+        "(responses not rated, or split) and rankings are then dropped.")
 
     def validate(self) -> list[str]:
         from rlhfkit.label.db import FLAGS
@@ -223,6 +228,9 @@ class ExportConfig:
             problems.append(f"--min-agreement must be in [0, 1] (got {self.min_agreement})")
         if self.min_judgments < 1:
             problems.append(f"--min-judgments must be >= 1 (got {self.min_judgments})")
+        quadrants = ("good-vs-good", "good-vs-bad", "bad-vs-good", "bad-vs-bad")
+        problems += [f"--quadrant {q!r}: not a quadrant (one of {', '.join(quadrants)})"
+                     for q in self.quadrant if q not in quadrants]
         if "://" not in self.db and self.db and not os.path.exists(self.db):
             problems.append(f"--db: no such database file: {self.db}")
         if not self.output:
@@ -234,7 +242,7 @@ def export(cfg: ExportConfig) -> int:
     from rlhfkit.label.export import Curation, write_battles, write_export
 
     db = _open(validated(cfg).db)
-    curation = Curation(cfg.exclude_flag, cfg.min_agreement, cfg.min_judgments)
+    curation = Curation(cfg.exclude_flag, cfg.min_agreement, cfg.min_judgments, list(cfg.quadrant))
     try:
         if cfg.format == "battles":
             n = write_battles(db, cfg.output, curation)

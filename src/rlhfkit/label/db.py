@@ -17,7 +17,8 @@ Tables
                  indices, best first). Only ever inserted, like ``judgments``.
 ``judgments``    one judgment per (item, annotator), enforced by a unique constraint. The Likert
                  point is stored both as shown (1 = left much better) and in stored orientation
-                 (1 = ``response_a`` much better), with the left side and the seconds spent.
+                 (1 = ``response_a`` much better), with the left side and the seconds spent, and
+                 optionally each response's own quality, good or bad (``quality``).
                  Rows are only ever inserted: nothing in rlhfkit updates or deletes a judgment.
 
 SQLite
@@ -32,7 +33,8 @@ Schema versions
 ---------------
 Version 2 added ``items.completions``, ``assignments.display_order`` (nullable JSON) and the
 ``rankings`` table. Opening a version-1 database adds them (``ALTER TABLE ... ADD COLUMN`` of a
-nullable column: no row is rewritten, every existing item stays a pair).
+nullable column: no row is rewritten, every existing item stays a pair). Version 3 added
+``judgments.quality`` the same way.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The per-response flags of the judging page, in display order, with their labels.
 FLAGS: dict[str, str] = {
@@ -192,6 +194,8 @@ class Judgment(Base):
     preferred: Mapped[str] = mapped_column(String(16))   # response_a | response_b
     flags: Mapped[dict] = mapped_column(JSON, default=dict)  # {"response_a": [...], ...}
     rating: Mapped[str | None] = mapped_column(String(8), nullable=True)  # good | bad | None
+    # Each response on its own, good or bad (the rated ones only): {"response_a": "good", ...}.
+    quality: Mapped[dict | None] = mapped_column(JSON, nullable=True, default=None)
     rationale: Mapped[str] = mapped_column(Text, default="")
     shown_at: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float, default=now)

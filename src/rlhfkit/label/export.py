@@ -15,17 +15,19 @@ The aggregation rule, per item with at least one judgment:
 
 A row: ``{"prompt", "chosen", "rejected", "margin", "n_judgments", "agreement",
 "annotator_ids", "tie", "item_id", "chosen_is", "votes", "likerts", "left_wins", "flags",
-"ratings", "metadata"}``. ``prompt`` is the imported string, or the message list of a
+"ratings", "quality", "quadrant", "metadata"}``. ``prompt`` is the imported string, or the message list of a
 multi-turn conversation; ``chosen``/``rejected`` are strings.
 
 Ranking tasks follow the pairs, one row each, ``{"prompt", "completions", "ranking", ...}``
 (see :mod:`rlhfkit.label.ranking`); ``rlhfkit rm`` reads both kinds of row from one file.
 
 Curation (:class:`Curation`, the export's ``--exclude-flag``, ``--min-agreement``,
-``--min-judgments``) drops rows after aggregation: a row any annotator flagged with an excluded
-flag (on either response, or any completion), a row judged by several annotators whose
-``agreement`` is below the minimum (a row judged once has agreement 1), a row with fewer
-judgments than the minimum.
+``--min-judgments``, ``--quadrant``) drops rows after aggregation: a row any annotator flagged
+with an excluded flag (on either response, or any completion), a row judged by several
+annotators whose ``agreement`` is below the minimum (a row judged once has agreement 1), a row
+with fewer judgments than the minimum, and with ``--quadrant``, a pair whose quadrant (from
+the good/bad votes on each response: ``good-vs-bad`` = chosen good, rejected bad) is not one of
+those asked for (ranking rows have no quadrant).
 
 Battles (``--format battles``, :mod:`rlhfkit.label.battles`): one human vote per row in the
 format ``rlhfkit arena`` reads; ``--exclude-flag`` applies to them too.
@@ -69,6 +71,7 @@ def aggregate(item: Item, judgments: list[Judgment], keep_ties: bool = False) ->
         for f in (j.flags or {}).get(rejected_side, []):
             flags["rejected"][f] += 1
     ratings = Counter(j.rating for j in judgments if j.rating)
+    quality, quadrant = _quality(judgments, chosen_side, rejected_side)
     return {
         "prompt": item.prompt,
         "chosen": item.text(chosen_side),
@@ -85,8 +88,24 @@ def aggregate(item: Item, judgments: list[Judgment], keep_ties: bool = False) ->
         "left_wins": sum(1 for j in judgments if j.preferred == j.left_side),
         "flags": {k: dict(sorted(v.items())) for k, v in flags.items()},
         "ratings": {"good": ratings.get("good", 0), "bad": ratings.get("bad", 0)},
+        "quality": quality,
+        "quadrant": quadrant,
         "metadata": item.meta or {},
     }
+
+
+def _quality(judgments: list[Judgment], chosen_side: str, rejected_side: str) -> tuple[dict, str | None]:
+    """Good/bad votes on each response, and the pair's quadrant: ``"good-vs-bad"`` (the chosen
+    response good, the rejected one bad), ``good-vs-good``, ``bad-vs-bad`` or ``bad-vs-good``; None
+    unless each response has more votes one way than the other."""
+    votes = {role: Counter((j.quality or {}).get(side) for j in judgments)
+             for role, side in (("chosen", chosen_side), ("rejected", rejected_side))}
+    counts = {role: {"good": c["good"], "bad": c["bad"]} for role, c in votes.items()}
+    verdict = {role: "good" if c["good"] > c["bad"] else "bad" if c["bad"] > c["good"] else None
+               for role, c in counts.items()}
+    if None in verdict.values():
+        return counts, None
+    return counts, f"{verdict['chosen']}-vs-{verdict['rejected']}"
 
 
 @dataclass
@@ -96,11 +115,13 @@ class Curation:
     exclude_flags: list[str] = field(default_factory=list)
     min_agreement: float = 0.0
     min_judgments: int = 1
+    quadrants: list[str] = field(default_factory=list)  # empty: any (rows without one included)
 
     def keep(self, row: dict) -> bool:
         flagged = {name for counts in row["flags"].values() for name in counts}
         return (not flagged & set(self.exclude_flags) and row["n_judgments"] >= self.min_judgments
-                and (row["n_judgments"] < 2 or row["agreement"] >= self.min_agreement))
+                and (row["n_judgments"] < 2 or row["agreement"] >= self.min_agreement)
+                and (not self.quadrants or row.get("quadrant") in self.quadrants))
 
 
 @dataclass

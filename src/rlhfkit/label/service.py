@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select
@@ -281,6 +281,19 @@ class JudgmentIn:
     flags: dict[str, list[str]]  # {"A": [...], "B": [...]}
     rating: str | None
     rationale: str
+    quality: dict[str, str] = field(default_factory=dict)  # {"A": "good", "B": "bad"}, rated ones only
+
+
+def _parse_quality(body: dict, problems: list[str]) -> dict[str, str]:
+    """``quality``: each response on its own, ``{"A": "good", "B": "bad"}`` (either may be left out)."""
+    quality = body.get("quality")
+    if quality is None:
+        return {}
+    if not isinstance(quality, dict) or any(k not in ("A", "B") or v not in ("good", "bad")
+                                            for k, v in quality.items()):
+        problems.append(f'quality: must be an object like {{"A": "good", "B": "bad"}} (got {quality!r})')
+        return {}
+    return dict(quality)
 
 
 def parse_annotations(body: dict, labels: Sequence[str], problems: list[str]
@@ -329,7 +342,7 @@ def parse_judgment(body: Any) -> JudgmentIn:
     if not isinstance(body, dict):
         raise LabelError(422, "the body must be a JSON object like "
                               '{"item_id": 1, "likert": 3}')
-    allowed = {"item_id", "likert", "flags", "rating", "rationale"}
+    allowed = {"item_id", "likert", "flags", "rating", "rationale", "quality"}
     for key in body:
         if key not in allowed:
             problems.append(f"unknown field {key!r} (expected {', '.join(sorted(allowed))})")
@@ -347,19 +360,23 @@ def parse_judgment(body: Any) -> JudgmentIn:
         except ValueError as e:
             problems.append(f"likert: {e}")
     flags, rating, rationale = parse_annotations(body, ("A", "B"), problems)
+    quality = _parse_quality(body, problems)
     if problems:
         raise LabelError(422, "; ".join(problems), problems=problems)
     return JudgmentIn(item_id=item_id, likert=likert, flags=flags, rating=rating,
-                      rationale=rationale)
+                      rationale=rationale, quality=quality)
 
 
-def _stored_orientation(j: JudgmentIn, left_side: str) -> tuple[int, str, dict[str, list[str]]]:
-    """Display orientation -> stored: (likert with 1 = response_a much better, preferred, flags)."""
+def _stored_orientation(j: JudgmentIn, left_side: str) -> tuple[int, str, dict[str, list[str]], dict | None]:
+    """Display orientation -> stored: (likert with 1 = response_a much better, preferred, flags,
+    quality by stored response or None)."""
     right_side = "response_b" if left_side == "response_a" else "response_a"
     likert = j.likert if left_side == "response_a" else 9 - j.likert
     preferred = "response_a" if likert_scale.to_preference(likert)[0] else "response_b"
     flags = {left_side: j.flags["A"], right_side: j.flags["B"]}
-    return likert, preferred, {side: flags[side] for side in SIDES}
+    side_of = {"A": left_side, "B": right_side}
+    quality = {side_of[label]: q for label, q in sorted(j.quality.items())} or None
+    return likert, preferred, {side: flags[side] for side in SIDES}, quality
 
 
 def judgment_to_json(j: Judgment) -> dict:
@@ -372,6 +389,9 @@ def judgment_to_json(j: Judgment) -> dict:
         "flags": {"A": j.flags.get(j.left_side, []), "B": j.flags.get(right, [])},
         "flags_stored": j.flags,
         "rating": j.rating, "rationale": j.rationale,
+        "quality": {label: (j.quality or {})[side] for label, side in (("A", j.left_side), ("B", right))
+                    if side in (j.quality or {})},
+        "quality_stored": j.quality or {},
         "shown_at": j.shown_at, "created_at": j.created_at, "seconds": j.seconds,
     }
 
@@ -382,10 +402,11 @@ def _existing_judgment(s, item_id: int, user_id: int) -> Judgment | None:
 
 
 def _same(existing: Judgment, j: JudgmentIn) -> bool:
-    likert, _, flags = _stored_orientation(j, existing.left_side)
+    likert, _, flags, quality = _stored_orientation(j, existing.left_side)
     return (existing.likert_shown == j.likert and existing.likert == likert
             and {k: sorted(v) for k, v in (existing.flags or {}).items()} == flags
-            and existing.rating == j.rating and (existing.rationale or "") == j.rationale)
+            and existing.rating == j.rating and (existing.rationale or "") == j.rationale
+            and (existing.quality or None) == quality)
 
 
 def _resolve_duplicate(existing: Judgment, j: JudgmentIn) -> tuple[int, dict]:
@@ -446,11 +467,11 @@ def _record(db: Database, user_id: int, j: JudgmentIn) -> tuple[int, dict]:
         existing = _existing_judgment(s, j.item_id, user_id)
         if existing is not None:
             return _resolve_duplicate(existing, j)
-        likert, preferred, flags = _stored_orientation(j, a.left_side)
+        likert, preferred, flags, quality = _stored_orientation(j, a.left_side)
         t = now()
         row = Judgment(item_id=item.id, user_id=user_id, left_side=a.left_side,
                        likert_shown=j.likert, likert=likert, preferred=preferred, flags=flags,
-                       rating=j.rating, rationale=j.rationale, shown_at=a.shown_at,
+                       rating=j.rating, rationale=j.rationale, quality=quality, shown_at=a.shown_at,
                        created_at=t, seconds=max(0.0, t - a.shown_at))
         s.add(row)
         s.flush()  # raises IntegrityError here if a racing request got in first

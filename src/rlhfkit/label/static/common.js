@@ -49,6 +49,16 @@
         function (el) { return el.value; });
     };
 
+    // Each response's own good/bad, for the ones rated: {"A": "good", "B": "bad"}.
+    self.qualityOf = function (labels) {
+      var out = {};
+      labels.forEach(function (label) {
+        var input = form.querySelector('input[name="quality-' + label + '"]:checked');
+        if (input) out[label] = input.value;
+      });
+      return out;
+    };
+
     // POST a judgment; 201/200 saved (then onSaved(stored), by default the next item), 409 already judged.
     self.post = function (url, body, what, onSaved) {
       if (self.busy) return;

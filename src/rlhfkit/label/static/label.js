@@ -17,7 +17,7 @@
     p.post("/api/judgments", {
       item_id: p.itemId,
       likert: parseInt(input.value, 10),
-      flags: { A: p.flagsOf("A"), B: p.flagsOf("B") },
+      flags: { A: p.flagsOf("A"), B: p.flagsOf("B") }, quality: p.qualityOf(["A", "B"]),
       rating: p.rating(),
       rationale: form.querySelector('textarea[name="rationale"]').value
     }, "item");

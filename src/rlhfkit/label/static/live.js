@@ -69,7 +69,7 @@
     if (!input) { p.say("Choose a point from 1 to 8 first.", "bad"); return; }
     p.post("/api/judgments", {
       item_id: shown.item_id, likert: parseInt(input.value, 10),
-      flags: { A: p.flagsOf("A"), B: p.flagsOf("B") }, rating: p.rating(), rationale: ""
+      flags: { A: p.flagsOf("A"), B: p.flagsOf("B") }, quality: p.qualityOf(["A", "B"]), rating: p.rating(), rationale: ""
     }, "turn", function (stored) {
       var chosen = shown.responses[stored.preferred_position === "left" ? 0 : 1].text;
       addTurn("assistant", chosen);
