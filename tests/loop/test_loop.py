@@ -246,3 +246,21 @@ def test_an_ai_judge_labels_the_pairs(run_cli, tiny_lm, inputs, tmp_path):
     asked = {(b["messages"][1]["content"]) for b in ep.seen}
     assert len(ep.seen) == len(asked) >= 2 * len(pairs)  # both orders of every pair, nothing asked twice
     assert (tmp_path / "out" / "round-1" / "pairs" / "ai_label" / "stats.json").exists()
+
+
+@pytest.mark.parametrize("method, options", [
+    ("ppo", {"max_steps": 2, "batch_size": 4, "max_new_tokens": 8, "progress": False}),
+    ("rejection-sampling", {"samples_per_prompt": 2, "max_new_tokens": 8, "max_steps": 1, "batch_size": 4,
+                            "progress": False}),
+])
+def test_ppo_and_rejection_sampling_optimise_against_the_rounds_reward_model(run_cli, tiny_lm, inputs, tmp_path,
+                                                                            method, options):
+    plan = make_plan(tmp_path, tiny_lm, inputs, rounds=1, optimise={"method": method, "options": options})
+    result = run_cli("loop", "--plan", plan, "--output", tmp_path / "out")
+    assert result.code == 0, result.err
+    run_config = yaml.safe_load((tmp_path / "out" / "round-1" / "policy" / "config.yaml").read_text())
+    assert run_config["reward"] == [str(tmp_path / "out" / "round-1" / "reward_model")]
+    assert run_config["model"] == tiny_lm
+    policy = json.loads((tmp_path / "out" / "round-1" / "policy" / "done.json").read_text())["path"]
+    assert max_param_diff(load_params(tiny_lm), load_params(policy)) > 0
+    assert len(json.loads((tmp_path / "out" / "report.json").read_text())["points"]) == 1
