@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,8 @@ def finished(folder: Path) -> dict | None:
 
 @dataclass
 class Progress:
-    """Which phases this invocation skips: finished ones, until the first it runs (every later one runs)."""
+    """Which phases this invocation skips: finished ones, until the first it runs (every later one runs).
+    A marker holds the phase's summary and the seconds it took."""
 
     resume: bool
     running: bool = False          # a phase has run: later phases are redone even if marked finished
@@ -102,7 +104,9 @@ class Progress:
         first = not self.running
         self.running = True
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / MARKER, work(self.resume and first))
+        started = time.time()
+        result = work(self.resume and first)
+        write_json(folder / MARKER, {**result, "seconds": round(time.time() - started, 1)})
         self.ran.append(folder.relative_to(folder.parent.parent).as_posix())
         return finished(folder)  # as a later --resume reads it
 
