@@ -46,10 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cai-revise": ("rlhfkit.label.cai_revise",
                    "Constitutional AI's supervised phase: critique and revise responses against principles."),
     "ai-label": ("rlhfkit.label.ai_label", "Preference pairs labelled by an AI judge with a constitution (RLAIF)."),
-    "label serve": ("rlhfkit.label.commands:serve", "Run the pairwise-feedback web app."),
+    "label serve": ("rlhfkit.label.commands:serve", "Run the feedback web app (pairs, rankings, live models)."),
     "label add-user": ("rlhfkit.label.commands:add_user", "Add an annotator or admin; prints the token last."),
-    "label import": ("rlhfkit.label.commands:import_items", "Import response pairs to be judged."),
-    "label export": ("rlhfkit.label.commands:export", "Export judgments as preference pairs."),
+    "label import": ("rlhfkit.label.commands:import_items", "Import response pairs (or ranking tasks) to be judged."),
+    "label export": ("rlhfkit.label.commands:export", "Export judgments as preference pairs and rankings, or battles."),
     "feedback export": ("rlhfkit.serve.feedback:export",
                         "Export `serve --feedback-db` ratings as KTO or SFT records, or the logged prompts."),
 }

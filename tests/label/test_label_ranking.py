@@ -76,7 +76,11 @@ def test_ranking_is_served_shuffled_stored_by_index_and_exported(sqlite_db, clie
     record_ranking(sqlite_db, u2, parse_ranking({"item_id": served2.item.id,
                                                  "ranking": _labels_best_first(served2, [1, 0, 2])}))
 
-    export = c.get("/api/admin/export", headers=bearer(add_users(sqlite_db, 1, "admin", "boss")[0][1]))
+    [(_, admin)] = add_users(sqlite_db, 1, "admin", "boss")
+    progress = c.get("/api/admin/stats", headers=bearer(admin)).json()["progress"]
+    assert (progress["judgments"], progress["complete"], progress["not_started"]) == (2, 1, 0)
+    assert c.get("/api/me", headers=bearer(t2)).json()["judgments"] == 1
+    export = c.get("/api/admin/export", headers=bearer(admin))
     [row] = [json.loads(line) for line in export.text.splitlines()]
     # Mean positions: 0 -> 0.5, 1 -> 0.5, 2 -> 2: the tie goes to the lower index.
     assert row["ranking"] == [0, 1, 2] and row["completions"] == COMPLETIONS and row["prompt"] == "Rank these."

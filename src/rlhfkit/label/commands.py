@@ -51,7 +51,7 @@ def _open(db: str):
 
 @dataclass
 class ServeConfig:
-    """Run the pairwise-feedback web app."""
+    """Run the feedback web app (pairs, ranking tasks, and live tasks with --live-url)."""
 
     db: str = arg("labels.db", DB_HELP)
     host: str = arg("127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")

@@ -38,6 +38,7 @@ from rlhfkit.label.db import (
     Database,
     Item,
     Judgment,
+    Ranking,
     User,
     WebSession,
     hash_token,
@@ -535,8 +536,12 @@ def judgments_of(db: Database, user_id: int, limit: int = 1000) -> list[dict]:
 
 
 def count_judgments(db: Database, user_id: int | None = None) -> int:
+    """Judgments of pairs plus rankings, of one annotator or of everyone."""
+    total = 0
     with db.reading() as s:
-        q = select(func.count(Judgment.id))
-        if user_id is not None:
-            q = q.where(Judgment.user_id == user_id)
-        return int(s.scalar(q) or 0)
+        for table in (Judgment, Ranking):
+            q = select(func.count(table.id))
+            if user_id is not None:
+                q = q.where(table.user_id == user_id)
+            total += int(s.scalar(q) or 0)
+    return total

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 
 from rlhfkit.label.battles import iter_battles, win_rates
-from rlhfkit.label.db import Assignment, Database, Item, Judgment, User, now
+from rlhfkit.label.db import Assignment, Database, Item, Judgment, Ranking, User, now
 
 WORK_CAP_SECONDS = 600.0  # longer than this on one item: a break, counted as 10 minutes
 MIN_SPAN_SECONDS = 300.0  # an overall rate over less than 5 minutes says little
@@ -226,6 +226,7 @@ def summary(db: Database, item_limit: int = 50) -> dict:
     items = item_stats(votes)
     with db.reading() as s:
         targets = dict(s.execute(select(Item.id, Item.target)).all())
+        ranked = dict(s.execute(select(Ranking.item_id, func.count(Ranking.id)).group_by(Ranking.item_id)).all())
         users = {u.id: u for u in s.scalars(select(User)).all()}
         skips = Counter(dict(s.execute(select(Assignment.user_id, func.count(Assignment.id))
                                        .where(Assignment.status == "skipped")
@@ -239,8 +240,9 @@ def summary(db: Database, item_limit: int = 50) -> dict:
             for item in s.scalars(select(Item).where(Item.id.in_([w["item_id"] for w in worst]))):
                 last = item.conversation()[-1]["content"]
                 prompts[item.id] = last[:200]
-    complete = sum(1 for i, t in targets.items() if items.get(i, {}).get("n", 0) >= t)
-    started = sum(1 for i in targets if i in items)
+    judged = {i: items.get(i, {}).get("n", 0) + ranked.get(i, 0) for i in targets}  # a ranking task: its rankings
+    complete = sum(1 for i, t in targets.items() if judged[i] >= t)
+    started = sum(1 for i in targets if judged[i])
     per_user = annotator_stats(votes)
     annotators = []
     for uid, u in sorted(users.items()):
@@ -252,7 +254,7 @@ def summary(db: Database, item_limit: int = 50) -> dict:
         "progress": {
             "items": len(targets), "complete": complete, "in_progress": started - complete,
             "not_started": len(targets) - started,
-            "judgments": len(votes), "wanted": sum(targets.values()),
+            "judgments": len(votes) + sum(ranked.values()), "wanted": sum(targets.values()),
             "skips": sum(skips.values()), "open_assignments": open_now,
             "annotators": sum(1 for u in users.values()),
         },
