@@ -210,6 +210,9 @@ BAD_PLANS = [
     ({"label__reward": "nowhere.py:f"}, "plan.yaml: label.reward nowhere.py:f: no such file: nowhere.py"),
     ({"prompts": "missing.jsonl"}, "plan.yaml: prompts: no such file or directory"),
     ({"round": 2}, "plan.yaml: round: unknown field"),
+    ({"evaluate__judge": {"judge_url": "http://127.0.0.1:9/v1"}},
+     "plan.yaml: evaluate.judge: --judge-url needs --judge-model"),
+    ({"evaluate__judge": {"mode": "single"}}, "plan.yaml: evaluate.judge: 'mode' is set by the loop"),
     ({"optimise": {"method": "ppo"}, "reward_model": {"train": False}},
      "plan.yaml: optimise.reward: reward-model needs reward_model.train"),
 ]
@@ -264,3 +267,35 @@ def test_ppo_and_rejection_sampling_optimise_against_the_rounds_reward_model(run
     policy = json.loads((tmp_path / "out" / "round-1" / "policy" / "done.json").read_text())["path"]
     assert max_param_diff(load_params(tiny_lm), load_params(policy)) > 0
     assert len(json.loads((tmp_path / "out" / "report.json").read_text())["points"]) == 1
+
+
+def test_a_judge_also_measures_the_win_rate_over_round_0(run_cli, tiny_lm, inputs, tmp_path):
+    """evaluate.judge: `rlhfkit judge --mode winrate` on each held-out reply against round 0's first
+    reply; a scripted judge that prefers the reply with more lower-case letters gives the win rate
+    worked out from the replies themselves."""
+    from rlhfkit.evaluation.judging.prompts import quote
+    from scripted_endpoint import ScriptedEndpoint
+
+    def lower(text: str) -> float:
+        return sum(ch.islower() and ch.isascii() for ch in text) / max(len(text), 1)
+
+    def judge(body) -> str:
+        shown = body["messages"][-1]["content"]
+        a = shown.split("[Assistant A's answer]\n")[1].split("\n[End of assistant A's answer]")[0]
+        b = shown.split("[Assistant B's answer]\n")[1].split("\n[End of assistant B's answer]")[0]
+        return "[[A]]" if lower(a) > lower(b) else "[[B]]" if lower(a) < lower(b) else "[[C]]"
+
+    with ScriptedEndpoint(judge) as ep:
+        plan = make_plan(tmp_path, tiny_lm, inputs, rounds=1,
+                         evaluate__judge={"judge_url": ep.url, "judge_model": "scripted"})
+        result = run_cli("loop", "--plan", plan, "--output", tmp_path / "out")
+    assert result.code == 0, result.err
+    out = tmp_path / "out"
+    round0 = [json.loads(line)["reply"] for line in (out / "round-0" / "eval" / "replies.jsonl").open()][::2]
+    replies = [json.loads(line)["reply"] for line in (out / "round-1" / "eval" / "replies.jsonl").open()]
+    shown = [(lower(quote(r)), lower(quote(b))) for r, b in zip(replies, round0)]  # as the judge reads them
+    expected = [1.0 if r > b else 0.0 if r < b else 0.5 for r, b in shown]
+    point = json.loads((out / "report.json").read_text())["points"][0]
+    assert point["judge_win_rate"] == pytest.approx(sum(expected) / len(expected)), (point, expected)
+    assert 0 < sum(expected) < len(expected)  # the replies differ both ways: the figure is not a default
+    assert "judge's win rate" in (out / "report.md").read_text()

@@ -149,7 +149,7 @@ def run_loop(plan: Plan, out: Path, progress: Progress) -> tuple[dict, list[dict
 def point(evaluation: dict, done: dict | None) -> dict:
     """One row of the report: the evaluation's figures, and the round's pairs and reward-model accuracy."""
     row = {key: evaluation[key] for key in ("round", "score", "win_rate", "win_rate_stderr", "kl", "mean_words",
-                                            "policy")}
+                                            "policy", "judge_win_rate", "judge_win_rate_stderr") if key in evaluation}
     if done is not None:
         row.update(pairs=done["pairs"]["pairs"], cumulative_pairs=done["pairs"]["cumulative_pairs"],
                    sample_score=done["samples"]["mean_score"])
@@ -164,10 +164,15 @@ def write_report(plan: Plan, out: Path, baseline: dict, points: list[dict]) -> N
     write_json(out / "report.json", {"plan": str(out / "config.yaml"), "eval_reward": plan.eval_reward,
                                      "held_out_prompts": len(phases.held_out(plan)), "baseline": baseline,
                                      "points": points})
-    rows = [[p["round"], f"{p['score']:.4f}", f"{100 * p['win_rate']:.1f} ± {100 * p['win_rate_stderr']:.1f}",
-             f"{p['kl']:.3f}", p.get("pairs", ""), f"{p['mean_words']:.1f}"] for p in [baseline, *points]]
-    table = md_table(["round", "score", "win rate over round 0 (%)", "KL to round 0 (nats)", "pairs", "words"], rows,
-                     ["r"] * 6)
+    def percent(p: dict, key: str) -> str:
+        return f"{100 * p[key]:.1f} ± {100 * p[key + '_stderr']:.1f}" if key in p else "50.0"
+
+    judged = bool(plan.evaluate.judge)
+    rows = [[p["round"], f"{p['score']:.4f}", percent(p, "win_rate"), f"{p['kl']:.3f}", p.get("pairs", ""),
+             f"{p['mean_words']:.1f}"] + ([percent(p, "judge_win_rate")] if judged else [])
+            for p in [baseline, *points]]
+    header = ["round", "score", "win rate over round 0 (%)", "KL to round 0 (nats)", "pairs", "words"]
+    table = md_table(header + (["judge's win rate over round 0 (%)"] if judged else []), rows, ["r"] * len(rows[0]))
     write_text(out / "report.md", f"# rlhfkit loop: {plan.rounds} rounds of {plan.optimise.method} from {plan.model}"
                                   f"\n\nHeld-out prompts scored by `{plan.eval_reward}`; round 0 is the starting "
                                   f"policy.\n\n{table}\n")

@@ -12,6 +12,7 @@ which the loop saves as the folder's done-marker (``done.json``) once the output
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
@@ -19,7 +20,7 @@ from typing import Any
 
 from rlhfkit.data.io import read_records, write_jsonl
 from rlhfkit.errors import InputError
-from rlhfkit.loop.plan import OPTIMISERS, Plan, command_config, optimise_owned, rm_owned, sample_owned
+from rlhfkit.loop.plan import OPTIMISERS, Plan, command_config, judge_owned, optimise_owned, rm_owned, sample_owned
 from rlhfkit.models.backends import BackendError
 
 
@@ -213,7 +214,7 @@ def baseline(plan: Plan, folder: Path) -> dict:
     write_replies(folder / "replies.jsonl", shown, texts, scores)
     return {"round": 0, "score": fmean(scores), "win_rate": 0.5, "win_rate_stderr": 0.0, "kl": 0.0,
             "mean_words": fmean(len(t.split()) for t in texts), "policy": plan.model,
-            "scores": [scores[i:i + n] for i in range(0, len(scores), n)]}
+            "scores": [scores[i:i + n] for i in range(0, len(scores), n)], "replies": texts[::n]}
 
 
 def evaluate(plan: Plan, rnd: Round, policy: str, round0: dict) -> dict:
@@ -233,5 +234,31 @@ def evaluate(plan: Plan, rnd: Round, policy: str, round0: dict) -> dict:
     scores = load_reward(plan.eval_reward)(prompts, texts)
     write_replies(rnd.phase("eval") / "replies.jsonl", prompts, texts, scores)
     wins = oracle_win_rate(scores, round0["scores"])
-    return {"round": rnd.index, "score": fmean(scores), "win_rate": wins.win_rate, "win_rate_stderr": wins.stderr,
-            "kl": kl, "mean_words": fmean(len(t.split()) for t in texts), "policy": policy}
+    point = {"round": rnd.index, "score": fmean(scores), "win_rate": wins.win_rate, "win_rate_stderr": wins.stderr,
+             "kl": kl, "mean_words": fmean(len(t.split()) for t in texts), "policy": policy}
+    if plan.evaluate.judge:
+        point.update(judged_win_rate(plan, rnd, prompts, texts, round0["replies"]))
+    return point
+
+
+def judged_win_rate(plan: Plan, rnd: Round, prompts: list, texts: list[str], round0: list[str]) -> dict:
+    """`rlhfkit judge --mode winrate`: each held-out reply against round 0's first reply to the prompt,
+    both orders (its outputs, journaled, in eval/judge/)."""
+    from rlhfkit.data.chat import prompt_text
+    from rlhfkit.evaluation import judge
+
+    folder = rnd.phase("eval") / "judge"
+    questions = write_jsonl(folder / "questions.jsonl", [{"question_id": i, "category": "held-out",
+                                                          "turns": [prompt_text(p)]} for i, p in enumerate(prompts)])
+    answers = write_jsonl(folder / "answers.jsonl", [
+        {"question_id": i, "model": name, "answer": reply} for name, replies in (("round-0", round0),
+                                                                                (f"round-{rnd.index}", texts))
+        for i, reply in enumerate(replies)])
+    cfg = command_config("rlhfkit.evaluation.judge", plan.evaluate.judge, judge_owned(questions, answers, folder),
+                         "evaluate.judge")
+    if judge.main(cfg) != 0:
+        raise BackendError(f"the judge of round {rnd.index}'s evaluation failed (see above; its replies so far are "
+                           f"kept in {folder}: rerun with --resume to continue)")
+    record = json.loads((folder / "results.json").read_text())["summary"]["models"][f"round-{rnd.index}"]
+    return {"judge_win_rate": record["win_rate"], "judge_win_rate_stderr": record["stderr"],
+            "judge_lc_win_rate": record["lc_win_rate"]}

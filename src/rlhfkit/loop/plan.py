@@ -93,6 +93,9 @@ class EvaluatePlan:
     max_new_tokens: int = arg(32, "Tokens per reply.")
     temperature: float = arg(0.7, "Sampling temperature of the replies (and of the KL).")
     seed: int = arg(1, "Sampling seed of the replies (the same every round).")
+    judge: dict = arg(default_factory=dict, help="Also a judge's win rate over round 0 (`rlhfkit judge --mode winrate` "
+                      "on each held-out prompt's reply against round 0's first): its options (judge_model, judge_url, "
+                      "judge_api_key_env, ...); mode, questions, answers, baseline and output are the loop's.")
 
     def validate(self) -> list[str]:
         problems = [f"{name}: must be >= 1 (got {getattr(self, name)})"
@@ -194,6 +197,12 @@ def rm_owned(data: str, output: Path, resume: bool, model: str | None = None) ->
     return {"data": data, "output": str(output), "resume": resume, **({"model": model} if model else {})}
 
 
+def judge_owned(questions: str, answers: str, output: Path) -> dict[str, Any]:
+    """The options of the evaluation's `rlhfkit judge` that the loop sets (round 0 is the baseline)."""
+    return {"mode": "winrate", "questions": questions, "answers": [answers], "baseline": "round-0",
+            "output": str(output), "model": [], "model_url": "", "model_name": []}
+
+
 def _options_problems(plan: Plan, file: str) -> list[str]:
     """Every phase's command options checked with stand-ins for the files the loop will write."""
     where = Path("<output>") / "round-1"
@@ -208,6 +217,9 @@ def _options_problems(plan: Plan, file: str) -> list[str]:
     if plan.label.source == "ai":
         checks.append(("rlhfkit.label.ai_label", plan.label.ai_label,
                        {"data": plan.prompts, "output": str(where / "pairs")}, "label.ai_label"))
+    if plan.evaluate.judge:
+        checks.append(("rlhfkit.evaluation.judge", plan.evaluate.judge,
+                       judge_owned(plan.eval_prompts, plan.eval_prompts, where / "eval"), "evaluate.judge"))
     problems = []
     for module, options, owned, name in checks:
         try:
