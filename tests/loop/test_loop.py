@@ -166,6 +166,21 @@ def test_resume_after_a_crash_redoes_nothing_finished(finished_loop, run_cli, ti
     assert calls == {"optimise": 1, "evaluate": 1, "resumed": [("dpo", True)]}
     assert report_figures(out) == report_figures(finished_loop)
 
+    # a plan with one more round continues the finished loop; any other change is refused
+    changed = run_cli("loop", "--plan", make_plan(tmp_path, tiny_lm, inputs, rounds=3, seed=4), "--output", out,
+                      "--resume")
+    assert changed.code == 2 and "the plan's seed differ" in changed.err
+    calls.clear()
+    calls["resumed"] = []
+    assert run_cli("loop", "--plan", make_plan(tmp_path, tiny_lm, inputs, rounds=3), "--output", out,
+                   "--resume").code == 0
+    assert calls == {"sample": 1, "label": 1, "reward_model": 1, "optimise": 1, "evaluate": 1,
+                     "resumed": [("rm", False), ("dpo", False)]}
+    three = report_figures(out)
+    assert three["points"][:2] == report_figures(finished_loop)["points"] and len(three["points"]) == 3
+    assert yaml.safe_load((out / "round-3" / "policy" / "config.yaml").read_text())["model"] == \
+        str(out / "round-2" / "policy")
+
 
 def test_people_label_the_pairs_then_the_loop_resumes(run_cli, tiny_lm, inputs, tmp_path):
     from rlhfkit.label.importer import read_pairs

@@ -16,9 +16,10 @@ Round N, from the previous round's policy (round 1: the plan's model):
 Round 0's held-out replies are in round-0/eval/. Each phase writes ``done.json`` in its folder
 atomically once its outputs are complete; ``--resume`` skips the finished phases (every phase after
 the first one it runs is run again) and continues an interrupted training phase with the recipe's
-own ``--resume``. The resolved plan is saved as ``OUTPUT/config.yaml`` (with ``model`` and
-``prompts`` at its top, so ``rlhfkit eval-frontier --run OUTPUT --reward R`` draws reward vs KL
-over the rounds' policies), the figures as ``report.json`` and ``report.md``.
+own ``--resume``; a plan with more ``rounds`` continues a finished loop. The resolved plan is saved
+as ``OUTPUT/config.yaml`` (with ``model`` and ``prompts`` at its top, so ``rlhfkit eval-frontier
+--run OUTPUT --reward R`` draws reward vs KL over the rounds' policies), the figures as
+``report.json`` and ``report.md``.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ class Config:
         if not saved.exists():
             return [f"--resume: {out} holds no loop (no config.yaml)"]
         before = yaml.safe_load(saved.read_text()) or {}
-        changed = [key for key, value in plan_dict(plan).items() if before.get(key) != value]
+        # more rounds continue a finished loop (Llama 2 added its rounds as the data came in)
+        changed = [key for key, value in plan_dict(plan).items() if before.get(key) != value
+                   and not (key == "rounds" and value >= before.get(key, value + 1))]
         return [f"--resume: the plan's {', '.join(changed)} differ from the loop's in {saved}; resume with the same "
-                "plan (or start a new --output)"] if changed else []
+                "plan, or one with more rounds (or start a new --output)"] if changed else []
 
 
 # ------------------------------------------------------------------ done-markers
