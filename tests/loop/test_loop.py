@@ -169,7 +169,7 @@ def test_resume_after_a_crash_redoes_nothing_finished(finished_loop, run_cli, ti
     # a plan with one more round continues the finished loop; any other change is refused
     changed = run_cli("loop", "--plan", make_plan(tmp_path, tiny_lm, inputs, rounds=3, seed=4), "--output", out,
                       "--resume")
-    assert changed.code == 2 and "the plan's seed differ" in changed.err
+    assert changed.code == 2 and "the plan differs from the loop's" in changed.err and "(seed)" in changed.err
     calls.clear()
     calls["resumed"] = []
     assert run_cli("loop", "--plan", make_plan(tmp_path, tiny_lm, inputs, rounds=3), "--output", out,
@@ -314,3 +314,20 @@ def test_a_judge_also_measures_the_win_rate_over_round_0(run_cli, tiny_lm, input
     assert point["judge_win_rate"] == pytest.approx(sum(expected) / len(expected)), (point, expected)
     assert 0 < sum(expected) < len(expected)  # the replies differ both ways: the figure is not a default
     assert "judge's win rate" in (out / "report.md").read_text()
+
+
+def test_scored_pairs_by_hand():
+    from rlhfkit.loop.phases import scored_pairs
+
+    rows = [{"prompt": "p", "completions": ["a", "b", "c", "a"], "scores": [0.9, 0.1, 0.85, 0.9]},
+            {"messages": [{"role": "user", "content": "q"}], "completions": ["x", "y"], "scores": [0.5, 0.5]}]
+
+    def shown(pairs):
+        return [(p["chosen"], p["rejected"]) for p in pairs]
+
+    # every two distinct completions (a twice: compared once), ties (x, y) dropped
+    assert shown(scored_pairs(rows, "all", 0.0)) == [("a", "b"), ("a", "c"), ("c", "b")]
+    assert shown(scored_pairs(rows, "all", 0.1)) == [("a", "b"), ("c", "b")]  # |0.9 - 0.85| <= 0.1
+    assert shown(scored_pairs(rows, "best-worst", 0.0)) == [("a", "b")]
+    assert scored_pairs(rows, "all", 0.0)[0] == {"prompt": "p", "chosen": "a", "rejected": "b",
+                                                 "chosen_score": 0.9, "rejected_score": 0.1}

@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -40,7 +40,6 @@ from rlhfkit.loop import phases
 from rlhfkit.loop.phases import LabelsNeeded, Round
 from rlhfkit.loop.plan import Plan, plan_dict, read_plan
 
-PHASES = ("samples", "pairs", "reward_model", "policy", "eval")
 MARKER = "done.json"
 
 
@@ -77,8 +76,8 @@ class Config:
         # more rounds continue a finished loop (Llama 2 added its rounds as the data came in)
         changed = [key for key, value in plan_dict(plan).items() if before.get(key) != value
                    and not (key == "rounds" and value >= before.get(key, value + 1))]
-        return [f"--resume: the plan's {', '.join(changed)} differ from the loop's in {saved}; resume with the same "
-                "plan, or one with more rounds (or start a new --output)"] if changed else []
+        return [f"--resume: the plan differs from the loop's in {saved} ({', '.join(changed)}); resume with the "
+                "same plan, or one with more rounds (or start a new --output)"] if changed else []
 
 
 # ------------------------------------------------------------------ done-markers
@@ -96,7 +95,6 @@ class Progress:
 
     resume: bool
     running: bool = False          # a phase has run: later phases are redone even if marked finished
-    ran: list[str] = field(default_factory=list)
 
     def phase(self, folder: Path, work: Callable[[bool], dict]) -> dict:
         """The phase's summary: its marker's when finished, else ``work(resume)`` saved as its marker.
@@ -110,7 +108,6 @@ class Progress:
         started = time.time()
         result = work(self.resume and first)
         write_json(folder / MARKER, {**result, "seconds": round(time.time() - started, 1)})
-        self.ran.append(folder.relative_to(folder.parent.parent).as_posix())
         return finished(folder)  # as a later --resume reads it
 
 

@@ -84,15 +84,16 @@ def prompt_of(row: dict) -> Any:
 
 def scored_pairs(rows: list[dict], rule: str, min_gap: float) -> list[dict]:
     """Preference pairs from each row's completions and their ``scores``: every two distinct
-    completions (``all``) or the best against the worst (``best-worst``), the higher score chosen;
-    pairs whose scores differ by ``min_gap`` or less are dropped."""
+    completions (``all``; a completion sampled twice is compared once) or the best against the
+    worst (``best-worst``), the higher score chosen; pairs whose scores differ by ``min_gap`` or
+    less are dropped."""
     from rlhfkit.demo import candidate_pairs
 
     pairs = []
     for row in rows:
         score = dict(zip(row["completions"], row["scores"]))
         ranked = sorted(score, key=score.get)
-        candidates = candidate_pairs(row["completions"]) if rule == "all" else candidate_pairs(ranked[-1:] + ranked[:1])
+        candidates = candidate_pairs(list(score) if rule == "all" else ranked[-1:] + ranked[:1])
         for a, b in candidates:
             if abs(score[a] - score[b]) > min_gap:
                 chosen, rejected = (a, b) if score[a] > score[b] else (b, a)
@@ -126,7 +127,8 @@ def human_pairs(plan: Plan, rnd: Round, samples_file: str) -> list[dict]:
         return [row for row in read_rows(judgments) if not row.get("tie")]
     to_label = rnd.phase("pairs") / "to_label.jsonl"
     write_jsonl(to_label, [{"prompt": prompt_of(row), "response_a": a, "response_b": b, "loop_round": rnd.index}
-                           for row in read_rows(samples_file) for a, b in candidate_pairs(row["completions"])])
+                           for row in read_rows(samples_file)
+                           for a, b in candidate_pairs(list(dict.fromkeys(row["completions"])))])
     raise LabelsNeeded(
         f"round {rnd.index}: the pairs wait for people. Import them, label them, export the judgments, resume:\n"
         f"  rlhfkit label import {to_label} --db labels.db\n"
