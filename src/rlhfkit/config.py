@@ -332,6 +332,20 @@ def _check_type(name: str, value: Any, tp: Any) -> tuple[Any, str | None]:
     return value, None
 
 
+def read_yaml_mapping(path: str, flag: str, keys: str) -> dict:
+    """The mapping a YAML file holds; InputError naming ``flag`` (no such file) or the file (invalid
+    YAML, or not a mapping of ``keys`` to values)."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise InputError(f"{flag}: no such file: {path}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise InputError(f"{path}: expected a mapping of {keys} to values")
+    return loaded
+
+
 def build_config(cls: type, values: dict[str, Any], config_file: str | None = None):
     """Resolve defaults < YAML file < explicit values, type-check and validate.
 
@@ -343,14 +357,7 @@ def build_config(cls: type, values: dict[str, Any], config_file: str | None = No
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     aliases = config_aliases(cls)
     if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        except FileNotFoundError:
-            raise InputError(f"--config: no such file: {config_file}") from None
-        except yaml.YAMLError as e:
-            raise InputError(f"{config_file}: invalid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise InputError(f"{config_file}: expected a mapping of option names to values")
+        loaded = read_yaml_mapping(config_file, "--config", "option names")
         from_file = {}
         for key, value in loaded.items():
             key_name = str(key).replace("-", "_")

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from rlhfkit.config import arg, build_config, check_data_flag, config_aliases
+from rlhfkit.config import arg, build_config, check_data_flag, config_aliases, read_yaml_mapping
 from rlhfkit.errors import InputError
 
 LabelSource = Literal["reward", "ai", "human"]
@@ -263,14 +261,7 @@ def _section(cls: type, values: Any, prefix: str) -> tuple[Any, list[str]]:
 
 def read_plan(path: str) -> Plan:
     """The plan in ``path``, fully checked (its commands' options included); InputError listing every problem."""
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise InputError(f"--plan: no such file: {path}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise InputError(f"{path}: expected a mapping of plan fields to values")
+    values = read_yaml_mapping(path, "--plan", "plan fields")
     problems, sections = [], {}
     for name, cls in SECTIONS.items():
         sections[name], found = _section(cls, values.pop(name, {}) or {}, f"{path}: {name}.")
