@@ -217,14 +217,15 @@ def train(cfg: Config, run: Run) -> TrainResult:
     def policy():
         return run.accelerator.unwrap_model(training.model).policy
 
-    save = None
-    if cfg.save_only_model:  # checkpoint-N/ as the final model is written: the policy alone
-        save = lambda step: save_model_checkpoint(run, policy(), tokenizer, step, cfg.save_total_limit)  # noqa: E731
+    def save_policy_only(step: int):  # --save-only-model: checkpoint-N/ holds the policy as the final model does
+        return save_model_checkpoint(run, policy(), tokenizer, step, cfg.save_total_limit)
+
     # 2. the steps; 3. the final policy
     try:
         logged = run_steps(run, cfg, training,
                            partial(online_step, run, cfg, training, prompts, tokenizer, reference, prefer),
-                           desc=f"online dpo ({cfg.loss})", save=save,
+                           desc=f"online dpo ({cfg.loss})",
+                           save=save_policy_only if cfg.save_only_model else None,
                            postfix={"loss": "loss", "acc": "rewards/accuracies",
                                     **({"score": "objective/scores"} if cfg.reward else {})})
     finally:
