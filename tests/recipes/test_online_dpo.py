@@ -188,6 +188,18 @@ def test_a_position_biased_judge_trains_nothing(run_cli, tiny_lm, prompts, tmp_p
     assert_same_params(tiny_lm, out, atol=0)
 
 
+def test_a_local_judge_model(run_cli, tiny_lm, prompts, tmp_path):
+    """--judge-model without --judge-url: a local model through the same backend layer. The random tiny
+    model writes no verdict, so every pair is unreadable and left out: loss 0, the weights unchanged."""
+    out = tmp_path / "run"
+    result = run_cli(*online_args(tiny_lm, prompts, out, "--judge-model", tiny_lm, "--judge-max-new-tokens", 4,
+                                  "--max-steps", 1, "--batch-size", 2, "--lr", 1e-2))
+    assert result.code == 0, result.err
+    (row,) = read_metrics(out)
+    assert row["judge/invalid"] == 1 and row["loss"] == 0
+    assert_same_params(tiny_lm, out, atol=0)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--online", "--reward", "{reward}"], "--prompts is required"),
     (["--online", "--prompts", "{prompts}", "--reward", "{reward}", "--judge-model", "j"],
