@@ -12,16 +12,11 @@ import shutil
 import pytest
 import torch
 
-from core_helpers import assert_same_params, read_metrics, write_jsonl, write_text
+from core_helpers import assert_same_params, read_metrics
 from scripted_endpoint import ScriptedEndpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# the tiny model's tokenizer is byte-level: the fraction of lower-case ASCII letters (about 0.1 at first)
-REWARD = '''
-def lower(prompts, completions):
-    return [sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-'''
 TRL_NAMES = ["objective/scores", "objective/scores_margin", "objective/kl", "objective/entropy",
              "objective/non_score_reward", "objective/rlhf_reward", "rewards/chosen", "rewards/rejected",
              "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "val/contain_eos_token",
@@ -30,19 +25,6 @@ COMMON = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_sec
           "completions/mean_length", "completions/repeated_ngram_rate"]
 SHOWN = re.compile(r"\[Assistant A's answer\]\n(.*?)\n\[End of assistant A's answer\]\n\n"
                    r"\[Assistant B's answer\]\n(.*?)\n\[End of assistant B's answer\]", re.S)
-
-
-@pytest.fixture(scope="module")
-def reward_fn(tmp_path_factory) -> str:
-    return write_text(tmp_path_factory.mktemp("reward") / "reward.py", REWARD) + ":lower"
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> str:
-    rows = [{"prompt": f"say something {i}"} for i in range(12)]
-    rows += [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"word {i}"}]}
-             for i in range(4)]
-    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
 
 
 def online_args(model, prompts, out, *extra) -> list:

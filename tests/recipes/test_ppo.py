@@ -11,17 +11,8 @@ import shutil
 
 import pytest
 
-from core_helpers import assert_same_params, read_metrics, write_jsonl, write_text
+from core_helpers import assert_same_params, read_metrics
 
-# The tiny model's tokenizer is byte-level: the reward is the fraction of lower-case ASCII
-# letters in the completion (about 0.1 for the random initial model).
-REWARD = '''
-def lower(prompts, completions):
-    return [sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-
-def upper(prompts, completions):
-    return [sum(ch.isupper() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-'''
 TRL_NAMES = ["objective/scores", "objective/kl", "objective/kl_k1", "objective/kl_k2", "objective/kl_k3",
              "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "policy/clipfrac_avg",
              "policy/approxkl_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/num_eos_tokens",
@@ -40,19 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def reward_fn(tmp_path_factory) -> str:
-    return write_text(tmp_path_factory.mktemp("reward") / "reward.py", REWARD) + ":lower"
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> str:
-    rows = [{"prompt": f"say something {i}"} for i in range(12)]
-    rows += [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"word {i}"}]}
-             for i in range(4)]
-    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
 
 
 def ppo_args(policy, reward, prompts, out, *extra) -> list:
