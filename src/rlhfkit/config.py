@@ -109,7 +109,13 @@ class TrainConfig:
     lora_targets: str = arg("all-linear", "Comma-separated module names for LoRA, or `all-linear`.")
     merge_lora: bool = arg(False, "Save the final model with the LoRA weights merged into the base "
                            "(otherwise an adapter-only folder).")
-    dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype for training.")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "Parameter dtype for training: bfloat16 stores the "
+                                                "weights, gradients and Adam moments in bfloat16 (half the memory; "
+                                                "updates smaller than bfloat16's resolution are lost).")
+    bf16: bool = arg(False, "Mixed precision: the forward passes under bfloat16 autocast (matmuls in bfloat16, "
+                     "faster on CPUs with native bfloat16) while the weights, gradients and optimizer state stay "
+                     "float32 and the log-softmax, losses and KL are computed in float32 (docs/training.md). "
+                     "Excludes --dtype bfloat16.")
     gradient_checkpointing: bool = arg(False, "Recompute each layer's activations in the backward pass instead "
                                        "of storing them: less memory, about a third more compute, same gradients.")
     load_in_4bit: bool = arg(False, "QLoRA: load the base weights quantized to 4-bit NF4 (bitsandbytes, CUDA only; "
@@ -147,6 +153,9 @@ class TrainConfig:
             problems.append("--epochs must be > 0 when --max-steps is 0")
         if self.max_grad_norm < 0:
             problems.append("--max-grad-norm must be >= 0")
+        if self.bf16 and self.dtype == "bfloat16":
+            problems.append("--bf16 (bfloat16 compute over float32 weights) and --dtype bfloat16 (bfloat16 weights) "
+                            "exclude each other: choose one")
         if self.merge_lora and self.lora_r == 0:
             problems.append("--merge-lora needs --lora-r > 0")
         problems += self._quantization_problems()

@@ -66,10 +66,29 @@ class Run:
     output: Path
     metrics: MetricsLogger
     started: float = field(default_factory=time.time)
+    bf16: bool = False  # --bf16: every forward pass of the run under bfloat16 autocast (see autocast)
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def autocast(self):
+        """The context of the run's forward passes: with --bf16, ``torch.autocast`` to bfloat16, so
+        matmuls (linear, attention) run in bfloat16 while the weights, their gradients and the
+        optimizer state stay float32 and the log-softmax, losses and KL stay float32 (log-probs are
+        read from upcast logits: :func:`rlhfkit.losses.token_logps`); without it, nothing.
+
+        The core applies it where every recipe's forward runs: the loss of each micro-batch
+        (:func:`optimizer_step`; the backward outside it, as torch advises), the evaluation of
+        :func:`run_steps`, the reference pass (:func:`rlhfkit.models.reference.precompute_reference`)
+        and the RL rollouts, so that the log-probs of a rollout and of its update are computed alike.
+        accelerate's ``mixed_precision="bf16"`` applies this same autocast on the CPU, but to the
+        prepared model only (not a frozen reference) and process-wide (``AcceleratorState`` is a
+        singleton: one process cannot run an fp32 phase and a bf16 phase, as the demo and loop do).
+        """
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
 
     def print(self, *args) -> None:
         if self.is_main:
@@ -94,7 +113,7 @@ def start_run(cfg) -> Run:
     accelerator.wait_for_everyone()
     metrics = MetricsLogger(output, getattr(cfg, "report_to", "none"), enabled=accelerator.is_main_process,
                             append=getattr(cfg, "resume", False))
-    return Run(accelerator, output, metrics)
+    return Run(accelerator, output, metrics, bf16=getattr(cfg, "bf16", False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +222,8 @@ def optimizer_step(run: Run, model, optimizer, scheduler, microbatches: list, lo
     for i, mb in enumerate(microbatches):
         sync = acc.no_sync(model) if i < len(microbatches) - 1 and acc.num_processes > 1 else nullcontext()
         with sync:
-            loss_sum, stats = loss_fn(mb)
+            with run.autocast():
+                loss_sum, stats = loss_fn(mb)
             acc.backward(loss_sum * acc.num_processes / normalizer)
         stats = {"loss": loss_sum.detach(), **stats}
         for k, v in stats.items():
@@ -495,7 +515,8 @@ def run_steps(run: Run, cfg, training: Training, step_fn: Callable[[int], dict[s
     for step in range(training.start, total):
         row, done = step_fn(step), step + 1
         if done == total and evaluate is not None:
-            row.update(evaluate())
+            with run.autocast():
+                row.update(evaluate())
         if done % cfg.logging_steps == 0 or done == total:
             logged.append(run.metrics.log(row))
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total:

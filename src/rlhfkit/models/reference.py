@@ -63,13 +63,15 @@ def precompute_reference(run, model, splits: dict[str, list[Group]], score: Call
     with the model in eval mode (and its adapters disabled with ``adapters_off``), ``batch_size``
     groups at a time; each process scores a strided share and the shares are gathered. The result
     is saved as ``<name>-<key>.pt`` in ``run.output`` and read back instead when that file exists.
+    Under --bf16 the passes run in the run's bfloat16 autocast, as the policy's do (an fp32 policy
+    against a bf16 reference would start with a nonzero log-ratio), and the file is ``<name>-<key>-bf16.pt``.
     """
     from accelerate.utils import gather_object
 
     from rlhfkit.training import progress
 
     acc = run.accelerator
-    path = run.output / f"{name}-{key}.pt"
+    path = run.output / f"{name}-{key}{'-bf16' if run.bf16 else ''}.pt"
     if path.exists():
         run.print(f"{desc}: reusing {path.name}")
         return torch.load(path)
@@ -79,7 +81,7 @@ def precompute_reference(run, model, splits: dict[str, list[Group]], score: Call
     table = {}
     total = sum(len(groups) for groups in splits.values())
     bar = progress(run, total, 0, desc, show_progress)
-    with adapters_disabled(model) if adapters_off else nullcontext():
+    with adapters_disabled(model) if adapters_off else nullcontext(), run.autocast():
         for split, groups in splits.items():
             mine = list(range(acc.process_index, len(groups), acc.num_processes))
             rows = []

@@ -190,8 +190,9 @@ def online_step(run: Run, cfg: Config, training: Training, prompts: list, tokeni
     batch_prompts = [prompts[i] for mb in training.plan.local_microbatches(step, acc.process_index) for i in mb]
     timings: dict[str, float] = {}
     params = SamplingParams(strategy="sample", max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=2)
-    batch = rollout(training.model, reference, tokenizer, batch_prompts, params,
-                    max_prompt_length=cfg.max_length - cfg.max_new_tokens, timings=timings)
+    with run.autocast():  # --bf16: as the update's forward (training.optimizer_step)
+        batch = rollout(training.model, reference, tokenizer, batch_prompts, params,
+                        max_prompt_length=cfg.max_length - cfg.max_new_tokens, timings=timings)
     t1 = time.time()
     batch, preference = prefer(batch)
     t2 = time.time()

@@ -537,9 +537,10 @@ def iterate(run: Run, cfg: Config, training: Training, prompts: list, tokenizer,
 
     # 2a. rollout (no grad): samples, policy and reference log-probs, values
     timings: dict[str, float] = {}
-    batch = rollout(training.model, reference, tokenizer, batch_prompts, sampling_params(cfg),
-                    max_prompt_length=cfg.max_length - cfg.max_new_tokens,
-                    batch_size=cfg.generation_batch_size * cfg.samples_per_prompt, timings=timings)
+    with run.autocast():  # --bf16: as the update's forward (training.optimizer_step)
+        batch = rollout(training.model, reference, tokenizer, batch_prompts, sampling_params(cfg),
+                        max_prompt_length=cfg.max_length - cfg.max_new_tokens,
+                        batch_size=cfg.generation_batch_size * cfg.samples_per_prompt, timings=timings)
     # 2b. score
     t1 = time.time()
     scores, parts = score_parts(reward_fn, list(batch.prompts), list(batch.completions))

@@ -273,14 +273,17 @@ def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingPara
     Passes: the policy's log-probs, entropy and value-head values come from the logits and
     hidden states that ``generate`` computed (in float32 they equal a fresh forward pass to
     ~1e-6); one pass of the reference follows, and one of a separate critic if there is one.
-    ``recompute=True`` (the default for a policy that is not float32, whose cached decoding
-    drifts further from a full pass) recomputes them with a forward pass instead.
+    ``recompute=True`` (the default for a policy that is not float32, or that runs under autocast
+    (--bf16), whose cached decoding drifts further from a full pass) recomputes them with a forward
+    pass instead, the pass the update makes: the PPO ratio then starts at 1. The caller's autocast
+    (``Run.autocast``) covers every pass here, sampling included.
     ``timings`` (optional) receives the seconds spent sampling (``generation``) and in the
     forward passes (``forward``).
     """
     actor = _unwrap(model)
     if recompute is None:
-        recompute = next(actor.policy.parameters()).dtype != torch.float32
+        weight = next(actor.policy.parameters())
+        recompute = weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type)
     was_training = actor.training
     actor.eval()
     t0 = time.perf_counter()

@@ -28,6 +28,14 @@ from torch import nn
 from rlhfkit.errors import InputError
 
 
+def scalar_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)`` [..., 1] -> [...] in the head's own dtype, outside any autocast: a value is a
+    regression output read by the value loss, so --bf16 (bfloat16 autocast) must not round it to
+    bfloat16's 8 bits (a value of 3 would move in steps of 1/64); the head is one dot product."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.to(head.weight.dtype)).squeeze(-1)
+
+
 class ValueHead(nn.Module):
     """V(h) = w·h + b on the trunk's final hidden states; starts at V = 0 everywhere."""
 
@@ -38,7 +46,7 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+        return scalar_head(self.summary, hidden)
 
 
 class Critic(nn.Module):
@@ -54,7 +62,7 @@ class Critic(nn.Module):
                           use_cache=False).last_hidden_state
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+        return scalar_head(self.head, hidden)
 
 
 def load_critic(name: str, policy_tokenizer, dtype: str = "float32", device=None,
