@@ -214,7 +214,8 @@ def optimizer_step(run: Run, model, optimizer, scheduler, microbatches: list, lo
     ``loss_fn(mb) -> (loss_sum, stats)`` returns the *sum* of per-example (or per-token) losses
     of the micro-batch. Dividing by ``normalizer`` -- the count over the whole global batch, all
     ranks and micro-batches -- makes the gradient identical whatever the split into processes and
-    micro-batches (DDP averages over ranks, hence the factor ``num_processes``).
+    micro-batches (DDP averages over ranks, hence the factor ``num_processes``). ``loss_fn`` runs in
+    ``run.autocast()`` (--bf16), the backward outside it.
     Returns the summed ``stats`` (reduced over ranks), ``loss`` and ``grad_norm``.
     """
     acc = run.accelerator

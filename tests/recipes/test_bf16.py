@@ -134,7 +134,7 @@ def test_online_dpo_runs(run_cli, tiny_lm, reward_fn, prompts, tmp_path):
     assert rows[0]["objective/kl"] == 0  # the policy and its reference computed alike under autocast
 
 
-@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "kto", "ppo", "prm", "offline-rl"])
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "kto", "ppo", "prm", "offline-rl", "rejection-sampling"])
 def test_bf16_with_dtype_bfloat16_exits_2_before_loading_a_model(run_cli, no_model_loading, tmp_path, command):
     result = run_cli(command, "--bf16", "--dtype", "bfloat16", "--output", tmp_path)
     assert result.code == 2
