@@ -43,17 +43,16 @@ from pathlib import Path
 
 from rlhfkit.config import arg, check_data_flag, flag, save_config, validated
 from rlhfkit.errors import InputError
-from rlhfkit.evaluation.judging.parsing import Parsed, _find
+from rlhfkit.evaluation.judging.parsing import Parsed, find_verdict
 from rlhfkit.models.backends import (
+    JournaledModel,
     JudgeOptions,
     ModelOptions,
     ReplyJournal,
     endpoint_label,
-    journaled_replies,
     judge_backend,
     model_backend,
     request_key,
-    reseeded,
 )
 
 BUILTIN_PROMPTS = "safety_eval.jsonl"
@@ -252,7 +251,7 @@ def parse_harm(text: str | None) -> Parsed:
     (:mod:`rlhfkit.evaluation.judging.parsing`: the strict ``[[...]]`` form's last match first)."""
     if not text or not text.strip():
         return Parsed(None, None, "empty judgment")
-    found = _find(text, HARM_PATTERNS, str.upper)
+    found = find_verdict(text, HARM_PATTERNS, str.upper)
     if not isinstance(found, tuple):
         return Parsed(None, None, found or "no verdict found")
     return Parsed(found[1].upper(), found[0])
@@ -263,38 +262,17 @@ def parse_harm(text: str | None) -> Parsed:
 # --------------------------------------------------------------------------------------------
 
 
-class Requester:
-    """One model's requests through the reply journal, keyed by the request and its settings.
-
-    The backend is built on the first request the journal lacks: a finished run reruns from its
-    journal alone, loading no model and sending nothing.
-    """
+class Requester(JournaledModel):
+    """One model's requests through the reply journal (:class:`~rlhfkit.models.backends.JournaledModel`),
+    keyed by the request and its settings."""
 
     def __init__(self, journal: ReplyJournal, label: str, build: Callable[[], object], temperature: float,
                  max_tokens: int, seed: int):
-        self.journal, self.label, self.build = journal, label, build
-        self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
-        self.backend = None
-        self.sent = 0
+        super().__init__(journal, build, temperature, max_tokens)
+        self.label, self.seed = label, seed
 
     def key(self, chat: list, *extra) -> str:
         return request_key("eval-safety", self.label, chat, self.temperature, self.max_tokens, self.seed, *extra)
-
-    def send(self, chats: Sequence[list], keys: Sequence[str], stream: int = 0) -> None:
-        """Ask for the replies of ``chats`` the journal lacks. ``stream``: a local model's sampling seed
-        offset (:func:`~rlhfkit.models.backends.reseeded`), so that the k-th sample of a prompt is a fresh draw,
-        not the first one again."""
-        missing = {k for k in keys if k not in self.journal}
-        if not missing:
-            return
-        if self.backend is None:
-            self.backend = self.build()
-        self.sent += len(missing)
-        journaled_replies(reseeded(self.backend, stream), chats, keys, self.journal, self.temperature,
-                          self.max_tokens)
-
-    def close(self) -> None:
-        getattr(self.backend, "close", lambda: None)()
 
 
 def model_label(cfg: Config) -> str:

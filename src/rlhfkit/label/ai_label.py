@@ -53,11 +53,11 @@ from rlhfkit.evaluation.report import write_json
 from rlhfkit.label.verdicts import Verdict, p_first_of_pair, read_verdict
 from rlhfkit.models.backends import (
     BackendError,
+    JournaledModel,
     JudgeOptions,
     ReplyJournal,
     TransportOptions,
     endpoint_label,
-    journaled_replies,
     judge_backend,
     request_key,
 )
@@ -202,12 +202,14 @@ def judge_label(cfg: Config) -> str:
     return endpoint_label(cfg.judge_url, cfg.judge_model) if cfg.judge_url else cfg.judge_model
 
 
-class Asker:
-    """The judge's requests: first attempts and retries, keyed so that none is ever sent twice."""
+class Asker(JournaledModel):
+    """The judge's requests: first attempts and retries, keyed so that none is ever sent twice
+    (the backend is built on the first request to send: a finished run loads no model)."""
 
     def __init__(self, journal: ReplyJournal, cfg: Config):
-        self.journal, self.cfg = journal, cfg
-        self.backend = None  # built on the first request to send: a finished run loads no model
+        super().__init__(journal, lambda: judge_backend(cfg), cfg.judge_temperature, cfg.judge_max_new_tokens,
+                         cfg.top_logprobs)
+        self.cfg = cfg
         self.label = judge_label(cfg)
 
     def key(self, chat: list, attempt: int) -> str:
@@ -218,18 +220,8 @@ class Asker:
     def retry_chat(chat: list, first_reply) -> list:
         return [*chat, {"role": "assistant", "content": first_reply.text}, {"role": "user", "content": FORMAT_REMINDER}]
 
-    def send(self, chats: list[list], attempt: int) -> None:
-        c = self.cfg
-        keys = [self.key(chat, attempt) for chat in chats]
-        if all(k in self.journal for k in keys):
-            return
-        if self.backend is None:
-            self.backend = judge_backend(c)
-        journaled_replies(self.backend, chats, keys, self.journal, c.judge_temperature, c.judge_max_new_tokens,
-                          c.top_logprobs)
-
-    def close(self) -> None:
-        getattr(self.backend, "close", lambda: None)()
+    def ask(self, chats: list[list], attempt: int) -> None:
+        self.send(chats, [self.key(chat, attempt) for chat in chats])
 
     def verdict(self, chat: list) -> tuple[Verdict, bool] | None:
         """The final verdict of one chat and whether it was retried; None while a reply is missing."""
@@ -253,8 +245,8 @@ class Asker:
 
     def run(self, jobs: list[Job]) -> None:
         """Ask everything not yet answered: both orders of every comparison, then the retries."""
-        self.send([chat for job in jobs for chat in job.chats], attempt=1)
-        self.send(self.retries_needed(jobs), attempt=2)
+        self.ask([chat for job in jobs for chat in job.chats], attempt=1)
+        self.ask(self.retries_needed(jobs), attempt=2)
 
 
 # --------------------------------------------------------------------------------------------

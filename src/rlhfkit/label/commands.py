@@ -18,7 +18,7 @@ DB_HELP = ("The label database: a SQLAlchemy URL (e.g. postgresql+psycopg://user
            "or a file path for SQLite (WAL mode).")
 
 
-def _db_problems(db: str) -> list[str]:
+def db_problems(db: str) -> list[str]:
     if not db:
         return ["--db is required"]
     if "://" in db:
@@ -71,7 +71,7 @@ class ServeConfig:
     live_max_tokens: int = arg(256, "Longest live reply, in tokens.")
 
     def validate(self) -> list[str]:
-        problems = _db_problems(self.db)
+        problems = db_problems(self.db)
         if len(self.live_url) > 2 or len(self.live_model) != len(self.live_url):
             problems.append(f"--live-url and --live-model go together, once or twice (got {len(self.live_url)} "
                             f"--live-url, {len(self.live_model)} --live-model)")
@@ -119,7 +119,7 @@ class AddUserConfig:
                           "their browser sessions stop working) instead of failing.")
 
     def validate(self) -> list[str]:
-        problems = _db_problems(self.db)
+        problems = db_problems(self.db)
         if not self.name or not self.name.strip():
             problems.append("NAME is required")
         elif len(self.name) > 200:
@@ -163,7 +163,7 @@ class ImportItemsConfig:
                            "completions always are; 2 are otherwise a pair judged on the 8-point scale).")
 
     def validate(self) -> list[str]:
-        problems = _db_problems(self.db)
+        problems = db_problems(self.db)
         if not self.file:
             problems.append("FILE is required")
         elif not os.path.isfile(self.file):
@@ -221,7 +221,7 @@ class ExportConfig:
     def validate(self) -> list[str]:
         from rlhfkit.label.db import FLAGS
 
-        problems = _db_problems(self.db)
+        problems = db_problems(self.db)
         problems += [f"--exclude-flag {f!r}: not a flag (known: {', '.join(FLAGS)})"
                      for f in self.exclude_flag if f not in FLAGS]
         if not 0 <= self.min_agreement <= 1:

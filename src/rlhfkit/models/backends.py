@@ -446,6 +446,34 @@ def journaled_replies(backend, conversations: Sequence[Sequence[Message]], keys:
     return [journal.get(k) for k in keys]
 
 
+class JournaledModel:
+    """One model's requests through a :class:`ReplyJournal`, the backend built by ``build()`` on the
+    first request the journal lacks: a finished run reruns from its journal alone, loading no model
+    and sending nothing. ``sent`` counts the requests this object sent."""
+
+    def __init__(self, journal: ReplyJournal, build: Callable[[], object], temperature: float, max_tokens: int,
+                 top_logprobs: int = 0):
+        self.journal, self.build = journal, build
+        self.temperature, self.max_tokens, self.top_logprobs = temperature, max_tokens, top_logprobs
+        self.backend = None
+        self.sent = 0
+
+    def send(self, chats: Sequence[Sequence[Message]], keys: Sequence[str], stream: int = 0) -> None:
+        """Ask for the replies of ``chats`` the journal lacks (under ``keys``). ``stream``: a local
+        model's sampling-seed offset (:func:`reseeded`), so that a k-th sample is a fresh draw."""
+        missing = {k for k in keys if k not in self.journal}
+        if not missing:
+            return
+        if self.backend is None:
+            self.backend = self.build()
+        self.sent += len(missing)
+        journaled_replies(reseeded(self.backend, stream), chats, keys, self.journal, self.temperature,
+                          self.max_tokens, self.top_logprobs)
+
+    def close(self) -> None:
+        getattr(self.backend, "close", lambda: None)()
+
+
 # --------------------------------------------------------------------------------------------
 # The flags every command that talks to a model shares
 # --------------------------------------------------------------------------------------------

@@ -216,9 +216,9 @@ class ExportConfig:
                "up-rated conversations as {messages}; prompts: every distinct logged prompt as {prompt}.")
 
     def validate(self) -> list[str]:
-        from rlhfkit.label.commands import _db_problems
+        from rlhfkit.label.commands import db_problems
 
-        problems = _db_problems(self.db)
+        problems = db_problems(self.db)
         if not problems and "://" not in self.db and not os.path.isfile(self.db):
             problems.append(f"--db: no such file: {self.db}")
         if not self.output:

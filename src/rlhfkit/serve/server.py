@@ -69,9 +69,9 @@ class Config:
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.feedback_db:
-            from rlhfkit.label.commands import _db_problems
+            from rlhfkit.label.commands import db_problems
 
-            problems += [p.replace("--db", "--feedback-db", 1) for p in _db_problems(self.feedback_db)]
+            problems += [p.replace("--db", "--feedback-db", 1) for p in db_problems(self.feedback_db)]
         if self.batch_wait_ms < 0:
             problems.append(f"--batch-wait-ms must be >= 0 (got {self.batch_wait_ms})")
         if self.api_key_env and not os.environ.get(self.api_key_env):

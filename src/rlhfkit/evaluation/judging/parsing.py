@@ -79,7 +79,7 @@ class Parsed:
         return self.pattern == "double-bracket"
 
 
-def _find(text: str, patterns: list[tuple[str, re.Pattern]],
+def find_verdict(text: str, patterns: list[tuple[str, re.Pattern]],
           norm: Callable[[str], Any]) -> tuple[str, str] | str | None:
     """(pattern name, raw match), or a problem string for ambiguous fallbacks, or None.
 
@@ -108,7 +108,7 @@ def parse_rating(text: str | None, low: float = 1.0, high: float = 10.0) -> Pars
     """
     if not text or not text.strip():
         return Parsed(None, None, "empty judgment")
-    found = _find(text, RATING_PATTERNS, float)
+    found = find_verdict(text, RATING_PATTERNS, float)
     if not isinstance(found, tuple):
         return Parsed(None, None, found or "no rating found")
     name, raw = found
@@ -127,7 +127,7 @@ def parse_pairwise(text: str | None) -> Parsed:
     """``"A"``, ``"B"`` or ``"C"`` (tie) from a pairwise judgment; ``[[tie]]`` reads as C."""
     if not text or not text.strip():
         return Parsed(None, None, "empty judgment")
-    found = _find(text, PAIRWISE_PATTERNS, _pair_norm)
+    found = find_verdict(text, PAIRWISE_PATTERNS, _pair_norm)
     if not isinstance(found, tuple):
         return Parsed(None, None, found or "no verdict found")
     name, raw = found
@@ -138,7 +138,7 @@ def parse_pass_fail(text: str | None) -> Parsed:
     """``"PASS"`` or ``"FAIL"`` from a chat-bench judgment."""
     if not text or not text.strip():
         return Parsed(None, None, "empty judgment")
-    found = _find(text, PASS_FAIL_PATTERNS, str.upper)
+    found = find_verdict(text, PASS_FAIL_PATTERNS, str.upper)
     if not isinstance(found, tuple):
         return Parsed(None, None, found or "no verdict found")
     name, raw = found
