@@ -29,6 +29,8 @@ def test_the_two_reward_plane_has_a_point_per_checkpoint(run_cli, one_thread, ti
     result = run_cli("eval-frontier", *common, "--x-reward", f"{rewards}:lower", "--y-reward", f"{rewards}:length",
                      "--output", tmp_path / "plane")
     assert result.code == 0, result.err
+    assert "step 1: KL" in result.out and ", x " in result.out and ", y " in result.out  # the axes, not reward/oracle
+    assert "oracle" not in result.out
     plane = json.loads((tmp_path / "plane" / "plane.json").read_text())
     assert [p["step"] for p in plane["points"]] == [0, 1, 2]
     assert plane["x_reward"].endswith(":lower") and plane["y_reward"].endswith(":length") and plane["prompts"] == 6

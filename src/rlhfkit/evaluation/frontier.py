@@ -259,8 +259,9 @@ def main(cfg: Config) -> int:
                                      cfg.max_new_tokens, cfg.seed, cfg.samples_per_prompt))
         if bench:
             points[-1]["bench"] = bench(model, tokenizer)
-        print(f"step {step}: KL {points[-1]['kl']:.3f}, reward {points[-1]['reward']:.3f}"
-              + (f", oracle {points[-1]['oracle']:.3f}" if oracle else ""), flush=True)
+        names = ("x", "y") if cfg.x_reward else ("reward", "oracle")  # the plane measures x as reward, y as oracle
+        print(f"step {step}: KL {points[-1]['kl']:.3f}, {names[0]} {points[-1]['reward']:.3f}"
+              + (f", {names[1]} {points[-1]['oracle']:.3f}" if oracle else ""), flush=True)
     out = Path(cfg.output or run / "frontier")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.x_reward:
