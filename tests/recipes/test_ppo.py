@@ -231,6 +231,30 @@ def test_policy_data_and_rollout_batch_size_are_deprecated_aliases(prompts, rewa
     assert (ppo.samples_per_prompt, ppo.kl_estimator, ppo.kl_in) == (1, "k1", "reward")
 
 
+def test_ppo_epochs_default_is_one_pass_for_grpo_and_rloo_four_for_ppo(run_cli, tiny_lm, reward_fn, prompts,
+                                                                        tmp_path):
+    """GRPO/RLOO default to TRL's num_iterations=1, PPO keeps InstructGPT's 4; an explicit flag wins, and
+    config.yaml saves the resolved value."""
+    import yaml
+
+    from rlhfkit.config import parse_config
+    from rlhfkit.recipes.ppo import Config
+
+    base = ["--prompts", prompts, "--reward", reward_fn, "--output", str(tmp_path / "o")]
+    resolved = {algo: parse_config(Config, base + ["--algo", algo]).ppo_epochs for algo in ("ppo", "rloo", "grpo")}
+    assert resolved == {"ppo": 4, "rloo": 1, "grpo": 1}
+    explicit = {algo: parse_config(Config, base + ["--algo", algo, "--ppo-epochs", "2"]).ppo_epochs
+                for algo in ("ppo", "rloo", "grpo")}
+    assert explicit == {"ppo": 2, "rloo": 2, "grpo": 2}
+    assert Config(prompts=prompts, output="o", reward=reward_fn, algo="grpo", ppo_epochs=3).ppo_epochs == 3
+    out = tmp_path / "grpo"
+    result = run_cli(*ppo_args(tiny_lm, reward_fn, prompts, out, "--algo", "grpo", "--max-steps", 1,
+                               "--batch-size", 2, "--samples-per-prompt", 2))
+    assert result.code == 0, result.err
+    assert yaml.safe_load((out / "config.yaml").read_text())["ppo_epochs"] == 1
+    assert read_metrics(out)[0]["step"] == 1
+
+
 def run_train(tmp_path, name: str, **overrides):
     from rlhfkit.recipes import ppo
     from rlhfkit.training import start_run

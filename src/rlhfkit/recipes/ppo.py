@@ -103,7 +103,8 @@ class Config(TrainConfig):
     top_p: float = arg(1.0, "Nucleus sampling (1 disables; below 1 the sampler differs from the policy "
                        "whose log-probs are optimised).")
     top_k: int = arg(0, "Top-k sampling (0 disables; same caveat as --top-p).")
-    ppo_epochs: int = arg(4, "Passes over each rollout batch.")
+    ppo_epochs: int = arg(0, "Passes over each rollout batch; 0 means 4 for ppo (InstructGPT) and 1 for "
+                          "rloo/grpo (one pass, as TRL's num_iterations=1 and the GRPO/RLOO papers).")
     minibatch_size: int = arg(0, "Samples per optimizer step; 0: the whole rollout batch "
                               "(--batch-size × --samples-per-prompt must be a multiple of it).")
     grad_accum: int = arg(1, "Micro-batches each minibatch is split into (memory only: same gradient).")
@@ -149,6 +150,8 @@ class Config(TrainConfig):
             grpo = self.algo == "grpo"
             if self.samples_per_prompt == 0:
                 self.samples_per_prompt = 1 if self.algo == "ppo" else 4
+            if self.ppo_epochs == 0:
+                self.ppo_epochs = 4 if self.algo == "ppo" else 1
             if self.kl_estimator == "auto":
                 self.kl_estimator = "k3" if grpo else "k1"
             if self.kl_in == "auto":
