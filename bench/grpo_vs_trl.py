@@ -149,22 +149,6 @@ def child(side: str, threads: int, steps: int, model_path: str) -> int:
     return 0
 
 
-def matmul_peak(threads: int, size: int = 2048, reps: int = 10) -> float:
-    """Best-of-``reps`` GFLOP/s of ``torch.mm`` on two size×size fp32 matrices."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(3):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
-
-
 def model_facts(model_path: str, prompts: list[str]) -> tuple[int, float]:
     """(N parameters, tied embeddings counted once; mean prompt tokens under the chat template)."""
     import transformers
@@ -230,7 +214,9 @@ def main() -> int:
     quiet_transformers()
     model_path = resolve_model(args.model)
     n_params, prompt_tokens = model_facts(model_path, bench_prompts(PROMPTS * (args.warmup + args.iterations)))
-    peak = matmul_peak(args.threads)
+    from dpo_vs_trl import matmul_peak  # bench/ is on sys.path: the one peak measurement
+
+    peak = matmul_peak(args.threads, "fp32")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}")
     print(f"model {args.model}: N = {n_params / 1e6:.1f} M; fp32 matmul peak (torch.mm 2048x2048) {peak:.0f} GFLOP/s; "
