@@ -212,7 +212,7 @@ def test_deployment_feedback_export_trains(tiny, tmp_path):
     for k, (prompt, reply, rating) in enumerate(chats):
         store.log_chat(f"chatcmpl-{k}", "tiny", [{"role": "user", "content": prompt}], {},
                        [SimpleNamespace(text=reply, finish_reason="stop")])
-        assert store.rate(f"chatcmpl-{k}", 0, rating, None) is not None
+        assert store.rate(f"chatcmpl-{k}", 0, rating, None).rating == rating
     store.dispose()
     records = tmp_path / "kto.jsonl"
     assert cli(["feedback", "export", "--db", str(tmp_path / "fb.db"), "--output", str(records)]) == 0

@@ -254,12 +254,12 @@ def _fill(store: FeedbackStore) -> None:
     store.log_chat("chatcmpl-b", "m", conv, {"temperature": 0.7}, [_Reply("4")])
     store.log_chat("chatcmpl-c", "m", ask, {"temperature": 0.7}, [_Reply("{{ 7*7 }}", "length")])
     store.log_chat("chatcmpl-d", "m", [{"role": "user", "content": "unrated"}], {}, [_Reply("x")])
-    assert store.rate("chatcmpl-a", 0, "down", None) is not None
-    assert store.rate("chatcmpl-a", 0, "up", "changed my mind") is not None   # latest wins: up
-    assert store.rate("chatcmpl-a", 1, "down", None) is not None
-    assert store.rate("chatcmpl-b", 0, "up", None) is not None
-    assert store.rate("chatcmpl-c", 0, "up", None) is not None
-    assert store.rate("chatcmpl-c", 0, "down", "on reflection") is not None  # latest wins: down
+    assert store.rate("chatcmpl-a", 0, "down", None).rating == "down"
+    assert store.rate("chatcmpl-a", 0, "up", "changed my mind").rating == "up"   # latest wins: up
+    assert store.rate("chatcmpl-a", 1, "down", None).rating == "down"
+    assert store.rate("chatcmpl-b", 0, "up", None).rating == "up"
+    assert store.rate("chatcmpl-c", 0, "up", None).rating == "up"
+    assert store.rate("chatcmpl-c", 0, "down", "on reflection").rating == "down"  # latest wins: down
     assert store.rate("chatcmpl-zzz", 0, "up", None) is None
 
 
