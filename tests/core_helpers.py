@@ -47,6 +47,21 @@ STEPWISE_TRAIN = [stepwise_chain(i) for i in range(24)]
 STEPWISE_EVAL = [stepwise_chain(i) for i in range(24, 36)]
 
 
+# Reward functions for the tiny model's samples, written to a file and named as file.py:function. Its
+# tokenizer is byte-level: `lower` is the fraction of lower-case ASCII letters of a completion (about 0.1
+# for the random initial model), `upper` that of upper-case ones, `length` its length in characters.
+TOY_REWARDS = '''
+def lower(prompts, completions):
+    return [sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
+
+def upper(prompts, completions):
+    return [sum(ch.isupper() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
+
+def length(prompts, completions):
+    return [float(len(c)) for c in completions]
+'''
+
+
 def write_text(path, text: str) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

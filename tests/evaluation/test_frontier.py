@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import json
 
-from core_helpers import write_jsonl, write_text
-
-REWARD = '''
-def lower(prompts, completions):
-    return [sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-
-def length(prompts, completions):
-    return [float(len(c)) for c in completions]
-'''
+from core_helpers import TOY_REWARDS, write_jsonl, write_text
 
 
 def test_frontier_over_ppo_checkpoints(run_cli, one_thread, tiny_lm, tmp_path):
-    reward = write_text(tmp_path / "reward.py", REWARD)
+    reward = write_text(tmp_path / "reward.py", TOY_REWARDS)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say something {i}"} for i in range(8)])
     run = tmp_path / "ppo"
     result = run_cli("ppo", "--model", tiny_lm, "--reward", f"{reward}:lower", "--prompts", prompts,

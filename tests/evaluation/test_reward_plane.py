@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import json
 
-from core_helpers import write_jsonl, write_text
-
-REWARDS = '''
-def lower(prompts, completions):
-    return [sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-
-def length(prompts, completions):
-    return [float(len(c)) for c in completions]
-'''
+from core_helpers import TOY_REWARDS, write_jsonl, write_text
 
 
 def test_the_two_reward_plane_has_a_point_per_checkpoint(run_cli, one_thread, tiny_lm, tmp_path):
-    rewards = write_text(tmp_path / "rewards.py", REWARDS)
+    rewards = write_text(tmp_path / "rewards.py", TOY_REWARDS)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say something {i}"} for i in range(6)])
     run = tmp_path / "ppo"
     result = run_cli("ppo", "--model", tiny_lm, "--reward", f"{rewards}:lower", "--prompts", prompts,

@@ -8,21 +8,14 @@ import json
 import pytest
 import yaml
 
-from core_helpers import load_params, max_param_diff, write_jsonl, write_text
+from core_helpers import TOY_REWARDS, load_params, max_param_diff, write_jsonl, write_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# the tiny model's tokenizer is byte-level: the fraction of lower-case ASCII letters (tests/recipes/test_ppo.py)
-REWARD = '''
-def lower(prompts, completions):
-    return [sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-'''
-
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("loop-inputs")
-    return {"reward": write_text(folder / "reward.py", REWARD) + ":lower",
+    return {"reward": write_text(folder / "reward.py", TOY_REWARDS) + ":lower",
             "prompts": write_jsonl(folder / "prompts.jsonl", [{"prompt": f"say something {i}"} for i in range(6)]),
             "eval_prompts": write_jsonl(folder / "heldout.jsonl", [{"prompt": f"tell me {i}"} for i in range(4)])}
 

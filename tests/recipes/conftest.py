@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from core_helpers import write_jsonl, write_text
-
-# The tiny model's tokenizer is byte-level: `lower` is the fraction of lower-case ASCII letters in the
-# completion (about 0.1 for the random initial model), `upper` that of upper-case ones.
-REWARD = '''
-def lower(prompts, completions):
-    return [sum(ch.islower() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-
-def upper(prompts, completions):
-    return [sum(ch.isupper() and ch.isascii() for ch in c) / max(len(c), 1) for c in completions]
-'''
+from core_helpers import TOY_REWARDS, write_jsonl, write_text
 
 
 @pytest.fixture(scope="module")
 def reward_fn(tmp_path_factory) -> str:
     """``reward.py:lower`` (``reward_fn.replace(":lower", ":upper")`` is the other reward)."""
-    return write_text(tmp_path_factory.mktemp("reward") / "reward.py", REWARD) + ":lower"
+    return write_text(tmp_path_factory.mktemp("reward") / "reward.py", TOY_REWARDS) + ":lower"
 
 
 @pytest.fixture(scope="module")

@@ -336,7 +336,7 @@ def test_store_concurrent_writers(store_url):
                            [_Reply(f"a{k}{j}"), _Reply(f"b{k}{j}")])
             for index in (0, 1):
                 rating = "up" if (k + j + index) % 3 else "down"
-                assert store.rate(rid, index, rating, None) is not None
+                assert store.rate(rid, index, rating, None).rating == rating
                 out.append(rating)
         return out
 
