@@ -2,7 +2,7 @@
 
 Each process samples its own prompts with its own random stream, so a 2-process PPO run cannot
 draw the samples a 1-process run draws. For the equivalence test (tests/test_distributed.py)
-``torch.multinomial`` is replaced, while ``generate`` runs, by an inverse-CDF draw at a fixed
+the decoding loop's draw (``rlhfkit.generation.decoding.draw_tokens``) is replaced by an inverse-CDF draw at a fixed
 quantile that depends only on the row's index within its prompt's group (row % K, the same on
 every process since a process holds whole groups) and on the decoding step. The samples of one
 prompt still differ, and the probabilities they are drawn from are the policy's.
@@ -16,31 +16,33 @@ import sys
 from contextlib import contextmanager
 
 import torch
-import transformers
 
 
 @contextmanager
 def rank_independent_sampling(samples_per_prompt: int):
-    real_multinomial, real_generate = torch.multinomial, transformers.GenerationMixin.generate
+    from rlhfkit.generation import decoding
+
+    real_draw, real_loop = decoding.draw_tokens, decoding.decode_loop
     step = [0]
 
-    def multinomial(probs, num_samples=1, replacement=False, *, generator=None, out=None):
+    def draw_tokens(scores):
+        probs = torch.softmax(scores.double(), dim=-1)
         rows = torch.arange(probs.shape[0], device=probs.device, dtype=torch.float64)
         quantile = ((rows % samples_per_prompt) * 0.6180339887 + step[0] * 0.3819660113 + 0.05) % 1.0
         step[0] += 1
-        cdf = probs.double().cumsum(-1)
+        cdf = probs.cumsum(-1)
         picked = torch.searchsorted(cdf / cdf[:, -1:], quantile.unsqueeze(1))
-        return picked.clamp(max=probs.shape[-1] - 1)
+        return picked.squeeze(1).clamp(max=probs.shape[-1] - 1)
 
-    def generate(self, *args, **kwargs):
+    def decode_loop(*args, **kwargs):
         step[0] = 0
-        return real_generate(self, *args, **kwargs)
+        return real_loop(*args, **kwargs)
 
-    torch.multinomial, transformers.GenerationMixin.generate = multinomial, generate
+    decoding.draw_tokens, decoding.decode_loop = draw_tokens, decode_loop
     try:
         yield
     finally:
-        torch.multinomial, transformers.GenerationMixin.generate = real_multinomial, real_generate
+        decoding.draw_tokens, decoding.decode_loop = real_draw, real_loop
 
 
 def main(argv: list[str]) -> int:

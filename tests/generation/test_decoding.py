@@ -127,3 +127,83 @@ def test_decoding_copy_is_a_bfloat16_twin_that_leaves_the_model_alone(policy, mo
     assert decoding_copy(twin, "auto") is twin  # already bfloat16
     with pytest.raises(ValueError, match="unknown decoding dtype"):
         decoding_copy(model, "float16")
+
+
+def test_decode_loop_equals_transformers_generate(policy):
+    """Greedy (with a repetition penalty) through the lean loop gives generate's tokens, row for
+    row, on a left-padded batch; the logits and hidden states it keeps are a full forward's."""
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.generation.decoding import decode_loop, generation_kwargs
+
+    model, tokenizer, prompt_ids = policy
+    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
+    params = SamplingParams(strategy="greedy", max_new_tokens=10, repetition_penalty=1.3)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **generation_kwargs(params, tokenizer))
+        got = decode_loop(model, ids, mask, params, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                          with_logits=True, with_hidden=True)
+        assert torch.equal(got.ids, expected[:, ids.shape[1]:])
+        full = torch.cat([ids, got.ids], 1)
+        out = model(input_ids=full, output_hidden_states=True)
+    # the rows without left padding against a plain forward of prompt and response (causal: a pad
+    # token after an EOS changes nothing before it)
+    width = got.ids.shape[1]
+    unpadded = [row for row in range(len(prompt_ids)) if mask[row].all()]
+    assert unpadded
+    for row in unpadded:
+        logits = out.logits[row, ids.shape[1] - 1:ids.shape[1] - 1 + width]
+        hidden = out.hidden_states[-1][row, ids.shape[1] - 1:ids.shape[1] - 1 + width]
+        assert torch.allclose(got.logits[row], logits, atol=1e-4)
+        assert torch.allclose(got.hidden[row], hidden, atol=1e-4)
+
+
+def test_draw_tokens_draws_each_token_with_its_probability():
+    from rlhfkit.generation.decoding import draw_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    torch.manual_seed(0)
+    draws = draw_tokens(probs.log().expand(100_000, -1).contiguous())
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    stderr = (probs.double() * (1 - probs.double()) / len(draws)).sqrt()
+    assert (freq - probs.double()).abs().le(4 * stderr + 1e-12).all(), freq
+    assert freq[4] == 0  # probability 0 (a filtered token) is never drawn
+
+
+def test_a_stopping_criterion_ends_its_row_and_decoding_stops_when_all_have_ended(policy):
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.generation.decoding import decode_loop
+
+    model, tokenizer, prompt_ids = policy
+    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
+    prompt_len = ids.shape[1]
+
+    def stop_first_row_after_two(seq, scores):  # row 0 after its 2nd token, every row after the 4th
+        new = seq.shape[1] - prompt_len
+        return torch.tensor([new >= 2 if r == 0 else new >= 4 for r in range(seq.shape[0])])
+
+    params = SamplingParams(strategy="sample", max_new_tokens=12, seed=0)
+    torch.manual_seed(0)
+    got = decode_loop(model, ids, mask, params, [], tokenizer.pad_token_id, stop_first_row_after_two).ids
+    assert got.shape == (len(prompt_ids), 4)
+    assert (got[0, 2:] == tokenizer.pad_token_id).all()
+
+
+def test_decoding_copy_follows_the_policy_weights(policy):
+    from rlhfkit.generation.decoding import DecodingCopy
+
+    model, _, _ = policy
+    same = DecodingCopy(model, "float32")
+    assert not same.is_copy and same.current() is model
+    sampler = DecodingCopy(model, "bfloat16")
+    weight = model.get_output_embeddings().weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.add_(0.5)
+        twin = sampler.current()
+        assert twin is not model
+        for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+            assert torch.equal(a.detach().to(torch.bfloat16), b.detach()), name
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

@@ -103,6 +103,18 @@ def test_several_rewards_are_combined_as_ppo_combines_them(run_cli, tiny_lm, rew
         assert r["objective/scores"] == pytest.approx(r["objective/scores/a"]) == pytest.approx(r["objective/scores/b"])
 
 
+def test_samples_from_a_bfloat16_copy(run_cli, tiny_lm, reward_fn, prompts, tmp_path):
+    """--sample-dtype bfloat16: the pairs come from a bfloat16 copy refreshed each step; the loss reads the
+    float32 policy's log-probs, recomputed on them (the first step's policy is the reference: KL 0)."""
+    out = tmp_path / "run"
+    result = run_cli(*online_args(tiny_lm, prompts, out, "--reward", reward_fn, "--max-steps", 2, "--batch-size", 4,
+                                  "--sample-dtype", "bfloat16"))
+    assert result.code == 0, result.err
+    rows = read_metrics(out)
+    assert len(rows) == 2 and rows[0]["objective/kl"] == pytest.approx(0, abs=1e-5)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
 def judge_by_lower_case(body: dict) -> str:
     """A consistent scripted judge: the answer with more lower-case letters wins (a tie: [[C]])."""
     a, b = SHOWN.search(body["messages"][1]["content"]).groups()
@@ -196,6 +208,7 @@ def test_a_local_judge_model(run_cli, tiny_lm, prompts, tmp_path):
     (["--online", "--prompts", "{prompts}", "--reward", "{reward}", "--temperature", 0], "--temperature must be"),
     (["--data", "{prompts}", "--reward", "{reward}"], "--reward is for --online"),
     (["--data", "{prompts}", "--reward-gate", "a:0"], "--reward-gate is for --online"),
+    (["--data", "{prompts}", "--sample-dtype", "bfloat16"], "--sample-dtype is for --online"),
     (["--online", "--prompts", "{prompts}", "--reward", "{reward}", "--reward-weight", 1, "--reward-weight", 2],
      "--reward-weight: 2 weight(s) for 1 reward(s)"),
 ])

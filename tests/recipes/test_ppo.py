@@ -76,6 +76,8 @@ def test_ppo_raises_a_hand_written_reward(run_cli, tiny_lm, reward_fn, prompts, 
              "--value-lr", 1e-2]),
     ("rloo", ["--samples-per-prompt", 2, "--score-clip", 0.5]),
     ("grpo", ["--lora-r", 4, "--minibatch-size", 8, "--grad-accum", 2]),
+    ("grpo", ["--lora-r", 4, "--sample-dtype", "bfloat16"]),  # rollouts from a bfloat16 copy of a LoRA policy
+    ("ppo", ["--sample-dtype", "bfloat16", "--ppo-epochs", 1]),
 ])
 def test_every_algorithm_runs(run_cli, tiny_lm, reward_fn, prompts, tmp_path, algo, extra):
     out = tmp_path / "run"
@@ -94,6 +96,8 @@ def test_every_algorithm_runs(run_cli, tiny_lm, reward_fn, prompts, tmp_path, al
         assert rows[1]["kl_coef"] != rows[0]["kl_coef"]  # the adaptive controller moved β
     if algo != "ppo":
         assert all(r["loss/value_avg"] == 0 for r in rows)
+    if "--sample-dtype" in extra and "--lora-r" not in extra:  # one pass over one minibatch: ratio 1 exactly
+        assert all(r["val/ratio"] == pytest.approx(1, abs=1e-5) for r in rows)
     saved = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert saved["step"] == 3
     from rlhfkit.models.loading import load_causal_lm

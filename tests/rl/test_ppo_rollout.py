@@ -191,6 +191,24 @@ def test_update_forward_matches_rollout_logprobs_on_any_minibatch(batch, models)
     assert out.logprobs.requires_grad
 
 
+def test_a_bfloat16_sampler_samples_and_the_policy_measures(models):
+    """``rollout(..., sampler=copy)``: the tokens are the bfloat16 copy's samples, the log-probs and
+    values the float32 policy's own on them (the ratio of the first update starts at 1)."""
+    from rlhfkit.generation.decoding import DecodingCopy, generate_rows
+
+    model, reference, tokenizer = models
+    sampler = DecodingCopy(model.policy, "bfloat16").current()
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, n=2)
+    torch.manual_seed(0)
+    batch = rollout(model, reference, tokenizer, PROMPTS, params, sampler=sampler)
+    torch.manual_seed(0)
+    own = generate_rows(sampler, tokenizer, batch.prompt_ids, batch.prompt_mask, params)
+    assert torch.equal(batch.response_ids, own.ids)
+    out = forward_response(model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, 0.9)
+    torch.testing.assert_close(out.logprobs.detach(), batch.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.values.detach(), batch.values, atol=1e-5, rtol=0)
+
+
 def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_lm):
     from rlhfkit.models.loading import apply_lora, load_policy
 

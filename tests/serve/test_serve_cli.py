@@ -123,7 +123,7 @@ def test_generation_failure_over_http_is_a_json_error(policy, monkeypatch):
         def boom(*args, **kwargs):
             raise RuntimeError("simulated device failure")
 
-        monkeypatch.setattr(model, "generate", boom)
+        monkeypatch.setattr(model, "forward", boom)  # decoding calls the forward
         body = {"model": "tiny", "messages": MSG, "max_tokens": 3}
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
         error = r.json()["error"]

@@ -113,7 +113,7 @@ def test_generation_failure_is_an_error_event_and_the_worker_survives(engine, po
     def boom(*args, **kwargs):
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(model, "generate", boom)
+    monkeypatch.setattr(model, "forward", boom)  # decoding calls the forward
     job, q = _job(tok)
     engine.submit(job)
     event = _result(q)
@@ -167,14 +167,14 @@ def test_a_failing_request_does_not_take_its_batch_down(policy, monkeypatch):
     """When a shared call fails, its jobs run again alone: only the one at fault gets the error."""
     model, tok = policy
     poison = _ids(tok, "~")[0]
-    real_generate = model.generate
+    real_forward = model.forward
 
-    def picky(*args, **kwargs):
-        if (kwargs["input_ids"] == poison).any():
+    def picky(*args, **kwargs):  # the prompt's forward (the prefill) fails on the poison token
+        if kwargs["input_ids"].shape[1] > 1 and (kwargs["input_ids"] == poison).any():
             raise ValueError("cannot digest '~'")
-        return real_generate(*args, **kwargs)
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", picky)
+    monkeypatch.setattr(model, "forward", picky)
     engine = Engine(model, tok, max_batch_size=8, batch_wait_ms=0)
     try:
         engine.pause()

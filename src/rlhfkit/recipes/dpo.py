@@ -42,6 +42,7 @@ from rlhfkit.config import (
 from rlhfkit.data.chat import encode
 from rlhfkit.data.length import apply_length_policy
 from rlhfkit.data.schema import PreferenceExample, load_preferences
+from rlhfkit.generation.decoding import SAMPLE_DTYPE_HELP, DecodingDtype
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models import reference as ref_cache
 from rlhfkit.models.backends import JudgeOptions
@@ -100,6 +101,7 @@ class Config(TrainConfig, JudgeOptions):
     max_new_tokens: int = arg(32, "--online: most tokens sampled per completion.")
     temperature: float = arg(1.0, "--online: sampling temperature; the log-probs in the loss, the KL and the "
                              "implicit rewards are those of the temperature-scaled policy (as in ppo).")
+    sample_dtype: DecodingDtype = arg("float32", "--online: " + SAMPLE_DTYPE_HELP)
 
     def __post_init__(self):
         if self.lr == 0:
@@ -150,6 +152,7 @@ class Config(TrainConfig, JudgeOptions):
     def offline_problems(self) -> list[str]:
         given = [name for name in ("prompts", "reward", "reward_weight", "reward_gate", "judge_model", "judge_url")
                  if getattr(self, name)]
+        given += ["sample_dtype"] if self.sample_dtype != "float32" else []
         return [f"--{name.replace('_', '-')} is for --online" for name in given]
 
 

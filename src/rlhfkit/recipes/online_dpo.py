@@ -33,7 +33,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from rlhfkit.generation.decoding import SamplingParams
+from rlhfkit.generation.decoding import DecodingCopy, SamplingParams
 from rlhfkit.recipes.dpo import METRIC_KEYS, Config, load_reference_model, pair_stats, preference_losses
 from rlhfkit.recipes.ppo import build_models, iteration_seed, load_prompt_data
 from rlhfkit.rl.metrics import repeated_ngram_rate, sequence_kl
@@ -182,7 +182,7 @@ def step_metrics(batch: Rollout, preference: Preference, beta: float) -> dict[st
 
 
 def online_step(run: Run, cfg: Config, training: Training, prompts: list, tokenizer, reference, prefer,
-                step: int) -> dict[str, float]:
+                sampler: DecodingCopy, step: int) -> dict[str, float]:
     """Steps 2a-2d of the module docstring; returns the metrics row."""
     acc = run.accelerator
     t0 = time.time()
@@ -192,7 +192,8 @@ def online_step(run: Run, cfg: Config, training: Training, prompts: list, tokeni
     params = SamplingParams(strategy="sample", max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=2)
     with run.autocast():  # --bf16: as the update's forward (training.optimizer_step)
         batch = rollout(training.model, reference, tokenizer, batch_prompts, params,
-                        max_prompt_length=cfg.max_length - cfg.max_new_tokens, timings=timings)
+                        max_prompt_length=cfg.max_length - cfg.max_new_tokens, sampler=sampler.current(),
+                        timings=timings)
     t1 = time.time()
     batch, preference = prefer(batch)
     t2 = time.time()
@@ -224,7 +225,8 @@ def train(cfg: Config, run: Run) -> TrainResult:
     # 2. the steps; 3. the final policy
     try:
         logged = run_steps(run, cfg, training,
-                           partial(online_step, run, cfg, training, prompts, tokenizer, reference, prefer),
+                           partial(online_step, run, cfg, training, prompts, tokenizer, reference, prefer,
+                                   DecodingCopy(policy(), cfg.sample_dtype)),
                            desc=f"online dpo ({cfg.loss})",
                            save=save_policy_only if cfg.save_only_model else None,
                            postfix={"loss": "loss", "acc": "rewards/accuracies",

@@ -47,7 +47,7 @@ from rlhfkit.config import (
     check_data_flag,
     validated,
 )
-from rlhfkit.generation.decoding import SamplingParams
+from rlhfkit.generation.decoding import SAMPLE_DTYPE_HELP, DecodingCopy, DecodingDtype, SamplingParams
 from rlhfkit.losses import KL_ESTIMATORS, masked_mean, masked_whiten, ppo_policy_loss, value_loss
 from rlhfkit.rl import shaping
 from rlhfkit.rl.advantages import gae, grpo_advantages, rloo_advantages
@@ -132,6 +132,7 @@ class Config(TrainConfig):
     score_clip: float = arg(0.0, "Clip scores to [-c, c] (0 disables).")
     sample_every: int = arg(10, "Write the iteration's completions and scores to samples.jsonl every N "
                             "iterations (0 disables).")
+    sample_dtype: DecodingDtype = arg("float32", SAMPLE_DTYPE_HELP)
     generation_batch_size: int = arg(0, GENERATION_BATCH_HELP + " Also bounds the rows of each no-grad pass "
                                      "(× --samples-per-prompt). 0: the whole batch.",
                                      aliases=("rollout_batch_size",))
@@ -531,7 +532,7 @@ class PPOResult(TrainResult):
 
 
 def iterate(run: Run, cfg: Config, training: Training, prompts: list, tokenizer, reference, reward_fn, kl_ctl,
-            ptx: PtxData | None, iteration: int) -> dict[str, float]:
+            ptx: PtxData | None, sampler: DecodingCopy, iteration: int) -> dict[str, float]:
     """One iteration, steps 2a-2f of the module docstring; returns its metrics row."""
     acc = run.accelerator
     t0 = time.time()
@@ -543,7 +544,8 @@ def iterate(run: Run, cfg: Config, training: Training, prompts: list, tokenizer,
     with run.autocast():  # --bf16: as the update's forward (training.optimizer_step)
         batch = rollout(training.model, reference, tokenizer, batch_prompts, sampling_params(cfg),
                         max_prompt_length=cfg.max_length - cfg.max_new_tokens,
-                        batch_size=cfg.generation_batch_size * cfg.samples_per_prompt, timings=timings)
+                        batch_size=cfg.generation_batch_size * cfg.samples_per_prompt, sampler=sampler.current(),
+                        timings=timings)
     # 2b. score
     t1 = time.time()
     scores, parts = score_parts(reward_fn, list(batch.prompts), list(batch.completions))
@@ -588,10 +590,12 @@ def train(cfg: Config, run: Run) -> PPOResult:
     training = setup_training(run, cfg, model, len(prompts), grad_accum=1, updates_per_step=updates_per_iteration,
                               lr_by_prefix=value_lr, checkpointed=(kl_ctl,))
     truncate_samples(run, training.start)
+    sampler = DecodingCopy(run.accelerator.unwrap_model(training.model).policy, cfg.sample_dtype)
 
     # 2. the iterations; 3. the final policy
     logged = run_steps(run, cfg, training,
-                       partial(iterate, run, cfg, training, prompts, tokenizer, reference, reward_fn, kl_ctl, ptx),
+                       partial(iterate, run, cfg, training, prompts, tokenizer, reference, reward_fn, kl_ctl, ptx,
+                               sampler),
                        desc=cfg.algo, postfix={"score": "objective/scores", "kl": "objective/kl"},
                        save=lambda step: save(run, training.model, tokenizer, step, cfg, kl_ctl))
     final = save_final_model(run, run.accelerator.unwrap_model(training.model).policy, tokenizer, cfg.merge_lora)

@@ -17,7 +17,7 @@ Tensor layout (N samples, P prompt columns, R response columns)::
 Samples of one prompt are consecutive (``group``), as the RLOO / GRPO baselines expect.
 
 Speed: sampling goes through the decoding layer (:func:`rlhfkit.generation.decoding.generate_rows`:
-``model.generate`` with the KV cache), which keeps the logits and hidden states generation
+its decoding loop with the KV cache), which keeps the logits and hidden states generation
 computed, so the policy's log-probs (:func:`rlhfkit.losses.token_logps`), entropies and value-head
 values need no pass of their own; one trunk pass gives the reference (the same weights with the
 LoRA adapters disabled, or a frozen copy), one more a separate critic's values. The vocabulary
@@ -221,14 +221,14 @@ class _Sampled(NamedTuple):
     generated: Generated          # with generation's logits (and hidden states) unless recomputed
 
 
-def _sample(actor: ActorCritic, tokenizer, prompts: Sequence, params: SamplingParams, max_prompt_length: int | None,
-            batch_size: int, keep_outputs: bool) -> _Sampled:
-    """``params.n`` responses per prompt, one row each (samples of a prompt consecutive)."""
+def _sample(actor: ActorCritic, sampler, tokenizer, prompts: Sequence, params: SamplingParams,
+            max_prompt_length: int | None, batch_size: int, keep_outputs: bool) -> _Sampled:
+    """``params.n`` responses per prompt from ``sampler``, one row each (samples of a prompt consecutive)."""
     encoded = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
     repeated = [ids for ids in encoded for _ in range(params.n)]
     prompt_ids, prompt_mask = pad_batch(repeated, tokenizer.pad_token_id, side="left")
     prompt_mask = prompt_mask.bool()
-    generated = generate_rows(actor.policy, tokenizer, prompt_ids, prompt_mask, params, batch_size,
+    generated = generate_rows(sampler, tokenizer, prompt_ids, prompt_mask, params, batch_size,
                               with_logits=keep_outputs, with_hidden=keep_outputs and actor.value_head is not None)
     mask, has_eos = response_mask(generated.ids, tokenizer.eos_token_id)
     return _Sampled(prompt_ids, prompt_mask, generated.ids, mask, has_eos, generated)
@@ -259,7 +259,7 @@ def _measure(model, actor: ActorCritic, reference, sampled: _Sampled, rows: slic
 @torch.no_grad()
 def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingParams, *,
             max_prompt_length: int | None = None, batch_size: int = 0, recompute: bool | None = None,
-            timings: dict | None = None) -> Rollout:
+            sampler=None, timings: dict | None = None) -> Rollout:
     """Sample ``params.n`` responses per prompt and measure them (no gradients).
 
     ``model``: an :class:`ActorCritic` (policy plus optional value function); ``reference``: a
@@ -275,19 +275,26 @@ def rollout(model, reference, tokenizer, prompts: Sequence, params: SamplingPara
     ~1e-6); one pass of the reference follows, and one of a separate critic if there is one.
     ``recompute=True`` (the default for a policy that is not float32, or that runs under autocast
     (--bf16), whose cached decoding drifts further from a full pass) recomputes them with a forward
-    pass instead, the pass the update makes: the PPO ratio then starts at 1. The caller's autocast
+    pass instead, the pass the update makes: the PPO ratio then starts at 1. ``sampler``: the model
+    to sample from, when not the policy itself (a bfloat16
+    :class:`~rlhfkit.generation.decoding.DecodingCopy` of it); its samples are always measured with
+    the policy (``recompute``). The caller's autocast
     (``Run.autocast``) covers every pass here, sampling included.
     ``timings`` (optional) receives the seconds spent sampling (``generation``) and in the
     forward passes (``forward``).
     """
     actor = _unwrap(model)
-    if recompute is None:
+    sampler = actor.policy if sampler is None else sampler
+    if sampler is not actor.policy:
+        recompute = True
+    elif recompute is None:
         weight = next(actor.policy.parameters())
         recompute = weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type)
     was_training = actor.training
     actor.eval()
     t0 = time.perf_counter()
-    sampled = _sample(actor, tokenizer, prompts, params, max_prompt_length, batch_size, keep_outputs=not recompute)
+    sampled = _sample(actor, sampler, tokenizer, prompts, params, max_prompt_length, batch_size,
+                      keep_outputs=not recompute)
     t1 = time.perf_counter()
     n = sampled.response_ids.shape[0]
     step = batch_size or n
