@@ -217,6 +217,17 @@ def _attention(model, name: str):
     return attention_implementation(_config(model), name)
 
 
+@contextlib.contextmanager
+def packed_attention(*models):
+    """Select the packed attention for the forwards of the block, in each of ``models`` (a causal
+    LM, a peft model or a bare decoder trunk); each forward must pass ``rlhfkit_layout``."""
+    _register()
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(_attention(model, ATTENTION_NAME))
+        yield
+
+
 # -------------------------------------------------------------------------------- forwards
 
 
@@ -266,14 +277,33 @@ def _inner(model):
     return getattr(model, "module", model)  # DDP / accelerate wrappers
 
 
+def _fused_head_logps(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """:class:`_HeadLogps` at temperature τ: the head's input and bias divided by τ, which divides
+    the logits: (h/τ)·Wᵀ + b/τ = (h·Wᵀ + b)/τ."""
+    bias = head.bias
+    if temperature != 1.0:
+        hidden, bias = hidden / temperature, None if bias is None else bias / temperature
+    return _HeadLogps.apply(hidden, head.weight, bias, targets)
+
+
+def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(head(h) / τ)[target] for hidden states ``[n, d]`` and targets ``[n]``: fused
+    (:class:`_HeadLogps`, no logits kept) for a plain Linear head, else
+    :func:`rlhfkit.losses.token_logps` of the head's logits."""
+    if type(head) is torch.nn.Linear:
+        return _fused_head_logps(head, hidden, targets, temperature)
+    return token_logps(head(hidden), targets, temperature)
+
+
 @contextlib.contextmanager
 def _head_returns_logps(model, targets: torch.Tensor, temperature: float = 1.0):
     """Make the LM head return log p(target) ([1, n, 1]) instead of logits, for one forward.
 
     The model's own forward still runs (so DDP, PEFT and hooks see a normal call); only the
-    head's output changes. A temperature τ divides the head's input and bias, which divides the
-    logits: (h/τ)·Wᵀ + b/τ = (h·Wᵀ + b)/τ. Yields False (nothing patched) for a head that is not
-    a plain Linear.
+    head's output changes (:func:`_fused_head_logps`). Yields False (nothing patched) for a head
+    that is not a plain Linear.
     """
     head = _inner(model).get_output_embeddings()
     if type(head) is not torch.nn.Linear:
@@ -281,10 +311,8 @@ def _head_returns_logps(model, targets: torch.Tensor, temperature: float = 1.0):
         return
 
     def forward(hidden):
-        flat, bias = hidden.reshape(-1, hidden.shape[-1]), head.bias
-        if temperature != 1.0:
-            flat, bias = flat / temperature, None if bias is None else bias / temperature
-        return _HeadLogps.apply(flat, head.weight, bias, targets).view(*hidden.shape[:-1], 1)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return _fused_head_logps(head, flat, targets, temperature).view(*hidden.shape[:-1], 1)
 
     head.forward = forward
     try:
@@ -314,11 +342,10 @@ class Scored:
 
 def packed_forward(model, groups: list[Group], temperature: float = 1.0) -> Scored:
     """The fast path: one packed row, prompts once, the LM head only where a scored token is predicted."""
-    _register()
     batch = pack_groups(groups)
     device = next(model.parameters()).device
     targets = batch.targets.to(device)
-    with _attention(model, ATTENTION_NAME), _head_returns_logps(model, targets, temperature) as fused:
+    with packed_attention(model), _head_returns_logps(model, targets, temperature) as fused:
         out = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
                     logits_to_keep=batch.predict_at.to(device), use_cache=False,
                     rlhfkit_layout=batch.layout.to(device))

@@ -20,9 +20,12 @@ Speed: sampling goes through the decoding layer (:func:`rlhfkit.generation.decod
 its decoding loop with the KV cache), which keeps the logits and hidden states generation
 computed, so the policy's log-probs (:func:`rlhfkit.losses.token_logps`), entropies and value-head
 values need no pass of their own; one trunk pass gives the reference (the same weights with the
-LoRA adapters disabled, or a frozen copy), one more a separate critic's values. The vocabulary
-projection is applied to the response positions only, and the columns that are padding in every
-row are cut before each pass.
+LoRA adapters disabled, or a frozen copy), one more a separate critic's values. Those passes and
+the update's (:func:`forward_response`) run on one packed row for a Llama-family model
+(:mod:`rlhfkit.models.packed`, as DPO): the samples of a prompt share one copy of it, no padding
+goes through a matmul, and the vocabulary projection runs only where a response token is
+predicted, fused with the log-softmax. Any other model runs the left-padded batch, without the
+columns that are padding in every row.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from rlhfkit.data.chat import encode_prompt
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.generation.decoding import Generated, SamplingParams, decode_response, generate_rows
 from rlhfkit.losses import entropy_from_logits, token_logps
+from rlhfkit.models.packed import Group, pack_groups, supports_packing
 from rlhfkit.rl.value import ActorCritic
 
 __all__ = ["Rollout", "rollout", "score", "response_mask", "position_ids", "forward_response",
@@ -155,26 +159,81 @@ def _pad_to(x: Tensor | None, columns: int) -> Tensor | None:
 
 
 def forward_response(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor,
-                     temperature: float = 1.0, *, with_values: bool = True, with_entropy: bool = False
-                     ) -> ResponseOutput:
+                     temperature: float = 1.0, *, with_values: bool = True, with_entropy: bool = False,
+                     packed: bool | None = None) -> ResponseOutput:
     """Log-probs (and values, entropy) of the response tokens in one pass of ``model``.
 
     ``model`` is an :class:`~rlhfkit.rl.value.ActorCritic` (or what ``accelerator.prepare``
     made of it). Logits are divided by ``temperature``: the log-probs are those of the
     distribution the sampler drew from. Gradients flow unless the caller disables them.
+
+    ``packed=None`` picks the packed path (:func:`_forward_packed`: one row, each prompt once, no
+    padding) where it applies: a Llama-family model, and each response mask a prefix of its row
+    (as :func:`response_mask` makes them); else the padded batch. Both give the same numbers (to
+    float rounding).
     """
+    if packed is None:
+        packed = _packable(_unwrap(model), prompt_mask, mask, with_values)
+    forward = _forward_packed if packed else _forward_padded
+    return forward(model, prompt_ids, prompt_mask, response_ids, mask, temperature, with_values, with_entropy)
+
+
+def _forward_padded(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor,
+                    temperature: float, with_values: bool, with_entropy: bool) -> ResponseOutput:
+    """:func:`forward_response` on the left-padded batch (``ActorCritic.forward_padded``)."""
     device = next(model.parameters()).device
-    packed = _pack(prompt_ids, prompt_mask, response_ids, mask, device)
-    logits, values = model(packed.ids, packed.attention_mask, packed.position_ids, packed.start, packed.width,
-                           with_values)
-    real = mask[:, :packed.width].to(device)
-    targets = response_ids[:, :packed.width].to(device)
+    cut = _pack(prompt_ids, prompt_mask, response_ids, mask, device)
+    logits, values = model(cut.ids, cut.attention_mask, cut.position_ids, cut.start, cut.width, with_values)
+    real = mask[:, :cut.width].to(device)
+    targets = response_ids[:, :cut.width].to(device)
     logprobs, entropy = _logps_and_entropy(logits, targets, real, temperature, with_entropy)
     zero = torch.zeros((), device=device)
     if values is not None:
         values = torch.where(real, values.float(), zero)
     columns = response_ids.shape[1]
     return ResponseOutput(_pad_to(logprobs, columns), _pad_to(values, columns), _pad_to(entropy, columns))
+
+
+def _packable(actor: ActorCritic, prompt_mask: Tensor, mask: Tensor, with_values: bool) -> bool:
+    """Whether the packed path applies: Llama-family policy (and critic), every prompt non-empty,
+    every response mask a prefix of its row (real tokens, then only padding)."""
+    if not supports_packing(actor.causal_lm()):
+        return False
+    if with_values and actor.critic is not None and not supports_packing(actor.critic.trunk):
+        return False
+    lengths = mask.sum(dim=1)
+    prefix = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
+    return bool(prompt_mask.any(dim=1).all()) and torch.equal(mask, prefix)
+
+
+def response_groups(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, lengths: Tensor) -> list[Group]:
+    """The rows as :class:`~rlhfkit.models.packed.Group` s: consecutive rows with the same (real)
+    prompt tokens share one group (the samples of a prompt are consecutive in a rollout), each
+    completion the first ``lengths[i]`` response tokens of its row. Completions keep row order."""
+    prompts = [ids[real].tolist() for ids, real in zip(prompt_ids, prompt_mask)]
+    completions = [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist())]
+    shared: list[tuple[list[int], list[list[int]]]] = []
+    for prompt, completion in zip(prompts, completions):
+        if shared and shared[-1][0] == prompt:
+            shared[-1][1].append(completion)
+        else:
+            shared.append((prompt, [completion]))
+    return [Group(prompt, group) for prompt, group in shared]
+
+
+def _forward_packed(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor,
+                    temperature: float, with_values: bool, with_entropy: bool) -> ResponseOutput:
+    """:func:`forward_response` on one packed row (``ActorCritic.forward_packed``, called through
+    ``model`` for DDP); the per-token results scattered back to ``[N, R]``, 0 off the mask."""
+    packed = pack_groups(response_groups(prompt_ids, prompt_mask, response_ids, mask.sum(dim=1)))
+    out = model(packed=packed, temperature=temperature, with_values=with_values, with_entropy=with_entropy)
+    real = mask.to(out.logps.device)
+    zeros = torch.zeros(real.shape, device=real.device)
+
+    def scatter(flat: Tensor | None) -> Tensor | None:  # packed order: row after row, each over its prefix
+        return None if flat is None else zeros.masked_scatter(real, flat.float())
+
+    return ResponseOutput(scatter(out.logps), scatter(out.values), scatter(out.entropy))
 
 
 @torch.no_grad()

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from rlhfkit.errors import InputError
+from rlhfkit.losses import entropy_from_logits
+from rlhfkit.models.packed import PackedBatch, head_logps, packed_attention
 
 
 def scalar_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -135,14 +138,21 @@ class ActorCritic(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.causal_lm().get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                start: int, width: int, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, *args, packed: PackedBatch | None = None, **kwargs):
+        """:meth:`forward_packed` when ``packed`` is given, else :meth:`forward_padded` (both
+        reached through ``forward``, so that DDP sees the call)."""
+        if packed is not None:
+            return self.forward_packed(packed, **kwargs)
+        return self.forward_padded(*args, **kwargs)
+
+    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                       start: int, width: int, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``[B, width, V]`` predicting tokens ``start .. start+width-1``, and their values.
 
         The trunk runs once; only the ``width`` hidden states that predict the response go
         through ``lm_head`` (no ``[B, T, V]`` tensor over the prompt) and the value head. The
         value of position t is V(state before token t), read at the same hidden state as the
-        logits that predict token t. Called through ``forward`` so that DDP sees it.
+        logits that predict token t.
         """
         hidden = self.trunk()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
@@ -155,6 +165,47 @@ class ActorCritic(nn.Module):
         elif with_values and self.critic is not None:
             values = self.critic(self.critic.hidden(input_ids, attention_mask, position_ids)[:, window])
         return logits, values
+
+    def forward_packed(self, batch: PackedBatch, temperature: float = 1.0, with_values: bool = True,
+                       with_entropy: bool = False) -> PackedOutput:
+        """Log-probs at temperature τ (and values, entropy) of the scored tokens of a packed row
+        (:mod:`rlhfkit.models.packed`: each prompt once, no padding), in ``batch.targets`` order.
+
+        The trunk runs with the packed attention; the hidden states at ``batch.predict_at`` (those
+        that predict a scored token) go through the LM head fused with the log-softmax
+        (:func:`~rlhfkit.models.packed.head_logps`: no logits kept) and the value head. A
+        separate critic's trunk runs on the same packed row. The entropy (no gradient) needs the
+        logits at those positions: they are computed for it alone.
+        """
+        device = next(self.parameters()).device
+        inputs = dict(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                      rlhfkit_layout=batch.layout.to(device))
+        predict_at = batch.predict_at.to(device)
+        hidden = _packed_hidden(self.trunk(), self.causal_lm(), inputs)[predict_at]
+        logps = head_logps(self.lm_head(), hidden, batch.targets.to(device), temperature)
+        values = entropy = None
+        if with_values and self.value_head is not None:
+            values = self.value_head(hidden)
+        elif with_values and self.critic is not None:
+            values = self.critic(_packed_hidden(self.critic.trunk, self.critic.trunk, inputs)[predict_at])
+        if with_entropy:
+            with torch.no_grad():
+                entropy = entropy_from_logits(self.lm_head()(hidden).float() / temperature)
+        return PackedOutput(logps, values, entropy)
+
+
+class PackedOutput(NamedTuple):
+    """What :meth:`ActorCritic.forward_packed` returns: one entry per scored token (packed order)."""
+
+    logps: torch.Tensor                 # [n] log π(token) at temperature τ
+    values: torch.Tensor | None         # [n] V(state before the token)
+    entropy: torch.Tensor | None        # [n] entropy of π's next-token distribution at τ (no gradient)
+
+
+def _packed_hidden(trunk: nn.Module, owner: nn.Module, inputs: dict) -> torch.Tensor:
+    """The final hidden states ``[T, d]`` of a packed row, ``owner``'s config selecting the packed attention."""
+    with packed_attention(owner):
+        return trunk(**inputs, use_cache=False).last_hidden_state[0]
 
 
 # --------------------------------------------------------------------------------------------
