@@ -207,3 +207,22 @@ def test_decoding_copy_follows_the_policy_weights(policy):
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+def test_copies_share_one_prefill_and_equal_repeated_prompt_rows(policy):
+    """``copies=3`` encodes each prompt once and repeats its cache: the same logits (and so the same
+    samples for the same random draws) as three copies of each prompt row."""
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.generation.decoding import decode_loop
+
+    model, tokenizer, prompt_ids = policy
+    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, side="left")
+    params = SamplingParams(strategy="sample", max_new_tokens=8, temperature=1.3)
+    torch.manual_seed(5)
+    shared = decode_loop(model, ids, mask, params, [], tokenizer.pad_token_id, copies=3, with_logits=True)
+    torch.manual_seed(5)
+    repeated = decode_loop(model, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), params, [],
+                           tokenizer.pad_token_id, with_logits=True)
+    assert torch.equal(shared.ids, repeated.ids)
+    torch.testing.assert_close(shared.logits, repeated.logits, atol=1e-5, rtol=0)
+    assert len({tuple(r) for r in shared.ids[:3].tolist()}) > 1  # the copies of a prompt are distinct samples

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, NamedTuple, get_args
 
@@ -167,12 +167,28 @@ def _keeps_last_logits(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
 
 
+def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, copies: int, with_hidden: bool):
+    """The prompts' forward, once per prompt: (cache, last logits, last hidden or None, positions), every
+    row repeated ``copies`` times (the cache too: transformers' ``Cache.batch_repeat_interleave``)."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                output_hidden_states=with_hidden, **_keeps_last_logits(model))
+    logits, hidden = out.logits[:, -1], out.hidden_states[-1][:, -1] if with_hidden else None
+    if copies > 1:
+        out.cache.batch_repeat_interleave(copies)
+        logits, positions = logits.repeat_interleave(copies, 0), positions.repeat_interleave(copies, 0)
+        hidden = hidden.repeat_interleave(copies, 0) if with_hidden else None
+    return out.cache, logits, hidden, positions
+
+
 @torch.no_grad()
 def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
-                eos_ids: Sequence[int], pad_id: int, stopping_criteria=None, *, with_logits: bool = False,
-                with_hidden: bool = False) -> Generated:
+                eos_ids: Sequence[int], pad_id: int, stopping_criteria=None, *, copies: int = 1,
+                with_logits: bool = False, with_hidden: bool = False) -> Generated:
     """Sample (or take the argmax of) up to ``params.max_new_tokens`` tokens for each row of a
     left-padded batch, with the KV cache: one prefill, then one single-token forward per step.
+    ``copies``: responses per prompt row (consecutive rows of the result); the prompt is encoded
+    once and its cache repeated, not encoded once per response.
 
     What ``model.generate`` does for these strategies, step for step: positions count real tokens
     only, ``logits_processors(params)`` see the sequence so far, a row that produced an EOS (or
@@ -182,22 +198,18 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pa
     device = next(model.parameters()).device
     processors = logits_processors(params)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    rows, prompt_len = input_ids.shape
-    limit = params.max_new_tokens
-    ids = torch.cat([input_ids.to(device), torch.full((rows, limit), pad_id, dtype=torch.long, device=device)], 1)
-    mask = torch.cat([attention_mask.to(device).long(), torch.ones(rows, limit, dtype=torch.long, device=device)], 1)
-    positions = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], position_ids=positions,
-                use_cache=True, output_hidden_states=with_hidden, **_keeps_last_logits(model))
-    next_position = positions[:, -1:] + 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).long()
+    cache, last, last_hidden, positions = _prefill(model, input_ids, attention_mask, copies, with_hidden)
+    rows, prompt_len, limit = input_ids.shape[0] * copies, input_ids.shape[1], params.max_new_tokens
+    ids = torch.cat([input_ids.repeat_interleave(copies, 0), torch.full((rows, limit), pad_id, device=device)], 1)
+    mask = torch.cat([attention_mask.repeat_interleave(copies, 0), torch.ones(rows, limit, device=device).long()], 1)
     running = torch.ones(rows, dtype=torch.bool, device=device)
     logits, hidden = [], []
     for step in range(limit):
         end = prompt_len + step
-        last = out.logits[:, -1].float()
-        logits += [last] if with_logits else []
-        hidden += [out.hidden_states[-1][:, -1]] if with_hidden else []
-        scores = processors(ids[:, :end], last)
+        logits += [last.float()] if with_logits else []
+        hidden += [last_hidden] if with_hidden else []
+        scores = processors(ids[:, :end], last.float())
         token = draw_tokens(scores) if params.strategy == "sample" else scores.argmax(-1)
         ids[:, end] = torch.where(running, token, pad_id)
         running &= ~torch.isin(ids[:, end], eos)
@@ -206,8 +218,10 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pa
         if step == limit - 1 or not running.any():
             break
         out = model(input_ids=ids[:, end:end + 1], attention_mask=mask[:, :end + 1],
-                    position_ids=next_position + step, cache=out.cache, use_cache=True,
+                    position_ids=positions[:, -1:] + 1 + step, cache=cache, use_cache=True,
                     output_hidden_states=with_hidden)
+        cache, last = out.cache, out.logits[:, -1]
+        last_hidden = out.hidden_states[-1][:, -1] if with_hidden else None
     return Generated(ids[:, prompt_len:prompt_len + step + 1], torch.stack(logits, 1) if with_logits else None,
                      torch.stack(hidden, 1) if with_hidden else None)
 
@@ -248,8 +262,8 @@ def _decode(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Ten
     if stopping_criteria:
         def criteria(ids, scores):  # any criterion ends a row, as in generate's StoppingCriteriaList
             return torch.stack([torch.as_tensor(c(ids, scores), device=ids.device) for c in stopping_criteria]).any(0)
-    return decode_loop(model, input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0),
-                       params, eos, pad, criteria, with_logits=with_logits, with_hidden=with_hidden)
+    return decode_loop(model, input_ids, attention_mask, params, eos, pad, criteria, copies=copies,
+                       with_logits=with_logits, with_hidden=with_hidden)
 
 
 @torch.no_grad()
@@ -291,19 +305,21 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: Sampling
 @torch.no_grad()
 def generate_rows(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
                   batch_size: int = 0, *, with_logits: bool = False, with_hidden: bool = False) -> Generated:
-    """One response per row of a left-padded prompt batch ``[N, P]`` (PPO's rollout, whose rows
-    already repeat each prompt once per sample), with the KV cache.
+    """``params.n`` responses to each row of a left-padded prompt batch ``[M, P]``, as ``M·n`` rows
+    (the responses to a prompt consecutive: PPO's rollout), with the KV cache; each prompt is
+    encoded once.
 
-    In chunks of ``batch_size`` rows (0: all at once), drawing from torch's global RNG as it is
+    In chunks of ``batch_size`` prompts (0: all at once), drawing from torch's global RNG as it is
     (seed it before the call). ``with_logits`` / ``with_hidden`` keep what generation computed
     anyway, so that the policy's log-probs and a value head need no second pass over the
     sequences. The chunks are right-padded to the longest (ids with the pad token, the rest 0).
     """
-    one = replace(params, n=1)
     step = batch_size or prompt_ids.shape[0]
-    chunks = [_decode(model, tokenizer, prompt_ids[i:i + step], prompt_mask[i:i + step].long(), one,
+    chunks = [_decode(model, tokenizer, prompt_ids[i:i + step], prompt_mask[i:i + step].long(), params,
                       with_logits=with_logits, with_hidden=with_hidden)
               for i in range(0, prompt_ids.shape[0], step)]
+    if params.strategy == "greedy" and params.n > 1:  # one greedy response stands for its n copies
+        chunks = [Generated(*(None if t is None else t.repeat_interleave(params.n, 0) for t in c)) for c in chunks]
     width = max(c.ids.shape[1] for c in chunks)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -284,11 +284,11 @@ def _sample(actor: ActorCritic, sampler, tokenizer, prompts: Sequence, params: S
             max_prompt_length: int | None, batch_size: int, keep_outputs: bool) -> _Sampled:
     """``params.n`` responses per prompt from ``sampler``, one row each (samples of a prompt consecutive)."""
     encoded = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
-    repeated = [ids for ids in encoded for _ in range(params.n)]
-    prompt_ids, prompt_mask = pad_batch(repeated, tokenizer.pad_token_id, side="left")
-    prompt_mask = prompt_mask.bool()
-    generated = generate_rows(sampler, tokenizer, prompt_ids, prompt_mask, params, batch_size,
+    prompt_ids, prompt_mask = pad_batch(encoded, tokenizer.pad_token_id, side="left")
+    chunk = max(1, batch_size // params.n) if batch_size else 0  # rows -> prompts
+    generated = generate_rows(sampler, tokenizer, prompt_ids, prompt_mask.bool(), params, chunk,
                               with_logits=keep_outputs, with_hidden=keep_outputs and actor.value_head is not None)
+    prompt_ids, prompt_mask = (t.repeat_interleave(params.n, 0) for t in (prompt_ids, prompt_mask.bool()))
     mask, has_eos = response_mask(generated.ids, tokenizer.eos_token_id)
     return _Sampled(prompt_ids, prompt_mask, generated.ids, mask, has_eos, generated)
 
