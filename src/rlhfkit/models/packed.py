@@ -175,7 +175,15 @@ def _packed_attention(module, query, key, value, attention_mask, dropout: float 
     q, k, v = grid(query), grid(key), grid(value)
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+    if q.device.type == "cpu":
+        # CPU's flash kernel runs ~2x slower in bfloat16 than in float32 (forward + backward, on the
+        # PPO update's shapes), and attention is a small share of the FLOPs: attend in float32, also
+        # under --bf16's autocast (which would cast the inputs to bfloat16)
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout,
+                                                 scale=scaling, is_causal=True).to(value.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
     rows, heads, width, dim = out.shape
     return out.transpose(1, 2).reshape(rows * width, heads, dim)[layout.owner].unsqueeze(0), None
 
