@@ -12,8 +12,9 @@ What is measured, in one process, both paths alternating, in float32 and under b
   clipped policy and value losses, k3 KL in the loss), forward and backward (the AdamW step, the same
   on both paths, is not timed);
 - ``reference``: the no-grad pass of the rollout's reference log-probs (``forward_response``);
-- ``padded``: the pass before packing (``forward_response(..., packed=False)``: the left-padded
-  [N, P+R] batch, columns that are padding in every row cut); ``packed``: one row, each prompt once,
+- ``padded``: the pass before packing (what ``forward_response(..., packed=False)`` runs, forced here
+  by patching ``rollout._packable``: the left-padded [N, P+R] batch, columns that are padding in
+  every row cut); ``packed``: one row, each prompt once,
   no padding, the LM head only where a response token is predicted (rlhfkit.models.packed).
 Useful work, the same for both paths: 6·N·T + 6·N_head·n + attention for the update (2·… for the
 reference pass), N the trunk's matmul parameters, T the tokens of the distinct prompts once plus
