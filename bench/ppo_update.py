@@ -70,7 +70,7 @@ def useful_flops(actor, batch) -> dict[str, float]:
 
     from rlhfkit.rl.rollout import response_groups
 
-    groups = response_groups(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.lengths)
+    groups, _ = response_groups(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.lengths)
     tokens = sum(g.num_tokens for g in groups)
     predicted = int(batch.lengths.sum())
     trunk = sum(m.weight.numel() for m in actor.trunk().modules() if isinstance(m, torch.nn.Linear))

@@ -21,8 +21,8 @@ from rlhfkit.rl.rollout import Rollout, forward_response, reference_logprobs, re
 from rlhfkit.rl.value import ActorCritic, ValueHead, load_critic
 
 R = 10
-# (prompt, response length, ends with EOS): prompt 0 three times, then 1 alone, 2 twice, 0 again (a new group);
-# the third row is EOS then padding
+# (prompt, response length, ends with EOS): prompt 0 three times, then 1 alone, 2 twice, 0 again (apart from
+# its siblings, as in a shuffled minibatch); the third row is EOS then padding
 ROWS = [(0, 5, True), (0, R, False), (0, 1, True), (1, 7, True), (2, 3, True), (2, R, False), (0, 4, True)]
 PROMPTS = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23], [31, 32, 33, 34, 35]]
 
@@ -73,10 +73,12 @@ def test_the_hand_made_batch_has_what_the_tests_claim(policy_and_tokenizer):
     assert batch.lengths.tolist() == [length for _, length, _ in ROWS]
     assert batch.has_eos.tolist() == [ends for _, _, ends in ROWS]
     assert batch.response_ids[2, 0] == tokenizer.eos_token_id and not batch.response_mask[2, 1:].any()
-    groups = response_groups(*_args(batch)[:3], batch.lengths)
-    assert [len(g.completions) for g in groups] == [3, 1, 2, 1]
-    assert [g.prompt for g in groups] == [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
-    assert [len(c) for g in groups for c in g.completions] == batch.lengths.tolist()
+    groups, order = response_groups(*_args(batch)[:3], batch.lengths)
+    # the last row's prompt is the first rows': it joins their group
+    assert [len(g.completions) for g in groups] == [4, 1, 2] and order == [0, 1, 2, 6, 3, 4, 5]
+    assert [g.prompt for g in groups] == PROMPTS
+    assert [c for g in groups for c in g.completions] == [batch.response_ids[i, :batch.lengths[i]].tolist()
+                                                          for i in order]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -206,32 +206,37 @@ def _packable(actor: ActorCritic, prompt_mask: Tensor, mask: Tensor, with_values
     return bool(prompt_mask.any(dim=1).all()) and torch.equal(mask, prefix)
 
 
-def response_groups(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, lengths: Tensor) -> list[Group]:
-    """The rows as :class:`~rlhfkit.models.packed.Group` s: consecutive rows with the same (real)
-    prompt tokens share one group (the samples of a prompt are consecutive in a rollout), each
-    completion the first ``lengths[i]`` response tokens of its row. Completions keep row order."""
-    prompts = [ids[real].tolist() for ids, real in zip(prompt_ids, prompt_mask)]
-    completions = [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist())]
-    shared: list[tuple[list[int], list[list[int]]]] = []
-    for prompt, completion in zip(prompts, completions):
-        if shared and shared[-1][0] == prompt:
-            shared[-1][1].append(completion)
-        else:
-            shared.append((prompt, [completion]))
-    return [Group(prompt, group) for prompt, group in shared]
+def response_groups(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                    lengths: Tensor) -> tuple[list[Group], list[int]]:
+    """The rows as :class:`~rlhfkit.models.packed.Group` s, and the row of each completion in
+    group-major order: the rows with the same (real) prompt tokens share one group, wherever they
+    sit in the batch (a shuffled minibatch of GRPO / RLOO samples still encodes each prompt once),
+    in the order of their first row; each completion the first ``lengths[i]`` response tokens of its row."""
+    rows_of: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, real) in enumerate(zip(prompt_ids, prompt_mask)):
+        rows_of.setdefault(tuple(ids[real].tolist()), []).append(i)
+    counts = lengths.tolist()
+    groups = [Group(list(prompt), [response_ids[i, :counts[i]].tolist() for i in rows])
+              for prompt, rows in rows_of.items()]
+    return groups, [i for rows in rows_of.values() for i in rows]
 
 
 def _forward_packed(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor,
                     temperature: float, with_values: bool, with_entropy: bool) -> ResponseOutput:
     """:func:`forward_response` on one packed row (``ActorCritic.forward_packed``, called through
     ``model`` for DDP); the per-token results scattered back to ``[N, R]``, 0 off the mask."""
-    packed = pack_groups(response_groups(prompt_ids, prompt_mask, response_ids, mask.sum(dim=1)))
-    out = model(packed=packed, temperature=temperature, with_values=with_values, with_entropy=with_entropy)
-    real = mask.to(out.logps.device)
-    zeros = torch.zeros(real.shape, device=real.device)
+    groups, order = response_groups(prompt_ids, prompt_mask, response_ids, mask.sum(dim=1))
+    out = model(packed=pack_groups(groups), temperature=temperature, with_values=with_values,
+                with_entropy=with_entropy)
+    device = out.logps.device
+    order = torch.tensor(order, device=device)
+    real = mask.to(device)[order]  # packed order: completion after completion (group-major), each over its prefix
+    back = torch.empty_like(order)
+    back[order] = torch.arange(len(order), device=device)
+    zeros = torch.zeros(real.shape, device=device)
 
-    def scatter(flat: Tensor | None) -> Tensor | None:  # packed order: row after row, each over its prefix
-        return None if flat is None else zeros.masked_scatter(real, flat.float())
+    def scatter(flat: Tensor | None) -> Tensor | None:
+        return None if flat is None else zeros.masked_scatter(real, flat.float())[back]
 
     return ResponseOutput(scatter(out.logps), scatter(out.values), scatter(out.entropy))
 
