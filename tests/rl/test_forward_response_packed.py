@@ -17,7 +17,14 @@ import torch
 from rlhfkit.models.loading import apply_lora, load_policy
 from rlhfkit.recipes.ppo import Config, minibatch_loss
 from rlhfkit.rl import rollout as rollout_module
-from rlhfkit.rl.rollout import Rollout, forward_response, reference_logprobs, response_groups, response_mask
+from rlhfkit.rl.rollout import (
+    Rollout,
+    critic_values,
+    forward_response,
+    reference_logprobs,
+    response_groups,
+    response_mask,
+)
 from rlhfkit.rl.value import ActorCritic, ValueHead, load_critic
 
 R = 10
@@ -157,7 +164,7 @@ def test_lora_policy_and_its_reference_with_adapters_disabled(policy_and_tokeniz
     assert (packed.logprobs - reference).abs().max() > 1e-3  # the adapters are active outside the context
 
 
-def test_separate_critic_values(tiny_lm, policy_and_tokenizer):
+def test_separate_critic_values(tiny_lm, policy_and_tokenizer, monkeypatch):
     policy, tokenizer = policy_and_tokenizer
     critic = load_critic(tiny_lm, tokenizer)
     torch.manual_seed(2)
@@ -170,6 +177,10 @@ def test_separate_critic_values(tiny_lm, policy_and_tokenizer):
     assert (packed.values[batch.response_mask] != 0).all() and (packed.values[~batch.response_mask] == 0).all()
     (packed.values.sum() + packed.logprobs.sum()).backward()
     assert critic.head.weight.grad.abs().max() > 0 and model.policy.lm_head.weight.grad.abs().max() > 0
+    # the rollout's own critic pass (critic_values) packs the same way
+    torch.testing.assert_close(critic_values(critic, *_args(batch)), padded.values, atol=1e-5, rtol=0)
+    monkeypatch.setattr(rollout_module, "_rows_pack", lambda *args: False)
+    torch.testing.assert_close(critic_values(critic, *_args(batch)), padded.values, atol=1e-5, rtol=0)
 
 
 def test_a_mask_that_is_not_a_prefix_takes_the_padded_path(policy_and_tokenizer):

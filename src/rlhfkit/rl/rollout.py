@@ -195,11 +195,15 @@ def _forward_padded(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids
 
 
 def _packable(actor: ActorCritic, prompt_mask: Tensor, mask: Tensor, with_values: bool) -> bool:
-    """Whether the packed path applies: Llama-family policy (and critic), every prompt non-empty,
-    every response mask a prefix of its row (real tokens, then only padding)."""
-    if not supports_packing(actor.causal_lm()):
-        return False
-    if with_values and actor.critic is not None and not supports_packing(actor.critic.trunk):
+    """Whether :func:`forward_response`'s packed path applies (:func:`_rows_pack`), to the policy and the critic."""
+    models = [actor.causal_lm()] + ([actor.critic.trunk] if with_values and actor.critic is not None else [])
+    return _rows_pack(models, prompt_mask, mask)
+
+
+def _rows_pack(models: list, prompt_mask: Tensor, mask: Tensor) -> bool:
+    """Llama-family ``models``, every prompt non-empty, every response mask a prefix of its row
+    (real tokens, then only padding)."""
+    if not all(supports_packing(m) for m in models):
         return False
     lengths = mask.sum(dim=1)
     prefix = torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]
@@ -224,26 +228,35 @@ def response_groups(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tenso
 def _forward_packed(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor,
                     temperature: float, with_values: bool, with_entropy: bool) -> ResponseOutput:
     """:func:`forward_response` on one packed row (``ActorCritic.forward_packed``, called through
-    ``model`` for DDP); the per-token results scattered back to ``[N, R]``, 0 off the mask."""
+    ``model`` for DDP)."""
+    def run(packed):
+        return model(packed=packed, temperature=temperature, with_values=with_values, with_entropy=with_entropy)
+
+    return ResponseOutput(*_on_packed_row(run, prompt_ids, prompt_mask, response_ids, mask))
+
+
+def _on_packed_row(run, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                   mask: Tensor) -> list[Tensor | None]:
+    """``run(packed)``'s per-token outputs ([n] each, or None) on the rows packed
+    (:func:`response_groups`), scattered back to ``[N, R]`` in row order, 0 off the mask."""
     groups, order = response_groups(prompt_ids, prompt_mask, response_ids, mask.sum(dim=1))
-    out = model(packed=pack_groups(groups), temperature=temperature, with_values=with_values,
-                with_entropy=with_entropy)
-    device = out.logps.device
+    outputs = run(pack_groups(groups))
+    device = outputs[0].device
     order = torch.tensor(order, device=device)
     real = mask.to(device)[order]  # packed order: completion after completion (group-major), each over its prefix
     back = torch.empty_like(order)
     back[order] = torch.arange(len(order), device=device)
     zeros = torch.zeros(real.shape, device=device)
-
-    def scatter(flat: Tensor | None) -> Tensor | None:
-        return None if flat is None else zeros.masked_scatter(real, flat.float())[back]
-
-    return ResponseOutput(scatter(out.logps), scatter(out.values), scatter(out.entropy))
+    return [None if flat is None else zeros.masked_scatter(real, flat.float())[back] for flat in outputs]
 
 
 @torch.no_grad()
 def critic_values(critic, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor, mask: Tensor) -> Tensor:
-    """Values ``[N, R]`` of a separate :class:`~rlhfkit.rl.value.Critic` (one pass of its trunk)."""
+    """Values ``[N, R]`` of a separate :class:`~rlhfkit.rl.value.Critic` (one pass of its trunk,
+    packed as :func:`forward_response`'s where that applies)."""
+    if _rows_pack([critic.trunk], prompt_mask, mask):
+        return _on_packed_row(lambda packed: [critic.packed_values(packed)], prompt_ids, prompt_mask, response_ids,
+                              mask)[0]
     device = next(critic.parameters()).device
     packed = _pack(prompt_ids, prompt_mask, response_ids, mask, device)
     hidden = critic.hidden(packed.ids, packed.attention_mask, packed.position_ids)

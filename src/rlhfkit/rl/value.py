@@ -67,6 +67,20 @@ class Critic(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return scalar_head(self.head, hidden)
 
+    def packed_values(self, batch: PackedBatch) -> torch.Tensor:
+        """Values ``[n]`` read where a packed row's hidden states predict its scored tokens (its own
+        trunk over the row, with the packed attention: :mod:`rlhfkit.models.packed`)."""
+        device = next(self.parameters()).device
+        return self(packed_hidden(self.trunk, self.trunk, batch, device)[batch.predict_at.to(device)])
+
+
+def packed_hidden(trunk: nn.Module, owner: nn.Module, batch: PackedBatch, device) -> torch.Tensor:
+    """The final hidden states ``[T, d]`` of ``trunk`` over a packed row, ``owner``'s config (the
+    causal LM or peft model around the trunk, or the trunk itself) selecting the packed attention."""
+    with packed_attention(owner):
+        return trunk(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                     rlhfkit_layout=batch.layout.to(device), use_cache=False).last_hidden_state[0]
+
 
 def load_critic(name: str, policy_tokenizer, dtype: str = "float32", device=None,
                 gradient_checkpointing: bool = False) -> Critic:
@@ -178,16 +192,13 @@ class ActorCritic(nn.Module):
         logits at those positions: they are computed for it alone.
         """
         device = next(self.parameters()).device
-        inputs = dict(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                      rlhfkit_layout=batch.layout.to(device))
-        predict_at = batch.predict_at.to(device)
-        hidden = _packed_hidden(self.trunk(), self.causal_lm(), inputs)[predict_at]
+        hidden = packed_hidden(self.trunk(), self.causal_lm(), batch, device)[batch.predict_at.to(device)]
         logps = head_logps(self.lm_head(), hidden, batch.targets.to(device), temperature)
         values = entropy = None
         if with_values and self.value_head is not None:
             values = self.value_head(hidden)
         elif with_values and self.critic is not None:
-            values = self.critic(_packed_hidden(self.critic.trunk, self.critic.trunk, inputs)[predict_at])
+            values = self.critic.packed_values(batch)
         if with_entropy:
             with torch.no_grad():
                 entropy = entropy_from_logits(self.lm_head()(hidden).float() / temperature)
@@ -200,12 +211,6 @@ class PackedOutput(NamedTuple):
     logps: torch.Tensor                 # [n] log π(token) at temperature τ
     values: torch.Tensor | None         # [n] V(state before the token)
     entropy: torch.Tensor | None        # [n] entropy of π's next-token distribution at τ (no gradient)
-
-
-def _packed_hidden(trunk: nn.Module, owner: nn.Module, inputs: dict) -> torch.Tensor:
-    """The final hidden states ``[T, d]`` of a packed row, ``owner``'s config selecting the packed attention."""
-    with packed_attention(owner):
-        return trunk(**inputs, use_cache=False).last_hidden_state[0]
 
 
 # --------------------------------------------------------------------------------------------
