@@ -204,3 +204,14 @@ def test_export_validation(tmp_path, capsys):
     assert code == 2 and "no such database file" in err
     code, _, err = run(capsys, "label", "export", "--db", str(tmp_path / "none.db"))
     assert code == 2 and "--output is required" in err
+
+
+def test_storable_text_makes_model_output_with_nul_importable(tmp_path):
+    """Files rlhfkit writes from model output for people (the loop's to_label.jsonl) replace NUL by
+    U+FFFD, which the importer accepts."""
+    from rlhfkit.label.importer import read_pairs, storable_text
+
+    assert storable_text("a\u0000b\u0000") == "a\ufffdb\ufffd" and storable_text("plain") == "plain"
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response_a": storable_text("x\u0000"), "response_b": "y"}) + "\n")
+    assert read_pairs(path)[0].response_a == "x\ufffd"

@@ -181,6 +181,12 @@ def parse_record(record: Any, source: str, line: int, rank_pairs: bool = False) 
                 source=f"{Path(source).name}:{line}", completions=completions), []
 
 
+def storable_text(text: str) -> str:
+    """``text`` with each NUL character (which the importer refuses: PostgreSQL text cannot hold it)
+    replaced by U+FFFD, for files rlhfkit writes from model output for people to label."""
+    return text.replace("\x00", "\ufffd")
+
+
 def read_pairs(path: str | Path, rank_pairs: bool = False) -> list[Pair]:
     """Read and check every record; raise InputError listing the problems (up to 50)."""
     path = Path(path)

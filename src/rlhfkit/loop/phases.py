@@ -121,12 +121,15 @@ def human_pairs(plan: Plan, rnd: Round, samples_file: str) -> list[dict]:
     """The exported judgments of the round's pairs; until they exist, the label-app import file and
     what to do (LabelsNeeded)."""
     from rlhfkit.demo import candidate_pairs
+    from rlhfkit.label.importer import storable_text
 
     judgments = plan.judgments(rnd.output, rnd.index)
     if judgments.exists():
         return [row for row in read_rows(judgments) if not row.get("tie")]
     to_label = rnd.phase("pairs") / "to_label.jsonl"
-    write_jsonl(to_label, [{"prompt": prompt_of(row), "response_a": a, "response_b": b, "loop_round": rnd.index}
+    # model output may hold NUL characters, which the label database refuses: shown as U+FFFD
+    write_jsonl(to_label, [{"prompt": prompt_of(row), "response_a": storable_text(a),
+                            "response_b": storable_text(b), "loop_round": rnd.index}
                            for row in read_rows(samples_file)
                            for a, b in candidate_pairs(list(dict.fromkeys(row["completions"])))])
     raise LabelsNeeded(
