@@ -26,21 +26,9 @@ import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-PAIRS = HERE / "data" / "smollm2_chatterbot_pairs.jsonl"
 TEMPERATURE = 0.7
 SAMPLES = 4  # responses per prompt, as GRPO/RLOO and the demo's preference collection sample them
-
-
-def prompts(count: int) -> list[str]:
-    seen: list[str] = []
-    for line in PAIRS.read_text().splitlines():
-        prompt = json.loads(line)["prompt"] if line.strip() else None
-        if prompt and prompt not in seen:
-            seen.append(prompt)
-    return seen[:count]
 
 
 def bandwidth_gbs() -> float:
@@ -142,7 +130,9 @@ def main() -> int:
     tokenizer = load_tokenizer("smollm2-135m")
     policy = load_causal_lm("smollm2-135m").eval()
     copy = decoding_copy(policy, "bfloat16")
-    encoded = [encode_prompt(tokenizer, p) for p in prompts(args.rows // SAMPLES)]
+    from grpo_vs_trl import bench_prompts  # bench/ is on sys.path
+
+    encoded = [encode_prompt(tokenizer, p) for p in bench_prompts(args.rows // SAMPLES)]
     unique, unique_mask = pad_batch(encoded, tokenizer.pad_token_id, side="left")
     ids, mask = unique.repeat_interleave(SAMPLES, 0), unique_mask.repeat_interleave(SAMPLES, 0)
     params = SamplingParams(strategy="sample", temperature=TEMPERATURE, max_new_tokens=args.new_tokens)
