@@ -1,4 +1,4 @@
-"""Decoding strategies: the thin, tested layer around transformers' ``generate``.
+"""Decoding strategies: rlhfkit's one sampling path, over transformers' models and logits processors.
 
 transformers does the model, the KV cache, the logits processors (temperature, top-k, top-p,
 min-p, repetition penalty) and beam search; this module renders chat prompts, batches them with
@@ -12,7 +12,7 @@ its KV cache, instead of ``model.generate``: on this project's 2-core CPU, SmolL
 16 rows spends ~13 ms of each token step in ``torch.multinomial`` (an exponential draw for each of
 the 49,152 vocabulary entries of each row) and ~10 ms in ``generate``'s per-step bookkeeping,
 against a 33 ms bfloat16 forward; :func:`draw_tokens` runs the same exponential race from uniform
-draws, ~8x cheaper (bench/decoding_speed.py has the measurements).
+draws, ~4x cheaper (bench/decoding_speed.py has the measurements).
 Beam search stays ``model.generate``.
 """
 
@@ -147,9 +147,9 @@ def draw_tokens(scores: torch.Tensor) -> torch.Tensor:
     """One token per row ``[B]`` from softmax(``scores`` [B, V]): the exponential race.
 
     argmax_i p_i / E_i with E_i ~ Exp(1) independent picks token i with probability exactly p_i
-    (the algorithm of ``torch.multinomial`` for one sample); E_i = −log U_i from uniforms, which
-    this CPU draws ~8× faster than ``exponential_`` (2.9 ms vs 13 ms per step for 16 rows of
-    SmolLM2's 49,152-token vocabulary, one thread; bench/decoding_speed.py). A token of probability
+    (the algorithm of ``torch.multinomial`` for one sample); E_i = −log U_i from uniforms: the
+    whole draw takes ~4× less time than ``torch.multinomial`` (3.0 ms vs 12.3 ms per step for 16
+    rows of SmolLM2's 49,152-token vocabulary, one thread; bench/decoding_speed.py). A token of probability
     0 (masked by top-k/top-p/min-p) is never drawn. Unlike an inverse-CDF draw, the race keeps the
     same token under a small perturbation of the probabilities unless two candidates nearly tie
     (a float32 and a bfloat16 run sample alike), as torch.multinomial does. Uses torch's global RNG.
@@ -206,10 +206,10 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pa
     running = torch.ones(rows, dtype=torch.bool, device=device)
     logits, hidden = [], []
     for step in range(limit):
-        end = prompt_len + step
-        logits += [last.float()] if with_logits else []
+        end, last = prompt_len + step, last.float()
+        logits += [last] if with_logits else []
         hidden += [last_hidden] if with_hidden else []
-        scores = processors(ids[:, :end], last.float())
+        scores = processors(ids[:, :end], last)
         token = draw_tokens(scores) if params.strategy == "sample" else scores.argmax(-1)
         ids[:, end] = torch.where(running, token, pad_id)
         running &= ~torch.isin(ids[:, end], eos)
@@ -243,6 +243,11 @@ def _generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, kw: 
     return Generated(sequences[:, input_ids.shape[1]:], logits, hidden)
 
 
+def _pad_id(tokenizer) -> int:
+    """The token a row continues with after it has ended: the pad token, or EOS without one."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _decode(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
             stopping_criteria: list | None = None, *, with_logits: bool = False, with_hidden: bool = False
             ) -> Generated:
@@ -256,7 +261,7 @@ def _decode(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Ten
             kw["stopping_criteria"] = StoppingCriteriaList(list(stopping_criteria))
         return _generate(model, input_ids, attention_mask, kw, with_logits=with_logits, with_hidden=with_hidden)
     copies = params.n if params.strategy == "sample" else 1
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     criteria = None
     if stopping_criteria:
@@ -321,7 +326,7 @@ def generate_rows(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch
     if params.strategy == "greedy" and params.n > 1:  # one greedy response stands for its n copies
         chunks = [Generated(*(None if t is None else t.repeat_interleave(params.n, 0) for t in c)) for c in chunks]
     width = max(c.ids.shape[1] for c in chunks)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
 
     def stack(parts: list, value: int = 0) -> torch.Tensor | None:
         if any(p is None for p in parts):

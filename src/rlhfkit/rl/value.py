@@ -199,8 +199,8 @@ class ActorCritic(nn.Module):
             values = self.value_head(hidden)
         elif with_values and self.critic is not None:
             values = self.critic.packed_values(batch)
-        if with_entropy:
-            with torch.no_grad():
+        if with_entropy:  # a second head pass: the log-probs must come from the update's fused path (under
+            with torch.no_grad():  # autocast the unfused head rounds differently: PPO's first ratio moves 1e-3)
                 entropy = entropy_from_logits(self.lm_head()(hidden).float() / temperature)
         return PackedOutput(logps, values, entropy)
 
